@@ -1,0 +1,30 @@
+# `make test` and `make demo` are the whole set-up on a fresh machine: each creates .venv
+# on first use (skipped when requirements.txt and pyproject.toml have not changed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= out/demo
+
+.PHONY: test demo lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q tests
+
+demo: $(STAMP)
+	$(BIN)/rectdiff schedules --out $(OUT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests experiments
+	$(BIN)/ruff format --check src tests experiments
+
+clean:
+	rm -rf $(VENV)
