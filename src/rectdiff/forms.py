@@ -309,7 +309,8 @@ class VPCosine(VarPreserving):
         return (t + self.s) / (1 + self.s) * (math.pi / 2)
 
     def _log_alpha(self, t: Tensor) -> Tensor:
-        return torch.log(torch.cos(self._theta(t))) - self._log_f0
+        # clamp: at t = 0 rounding can give log(alpha) = +1e-20, i.e. sigma^2 < 0
+        return (torch.log(torch.cos(self._theta(t))) - self._log_f0).clamp(max=0.0)
 
     def _d_log_alpha(self, t: Tensor) -> Tensor:
         return -torch.tan(self._theta(t)) * (math.pi / 2) / (1 + self.s)

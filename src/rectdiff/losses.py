@@ -1,0 +1,104 @@
+"""The diffusion loss, one function for every form and prediction.
+
+    x_t = alpha_t x0 + sigma_t eps,   out = model(x_t, form.model_time(t), **cond),
+    loss_i = weight(t_i) * d(out_i, target_i),   target = predictions.target(x0, eps, t)
+
+with ``d`` the mean squared error over the non-batch dimensions, or the pseudo-Huber
+distance ``sqrt(||out - target||^2 + c^2) - c`` of Song & Dhariwal 2023 ("Improved
+Techniques for Training Consistency Models", sec. 3.3), whose default
+``c = 0.00054 sqrt(dim)`` is theirs for data in [-1, 1]. ``eps`` and ``t`` may be given:
+rectification trains on fixed (eps, x0) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .forms import Form, as_time
+from .predictions import check_prediction, check_time_range, target
+from .timesteps import TimeSampler, Weighting, loss_weighting, time_sampler
+
+__all__ = ["LOSSES", "diffusion_loss", "default_huber_c"]
+
+#: distances between the network output and its target
+LOSSES = ("mse", "pseudo_huber")
+
+
+def default_huber_c(x0: Tensor) -> float:
+    """Song & Dhariwal 2023's pseudo-Huber constant ``c = 0.00054 sqrt(dim)``, dim per sample."""
+    return 0.00054 * math.sqrt(x0[0].numel())
+
+
+def diffusion_loss(
+    model: Any,
+    x0: Tensor,
+    *,
+    form: Form,
+    prediction: str,
+    time_sampler: str | TimeSampler = "uniform",
+    weighting: str | Weighting = "none",
+    loss: str = "mse",
+    huber_c: float | None = None,
+    eps: Tensor | None = None,
+    t: Any = None,
+    cond: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The diffusion loss of ``model`` on the batch ``x0``.
+
+    Args:
+        model: called as ``model(x_t, form.model_time(t), **cond)``.
+        x0: clean data, shape ``(B, ...)``.
+        form: the diffusion form.
+        prediction: what the model predicts: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
+        time_sampler: name or sampler for t when ``t`` is not given.
+        weighting: name or :class:`~rectdiff.timesteps.Weighting` multiplying each sample.
+        loss: ``"mse"`` or ``"pseudo_huber"``.
+        huber_c: the pseudo-Huber constant; ``0.00054 sqrt(dim)`` by default.
+        eps: the standard-normal noise (drawn when None), same shape as ``x0``.
+        t: times, scalar or ``(B,)`` inside ``[form.t_min, form.t_max]`` (sampled when None).
+        cond: extra keyword arguments for the model (e.g. ``class_labels``).
+        generator: random generator for eps and t.
+
+    Returns:
+        ``(mean_loss, per_sample_loss)``; the second has shape ``(B,)``.
+
+    Raises:
+        ValueError: for an unknown prediction or loss, or given t outside the safe range.
+    """
+    check_prediction(prediction)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
+    batch = x0.shape[0]
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = _sampler_for(time_sampler, form).sample(batch, generator, x0.device)
+    else:
+        t = as_time(t).to(x0.device)
+        check_time_range(t, form)
+        if t.ndim == 0:
+            t = t.expand(batch)
+    x_t = form.add_noise(x0, eps, t)
+    out = model(x_t, form.model_time(t).to(x0.dtype), **(cond or {}))
+    diff = (out - target(x0, eps, t, prediction=prediction, form=form)).flatten(1)
+    if loss == "mse":
+        per_sample = diff.square().mean(1)
+    else:
+        c = default_huber_c(x0) if huber_c is None else float(huber_c)
+        per_sample = torch.sqrt(diff.square().sum(1) + c * c) - c
+    weight_fn = loss_weighting(weighting)
+    if not weight_fn.identity:
+        per_sample = per_sample * weight_fn(t, form=form, prediction=prediction).to(per_sample)
+    return per_sample.mean(), per_sample
+
+
+def _sampler_for(name_or_obj: str | TimeSampler, form: Form) -> TimeSampler:
+    """``name_or_obj`` as a sampler for ``form`` (a sampler object is used as it is)."""
+    if isinstance(name_or_obj, TimeSampler):
+        return name_or_obj
+    return time_sampler(name_or_obj, form)

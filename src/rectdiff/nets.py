@@ -1,0 +1,243 @@
+"""Small time-conditioned networks and the input-scaling wrapper.
+
+Every network here is called as ``net(x_t, model_time, **cond)`` (the rectdiff model
+contract). ``MLP`` is the vector network of the flow-matching tutorials with a sinusoidal
+time embedding; ``UNet`` wraps diffusers' ``UNet2DModel`` for small images;
+``Preconditioned`` scales the input to unit variance in any form (EDM's c_in):
+
+    c_in(t) = 1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2)
+
+Karras et al. 2022 (EDM), Table 1, c_in = 1 / sqrt(sigma^2 + sigma_data^2), written for the
+general ``x_t = alpha_t x0 + sigma_t eps``: Var[x_t] = alpha_t^2 sigma_data^2 + sigma_t^2
+for data of standard deviation sigma_data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+from torch import Tensor, nn
+
+from .forms import Form, as_time, broadcast
+from .predictions import check_prediction, from_x0_eps
+
+__all__ = ["embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned"]
+
+
+def embedding_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
+    """``f_k = max_period^(-k / (dim/2))``, k = 0..dim/2-1 (Vaswani et al. 2017, sec. 3.5)."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def sinusoidal_embedding(time: Tensor, freqs: Tensor) -> Tensor:
+    """Transformer positional embedding of a ``(B,)`` time: ``[cos(time f_k), sin(time f_k)]``.
+
+    ``freqs`` from :func:`embedding_frequencies` (Ho et al. 2020's time embedding).
+    Returns ``(B, 2 len(freqs))``.
+    """
+    angles = time[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _time_vector(model_time: Any, x: Tensor) -> Tensor:
+    """``model_time`` as a ``(B,)`` tensor in x's dtype and device."""
+    time = torch.as_tensor(model_time, dtype=x.dtype, device=x.device)
+    return time.expand(x.shape[0]) if time.ndim == 0 else time
+
+
+class MLP(nn.Module):
+    """A time-conditioned MLP for vectors (flattens any trailing shape).
+
+    ``h = W_in [x, emb(time_scale * model_time)] (+ class embedding)``, then ``depth - 1``
+    SiLU + Linear layers of width ``hidden``, then SiLU + Linear back to the input size.
+
+    Args:
+        dim: the number of input features per sample (2 for 2-D toys).
+        hidden: width.
+        depth: number of hidden layers.
+        time_embed_dim: size of the sinusoidal time embedding.
+        time_scale: multiplies ``model_time`` before the embedding, so that the embedded time
+            spans about [0, 1000]: 1000 for continuous forms (model_time = t in [0, 1]), 1 for
+            ``DiscreteVP`` and ``FlowMatching(time_scale=1000)``.
+        num_classes: > 0 for a class-conditional net called with ``class_labels``; the label
+            ``num_classes`` (or no labels) means unconditional, for classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 256,
+        depth: int = 3,
+        time_embed_dim: int = 64,
+        time_scale: float = 1000.0,
+        num_classes: int = 0,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or hidden < 1 or dim < 1 or time_embed_dim < 2:
+            raise ValueError(
+                f"MLP needs dim >= 1, hidden >= 1, depth >= 1, time_embed_dim >= 2; got "
+                f"dim={dim}, hidden={hidden}, depth={depth}, time_embed_dim={time_embed_dim}."
+            )
+        self.dim, self.time_embed_dim, self.time_scale = dim, time_embed_dim, float(time_scale)
+        self.num_classes = num_classes
+        self.register_buffer("freqs", embedding_frequencies(time_embed_dim), persistent=False)
+        self.inp = nn.Linear(dim + 2 * (time_embed_dim // 2), hidden)
+        self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        layers: list[nn.Module] = []
+        for _ in range(depth - 1):
+            layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        layers += [nn.SiLU(), nn.Linear(hidden, dim)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, model_time: Any, class_labels: Tensor | None = None) -> Tensor:
+        flat = x.flatten(1)
+        if flat.shape[1] != self.dim:
+            raise ValueError(
+                f"MLP was built for {self.dim} features per sample, got input of shape "
+                f"{tuple(x.shape)}; build it with dim={flat.shape[1]}."
+            )
+        emb = sinusoidal_embedding(_time_vector(model_time, x) * self.time_scale, self.freqs)
+        h = self.inp(torch.cat([flat, emb], dim=1))
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device)
+            h = h + self.class_embed(class_labels)
+        return self.body(h).view_as(x)
+
+
+class UNet(nn.Module):
+    """diffusers' ``UNet2DModel`` called as ``unet(x, model_time, class_labels=None)``.
+
+    The default configuration is tiny (for 8x8 digits): two resolution levels with
+    ``block_out_channels`` channels and optional attention at the coarsest level.
+
+    Args:
+        sample_size: image side length.
+        in_channels: image channels; ``out_channels`` defaults to the same.
+        block_out_channels: channels per resolution level.
+        layers_per_block: ResNet layers per level.
+        attention: use ``AttnDownBlock2D``/``AttnUpBlock2D`` at the coarsest level.
+        norm_num_groups: GroupNorm groups (must divide every channel count).
+        num_classes: class-conditional with this many classes (plus a null class at index
+            ``num_classes`` for classifier-free guidance); None for unconditional.
+        time_scale: multiplies ``model_time`` (see :class:`MLP`).
+        unet: an existing ``UNet2DModel`` (e.g. ``from_pretrained``) to wrap instead.
+    """
+
+    def __init__(
+        self,
+        sample_size: int = 8,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        block_out_channels: Sequence[int] = (32, 64),
+        layers_per_block: int = 1,
+        attention: bool = False,
+        norm_num_groups: int = 8,
+        num_classes: int | None = None,
+        time_scale: float = 1000.0,
+        unet: UNet2DModel | None = None,
+    ) -> None:
+        super().__init__()
+        self.time_scale = float(time_scale)
+        self.num_classes = num_classes
+        if unet is None:
+            levels = len(block_out_channels)
+            down = ["DownBlock2D"] * levels
+            up = ["UpBlock2D"] * levels
+            if attention:
+                down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+            unet = UNet2DModel(
+                sample_size=sample_size,
+                in_channels=in_channels,
+                out_channels=out_channels or in_channels,
+                block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block,
+                down_block_types=tuple(down),
+                up_block_types=tuple(up),
+                norm_num_groups=norm_num_groups,
+                attention_head_dim=8,
+                add_attention=attention,
+                num_class_embeds=None if num_classes is None else num_classes + 1,
+            )
+        self.unet = unet
+
+    def forward(self, x: Tensor, model_time: Any, class_labels: Tensor | None = None) -> Tensor:
+        time = _time_vector(model_time, x) * self.time_scale
+        if self.num_classes is not None and class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device)
+        return self.unet(x, time, class_labels=class_labels, return_dict=False)[0]
+
+
+class Preconditioned(nn.Module):
+    """Wraps a network so that it sees x_t at unit variance: ``net(c_in(t) x_t, model_time)``.
+
+    ``c_in(t) = 1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2)`` (EDM's c_in for any form, see
+    the module docstring). The time input passes through unchanged; t is recovered with
+    ``form.t_from_model_time``. With ``scale_input=False`` (and no ``output_prediction``) the
+    wrapper is the identity, for networks that bring their own scaling (e.g. pretrained
+    diffusers UNets).
+
+    Optionally the output is scaled too: with ``output_prediction`` set, the network's output
+    is multiplied by ``c_out(t)``, the standard deviation of that prediction's target
+    ``a_t x0 + b_t eps`` for data of std sigma_data, ``c_out = sqrt(a_t^2 sigma_data^2 + b_t^2)``
+    (eps: a=0, b=1; x0: a=1, b=0; v: a=-sigma, b=alpha; flow: a=alpha', b=sigma'), so the
+    network regresses unit-variance targets in every form. This is EDM's c_out without the
+    skip connection; it keeps e.g. VE's v target (up to sigma_max sigma_data) in range.
+
+    Args:
+        net: the network, called as ``net(x, model_time, **cond)``.
+        form: the diffusion form the model is trained/sampled in.
+        sigma_data: the standard deviation of the data.
+        scale_input: apply c_in.
+        output_prediction: the prediction type the model outputs, to apply c_out; None = off.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        form: Form,
+        sigma_data: float = 1.0,
+        scale_input: bool = True,
+        output_prediction: str | None = None,
+    ) -> None:
+        super().__init__()
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data} (the data's std).")
+        if output_prediction is not None:
+            check_prediction(output_prediction)
+        self.net, self.form = net, form
+        self.sigma_data, self.scale_input = float(sigma_data), bool(scale_input)
+        self.output_prediction = output_prediction
+
+    def c_in(self, t: Any) -> Tensor:
+        """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2), float64."""
+        t64 = as_time(t)
+        alpha, sigma = self.form._alpha(t64), self.form._sigma(t64)
+        return torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
+
+    def c_out(self, t: Any) -> Tensor:
+        """sqrt(a_t^2 sigma_data^2 + b_t^2) for target a_t x0 + b_t eps, float64 (1 when off)."""
+        t64 = as_time(t)
+        if self.output_prediction is None:
+            return torch.ones_like(t64)
+        one, zero = torch.ones_like(t64), torch.zeros_like(t64)
+        a, b = from_x0_eps(one, zero, self.output_prediction, t64, self.form), from_x0_eps(
+            zero, one, self.output_prediction, t64, self.form
+        )
+        return torch.sqrt(a**2 * self.sigma_data**2 + b**2)
+
+    def forward(self, x_t: Tensor, model_time: Any, **cond: Any) -> Tensor:
+        if not self.scale_input and self.output_prediction is None:
+            return self.net(x_t, model_time, **cond)
+        t = self.form.t_from_model_time(as_time(model_time).to(x_t.device))
+        if self.scale_input:
+            x_t = broadcast(self.c_in(t), x_t) * x_t
+        out = self.net(x_t, model_time, **cond)
+        if self.output_prediction is not None:
+            out = broadcast(self.c_out(t), out) * out
+        return out

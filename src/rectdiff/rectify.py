@@ -1,0 +1,329 @@
+"""Rectification: retraining on a model's own deterministic (noise, sample) couplings.
+
+Given a teacher that maps standard-normal ``eps`` to ``x0_hat`` through its probability-flow
+ODE, rectification trains a student with the ordinary diffusion loss on
+``x_t = form.add_noise(x0_hat, eps, t)`` — the *same* eps the teacher started from
+(Liu, Gong & Liu 2023, "Flow Straight and Fast", Algorithm 1, "Reflow"). Rectified Diffusion
+(Wang et al. 2024, sec. 3) shows that what this buys is a first-order ODE — the x0-prediction
+is constant along each trajectory, so one DDIM step is exact — in *any* form and prediction,
+so by default the student keeps the teacher's own form and prediction. Training it instead as
+flow matching with flow prediction is classic Reflow (start it from the teacher's weights
+with :func:`rectdiff.reparametrize.reparametrize`).
+
+* :func:`rectify` — one retraining on a pair store (or in-memory pairs).
+* :func:`rectify_rounds` — generate pairs, retrain, repeat: the k-rectified model, each
+  round's pairs, checkpoint and numbers kept under ``out/round_k``.
+* ``distill=True`` — train on the pairs only at ``t = t_max``, so the student maps noise to
+  sample in one step (the "+Distill" rows of Liu et al. 2023, Table 1).
+* :class:`Reflow` — the online variant for the one-object API: pairs drawn on the fly from a
+  frozen copy of the teacher (as rectified-flow-pytorch does).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch import Tensor, nn
+
+from .couplings import PairDataset, generate_pairs
+from .diffusion import Diffusion
+from .forms import Form
+from .predictions import check_prediction
+from .reparametrize import reparametrize
+from .timesteps import TimeSampler
+from .train import TrainConfig, TrainResult, train
+
+__all__ = [
+    "RectifyConfig",
+    "RoundResult",
+    "AtTime",
+    "load_pairs",
+    "rectify",
+    "rectify_rounds",
+    "Reflow",
+]
+
+INITS = ("teacher", "scratch")
+
+
+class AtTime(TimeSampler):
+    """Every training time at one value ``t`` (``form.t_max`` by default): distillation."""
+
+    name = "at_time"
+
+    def __init__(self, form: Form, t: float | None = None) -> None:
+        super().__init__(form)
+        self.t = form.t_max if t is None else float(t)
+
+    def sample(self, batch, generator=None, device=None) -> Tensor:  # noqa: ANN001
+        return torch.full((batch,), self.t, dtype=torch.float64, device=device)
+
+    def density(self, t: Any) -> Tensor:  # a point mass has no density in t
+        raise ValueError("AtTime is a point mass at one t; it has no implied logsnr weighting.")
+
+    def params(self) -> dict[str, Any]:
+        return {"t": self.t}
+
+
+@dataclass
+class RectifyConfig:
+    """How to make pairs and retrain on them; loaded from a TOML table ``[rectify]``.
+
+    Attributes:
+        rounds: how many times to generate pairs and retrain (k-rectified).
+        num_pairs: couplings generated per round.
+        solver, steps, t_grid: the pair solver (any of ``samplers.SOLVERS``).
+        shard_size, pair_batch_size: pair store shard length and generation batch.
+        seed: pair noise seed (round k uses ``seed + k``).
+        distill: train only at ``t = t_max`` (one-step distillation).
+        init: ``"teacher"`` (start from the teacher's weights) or ``"scratch"``.
+        train: the trainer's hyperparameters for each round.
+    """
+
+    rounds: int = 1
+    num_pairs: int = 10_000
+    solver: str = "dpmpp_2m"
+    steps: int = 25
+    t_grid: str = "uniform"
+    shard_size: int = 4096
+    pair_batch_size: int = 2048
+    seed: int = 0
+    distill: bool = False
+    init: str = "teacher"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "num_pairs", "steps", "shard_size", "pair_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RectifyConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.init not in INITS:
+            raise ValueError(f"RectifyConfig.init = {self.init!r}; allowed: {', '.join(INITS)}.")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RectifyConfig:
+        """Build from a dict; an unknown key is an error naming it and the allowed keys."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in allowed]
+        if unknown:
+            raise ValueError(
+                f"unknown rectify setting(s) {', '.join(map(repr, unknown))}; allowed: "
+                f"{', '.join(allowed)}."
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str = "rectify") -> RectifyConfig:
+        """Read the ``[rectify]`` table (with ``[rectify.train]``) of a TOML file."""
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+        if table not in data:
+            raise ValueError(f"{path}: no [{table}] table; found {', '.join(data) or 'nothing'}.")
+        return cls.from_dict(data[table])
+
+
+@dataclass
+class RoundResult:
+    """One round of :func:`rectify_rounds`: its pairs, its trained model and numbers."""
+
+    round: int
+    pairs: Path
+    model: nn.Module
+    checkpoint: Path | None
+    losses: list[float]
+
+
+def load_pairs(pairs: PairDataset | str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
+    """All ``(eps, x0)`` of a pair store, concatenated in memory (toy and small image sets)."""
+    dataset = pairs if isinstance(pairs, PairDataset) else PairDataset(pairs)
+    shards = [dataset.shard(k) for k in range(dataset.num_shards)]
+    return torch.cat([s["eps"] for s in shards]), torch.cat([s["x0"] for s in shards])
+
+
+def _training_config(config: TrainConfig, form: Form, distill: bool) -> TrainConfig:
+    if not distill:
+        return config
+    return dataclasses.replace(config, time_sampler=AtTime(form), time_sampler_params={})
+
+
+def rectify(
+    student: nn.Module,
+    pairs: PairDataset | str | os.PathLike[str] | tuple[Tensor, Tensor],
+    *,
+    form: Form,
+    prediction: str,
+    config: TrainConfig | None = None,
+    distill: bool = False,
+    progress: bool = True,
+    accelerator: Any = None,
+) -> TrainResult:
+    """Retrain ``student`` on couplings ``(eps, x0_hat)`` in ``form`` with ``prediction``.
+
+    The loss is the ordinary diffusion loss on ``x_t = form.add_noise(x0_hat, eps, t)`` with
+    the pair's own eps (Liu et al. 2023, Algorithm 1). Pass the teacher's form and prediction
+    for Rectified Diffusion, or ``FlowMatching`` / ``"flow"`` for classic Reflow.
+
+    Args:
+        student: the network to train (usually a copy of the teacher); trained in place.
+        pairs: a pair store folder, a :class:`PairDataset`, or a tuple ``(eps, x0)``.
+        form, prediction: the form and prediction the student is trained in.
+        config: trainer hyperparameters (any time sampler, weighting and loss).
+        distill: train only at ``t = form.t_max`` (one-step distillation).
+
+    Returns:
+        The trainer's :class:`~rectdiff.train.TrainResult`.
+    """
+    check_prediction(prediction)
+    eps, x0 = pairs if isinstance(pairs, tuple) else load_pairs(pairs)
+    if eps.shape != x0.shape:
+        raise ValueError(
+            f"pairs need eps and x0 of one shape, got {tuple(eps.shape)} and {tuple(x0.shape)}."
+        )
+    config = _training_config(config or TrainConfig(), form, distill)
+    return train(
+        student, (eps, x0), form=form, prediction=prediction, config=config, pairs=True,
+        progress=progress, accelerator=accelerator,
+    )  # fmt: skip
+
+
+def _initial_student(
+    teacher: nn.Module, init: str, teacher_form: Form, teacher_prediction: str,
+    form: Form, prediction: str, fresh: nn.Module | None,
+) -> nn.Module:  # fmt: skip
+    if init == "scratch":
+        if fresh is None:
+            raise ValueError(
+                "init='scratch' needs fresh=, an untrained network of the student's shape."
+            )
+        return fresh
+    student = copy.deepcopy(teacher)
+    if (teacher_form, teacher_prediction) != (form, prediction):
+        return reparametrize(student, teacher_form, teacher_prediction, form, prediction)
+    return student
+
+
+def _save_round(model: nn.Module, path: Path, info: dict[str, Any]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".model.safetensors.tmp"
+    save_model(model, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    tmp_json = path / ".round.json.tmp"
+    tmp_json.write_text(json.dumps(info, indent=2, default=repr))
+    os.replace(tmp_json, path / "round.json")
+    return path / "model.safetensors"
+
+
+def rectify_rounds(
+    teacher: nn.Module,
+    *,
+    form: Form,
+    prediction: str,
+    config: RectifyConfig,
+    out: str | os.PathLike[str],
+    student_form: Form | None = None,
+    student_prediction: str | None = None,
+    fresh: nn.Module | None = None,
+    progress: bool = True,
+) -> list[RoundResult]:
+    """k rounds of rectification: pairs from the current model, then retraining on them.
+
+    Round k (1-based) writes ``out/round_k/pairs`` (a resumable pair store made with
+    ``config.solver`` / ``config.steps`` from the model of round k-1, the teacher for k = 1)
+    and ``out/round_k/model.safetensors`` with ``round.json`` (settings and loss history).
+    Running again resumes: complete pair shards are kept, and the trainer resumes from its
+    checkpoints when ``config.train.checkpoint_every`` is set.
+
+    Args:
+        teacher: the pretrained model (not modified).
+        form, prediction: the teacher's form and prediction.
+        config: pair generation and training settings.
+        out: the run folder.
+        student_form, student_prediction: train the students in another form (classic Reflow:
+            ``FlowMatching()``, ``"flow"``); default the teacher's own (Rectified Diffusion).
+        fresh: an untrained network, for ``config.init = "scratch"``.
+
+    Returns:
+        One :class:`RoundResult` per round.
+    """
+    out = Path(out)
+    s_form = student_form or form
+    s_pred = student_prediction or prediction
+    current, current_form, current_pred = teacher, form, prediction
+    results = []
+    for k in range(1, config.rounds + 1):
+        round_dir = out / f"round_{k}"
+        pairs = generate_pairs(
+            current, form=current_form, prediction=current_pred, num_pairs=config.num_pairs,
+            out=round_dir / "pairs", solver=config.solver, steps=config.steps,
+            shard_size=config.shard_size, seed=config.seed + k - 1,
+            batch_size=config.pair_batch_size, solver_options={"t_grid": config.t_grid},
+            model_description=f"round {k - 1} model ({current_form!r}, {current_pred})",
+            progress=progress,
+        )  # fmt: skip
+        student = _initial_student(teacher, config.init, form, prediction, s_form, s_pred, fresh)
+        train_config = dataclasses.replace(config.train, out_dir=str(round_dir / "train"))
+        result = rectify(
+            student, pairs, form=s_form, prediction=s_pred, config=train_config,
+            distill=config.distill, progress=progress,
+        )  # fmt: skip
+        info = {
+            "round": k, "form": s_form.config(), "prediction": s_pred,
+            "pairs": str(round_dir / "pairs"), "losses": result.losses,
+            "final_loss": result.losses[-1] if result.losses else None,
+        }  # fmt: skip
+        checkpoint = _save_round(result.model, round_dir, info)
+        results.append(RoundResult(k, round_dir / "pairs", result.model, checkpoint, result.losses))
+        current, current_form, current_pred = result.model, s_form, s_pred
+    return results
+
+
+class Reflow(nn.Module):
+    """Online rectification for the one-object API: ``loss = reflow(batch_size)``.
+
+    Pairs come on the fly from a frozen copy of the teacher, solved with ``solver`` /
+    ``steps`` from fresh standard-normal noise; the loss is the student's diffusion loss on
+    them. This is rectified-flow-pytorch's ``Reflow`` for any form; the offline pair store
+    (:func:`rectify_rounds`) is what scales.
+
+    Args:
+        diffusion: the teacher, as a :class:`~rectdiff.diffusion.Diffusion`; the student is a
+            deep copy (``self.student``) trained in the same form and prediction.
+        solver, steps: how the teacher's pairs are made.
+    """
+
+    def __init__(self, diffusion: Diffusion, *, solver: str = "dpmpp_2m", steps: int = 25) -> None:
+        super().__init__()
+        if diffusion.sample_shape is None:
+            raise ValueError(
+                "Reflow needs the teacher's sample_shape; pass sample_shape= to Diffusion."
+            )
+        self.teacher = copy.deepcopy(diffusion).requires_grad_(False).eval()
+        self.student = copy.deepcopy(diffusion)
+        self.solver, self.steps = solver, steps
+
+    @torch.no_grad()
+    def pairs(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``batch_size`` fresh couplings ``(eps, x0_hat)`` from the frozen teacher."""
+        param = next(self.student.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        shape = (batch_size, *self.teacher.sample_shape)
+        eps = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        return eps, self.teacher.sample(eps=eps, steps=self.steps, solver=self.solver)
+
+    def forward(self, batch_size: int = 256, generator: torch.Generator | None = None) -> Tensor:
+        """The student's diffusion loss on ``batch_size`` fresh teacher pairs."""
+        eps, x0 = self.pairs(batch_size, generator)
+        return self.student(x0, eps=eps)

@@ -1,0 +1,55 @@
+"""Files written whole or not at all: a temporary name, then ``os.replace``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_json_atomic", "write_bytes_atomic", "publish_folder", "temporary_sibling"]
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through ``.<name>.<pid>.tmp`` and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``obj`` as indented JSON, written atomically."""
+    return write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def temporary_sibling(final: str | os.PathLike[str]) -> Path:
+    """A fresh, empty folder next to ``final`` to build it in (removed first if left over)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_folder(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> Path:
+    """Move the finished folder ``tmp`` to ``final``, replacing an older ``final``.
+
+    The old folder is first renamed aside, so ``final`` is at every moment either the old
+    complete folder or the new one (never a mix); the old one is then deleted.
+    """
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final

@@ -1,0 +1,565 @@
+"""One training loop for every form and prediction, on accelerate.
+
+``train(model, data, form=..., prediction=..., config=TrainConfig(...))`` minimises
+:func:`rectdiff.losses.diffusion_loss` with AdamW, diffusers' ``get_scheduler`` warm-up,
+gradient clipping, gradient accumulation and mixed precision through an accelerate
+``Accelerator``, an optional diffusers ``EMAModel``, and checkpoints written with
+``accelerator.save_state`` to ``out_dir/checkpoints/step_N`` (a ``latest`` file names the
+newest; a re-run resumes there and ends with the same weights as an uninterrupted run).
+
+Data is either clean samples ``x0`` (fresh noise each step) or, with ``pairs=True``,
+``(eps, x0[, cond])`` couplings whose noise is fixed per pair (rectification). A tensor (or a
+tuple of tensors) is batched in memory on the device; a ``DataLoader`` goes through
+``accelerator.prepare``. A non-finite loss raises :class:`NonFiniteLossError` naming the step
+and the last good checkpoint; losses are checked at every log and checkpoint step (and at
+the end) so that the hot loop never waits on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .forms import Form
+from .losses import LOSSES, diffusion_loss
+from .predictions import check_prediction
+from .timesteps import (
+    TIME_SAMPLERS,
+    WEIGHTINGS,
+    TimeSampler,
+    Weighting,
+    loss_weighting,
+    time_sampler,
+)
+
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "Trainer", "train"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = tuple(s.value for s in SchedulerType)
+CondFn = Callable[[Any], dict[str, Any]]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`train`; ``from_toml``/``from_dict`` reject unknown keys.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: samples per process per micro-batch.
+        lr, weight_decay: AdamW.
+        warmup_steps: linear warm-up length of ``lr_schedule``.
+        lr_schedule: a diffusers ``get_scheduler`` name (``LR_SCHEDULES``).
+        grad_clip: max gradient norm; 0 turns clipping off.
+        ema_decay: diffusers ``EMAModel`` decay (its warm-up ``(1+n)/(10+n)`` caps it early);
+            0 turns EMA off.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        grad_accum: micro-batches per optimizer step.
+        seed: seeds model-independent randomness (t, eps, batches; accelerate ``set_seed``).
+        time_sampler, time_sampler_params: see :mod:`rectdiff.timesteps` (a sampler object is
+            accepted when set in Python, e.g. from ``timesteps.equalize``).
+        weighting, weighting_params: likewise.
+        loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` and its constant.
+        checkpoint_every: save every this many steps and at the end; 0 = never.
+        keep_checkpoints: how many checkpoints to keep; 0 = all.
+        log_every: loss check, tqdm postfix and history flush interval.
+        out_dir: where ``checkpoints/`` and ``train_config.json`` go; None = nowhere.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant_with_warmup"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    mixed_precision: str = "no"
+    grad_accum: int = 1
+    seed: int = 0
+    time_sampler: str | TimeSampler = "uniform"
+    time_sampler_params: dict[str, Any] = field(default_factory=dict)
+    weighting: str | Weighting = "none"
+    weighting_params: dict[str, Any] = field(default_factory=dict)
+    loss: str = "mse"
+    huber_c: float | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "log_every")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every",
+                     "keep_checkpoints"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("loss", self.loss, LOSSES)
+        if isinstance(self.time_sampler, str):
+            _check_choice("time_sampler", self.time_sampler, tuple(TIME_SAMPLERS))
+        if isinstance(self.weighting, str):
+            _check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. a TOML table).
+
+        Raises:
+            ValueError: for an unknown key (naming it and listing the allowed ones) or value.
+        """
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown training option {key!r}; allowed: {', '.join(allowed)}."
+                )
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str | None = None) -> TrainConfig:
+        """Build from a TOML file, or from its ``[table]`` when given."""
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        if table is not None:
+            if table not in values:
+                raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values)}.")
+            values = values[table]
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/TOML-ready values (sampler and weighting objects by their repr)."""
+        out = dataclasses.asdict(self)
+        for key in ("time_sampler", "weighting"):
+            if not isinstance(out[key], str):
+                out[key] = repr(getattr(self, key))
+        return out
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"TrainConfig.{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}.")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite training loss; names the step and the last good checkpoint."""
+
+    def __init__(self, step: int, value: float, checkpoint: Path | None) -> None:
+        self.step, self.value, self.checkpoint = step, value, checkpoint
+        where = (
+            f"the last good checkpoint is {checkpoint}"
+            if checkpoint is not None
+            else "there is no checkpoint (set out_dir and checkpoint_every to keep one)"
+        )
+        super().__init__(
+            f"non-finite loss {value} at step {step}; {where}. Lower the learning rate, enable "
+            "grad_clip, or check the data and the time range."
+        )
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained network (unwrapped; EMA weights when EMA was on).
+        losses: mean loss of every optimizer step from step 1 (resumed runs included).
+        step: the last step trained.
+        checkpoint: the last checkpoint written or loaded, if any.
+        ema: the ``EMAModel``, when EMA was on.
+    """
+
+    model: nn.Module
+    losses: list[float]
+    step: int
+    checkpoint: Path | None = None
+    ema: EMAModel | None = None
+
+
+class _TensorBatches:
+    """Random batches of in-memory tensors (all indexed alike), resumable.
+
+    Every process draws the same permutation (``data_generator`` is seeded alike) and takes
+    its own ``batch_size`` slice of each global batch, so processes see disjoint samples.
+    """
+
+    def __init__(
+        self, tensors: tuple[Tensor, ...], batch_size: int, generator: torch.Generator,
+        rank: int, world: int,
+    ) -> None:  # fmt: skip
+        lengths = {len(t) for t in tensors}
+        if len(lengths) != 1:
+            raise ValueError(f"data tensors must have the same length, got {sorted(lengths)}.")
+        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
+        self.rank, self.world, self.n = rank, world, lengths.pop()
+        self.perm = torch.empty(0, dtype=torch.long, device=tensors[0].device)
+        self.pos = 0
+
+    def __next__(self) -> tuple[Tensor, ...]:
+        need = self.batch_size * self.world
+        while self.perm.numel() - self.pos < need:
+            fresh = torch.randperm(self.n, generator=self.generator, device=self.perm.device)
+            self.perm, self.pos = torch.cat([self.perm[self.pos :], fresh]), 0
+        start = self.pos + self.rank * self.batch_size
+        idx = self.perm[start : start + self.batch_size]
+        self.pos += need
+        return tuple(t[idx] for t in self.tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self.perm.cpu(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.perm, self.pos = state["perm"].to(self.perm.device), int(state["pos"])
+
+
+class _LoaderBatches:
+    """Endless batches from an accelerate-prepared DataLoader (epochs re-seeded by number)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.epoch, self.seen = loader, 0, 0
+        self._it: Iterator[Any] = iter(self.loader)
+
+    def __next__(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.seen = self.epoch + 1, 0
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.seen += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any], accelerator: Accelerator) -> None:
+        self.epoch, self.seen = int(state["epoch"]), int(state["seen"])
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self._it = iter(accelerator.skip_first_batches(self.loader, self.seen))
+
+
+class _State:
+    """Everything beyond model/optimizer/scheduler/RNG that a checkpoint must restore."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        tr = self.trainer
+        return {
+            "step": tr.step_count,
+            "losses": list(tr.losses),
+            "noise_generator": tr.noise_generator.get_state(),
+            "data_generator": tr.data_generator.get_state(),
+            "batches": tr.batches.state_dict(),
+            "ema": None if tr.ema is None else tr.ema.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tr = self.trainer
+        tr.step_count, tr.losses = int(state["step"]), list(state["losses"])
+        tr.noise_generator.set_state(state["noise_generator"])
+        tr.data_generator.set_state(state["data_generator"])
+        if isinstance(tr.batches, _LoaderBatches):
+            tr.batches.load_state_dict(state["batches"], tr.accelerator)
+        else:
+            tr.batches.load_state_dict(state["batches"])
+        if tr.ema is not None:
+            if state["ema"] is None:
+                raise ValueError("the checkpoint was written without EMA; set ema_decay = 0.")
+            tr.ema.load_state_dict(state["ema"])
+
+
+class Trainer:
+    """The state of one training run; :meth:`step` is the hot loop's body, :meth:`run` the loop.
+
+    Args: as :func:`train`, plus ``accelerator`` to reuse one (its mixed precision and
+    gradient accumulation then apply).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_or_loader: Any,
+        *,
+        form: Form,
+        prediction: str,
+        config: TrainConfig,
+        cond_fn: CondFn | None = None,
+        pairs: bool = False,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        check_prediction(prediction)
+        self.form, self.prediction, self.config = form, prediction, config
+        self.cond_fn, self.pairs = cond_fn, pairs
+        self.accelerator = acc = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+        )
+        set_seed(config.seed)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        scheduler = get_scheduler(  # accelerate steps it once per process: scale the lengths
+            config.lr_schedule,
+            optimizer,
+            num_warmup_steps=config.warmup_steps * acc.num_processes,
+            num_training_steps=config.steps * acc.num_processes,
+        )
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # AcceleratedOptimizer.step probes for the lomo_optim package (two importlib
+        # look-ups) and zero_grad inspects a signature on every call; without a grad scaler
+        # (fp16) or XLA they then just call the wrapped optimizer, so the hot loop does that.
+        plain = acc.scaler is None and acc.distributed_type != DistributedType.XLA
+        raw = self.optimizer.optimizer if plain else self.optimizer
+        self._optimizer_step, self._zero_grad = raw.step, raw.zero_grad
+        self.ema = (
+            EMAModel(self.params, decay=config.ema_decay, foreach=True)
+            if config.ema_decay > 0
+            else None
+        )
+        device = acc.device
+        self.data_generator = torch.Generator(device).manual_seed(config.seed)
+        self.noise_generator = torch.Generator(device).manual_seed(
+            config.seed + 10_000 * (acc.process_index + 1)
+        )
+        self.batches: _TensorBatches | _LoaderBatches = self._batches(data_or_loader)
+        self.sampler = time_sampler(config.time_sampler, form, **config.time_sampler_params)
+        self.weighting = loss_weighting(config.weighting, **config.weighting_params)
+        self.step_count, self.losses = 0, []
+        self.last_checkpoint: Path | None = None
+        self._pending: list[Tensor] = []
+        acc.register_for_checkpointing(_State(self))
+
+    def _batches(self, data: Any) -> _TensorBatches | _LoaderBatches:
+        acc = self.accelerator
+        if isinstance(data, Tensor):
+            data = (data,)
+        if isinstance(data, (tuple, list)) and all(isinstance(t, Tensor) for t in data):
+            tensors = tuple(t.to(acc.device) for t in data)
+            return _TensorBatches(
+                tensors, self.config.batch_size, self.data_generator,
+                acc.process_index, acc.num_processes,
+            )  # fmt: skip
+        if isinstance(data, torch.utils.data.DataLoader):
+            return _LoaderBatches(acc.prepare(data))
+        raise ValueError(
+            f"data must be a tensor, a tuple of tensors or a DataLoader, got {type(data).__name__}."
+        )
+
+    def _unpack(self, batch: Any) -> tuple[Tensor | None, Tensor, dict[str, Any]]:
+        items = (batch,) if isinstance(batch, Tensor) else tuple(batch)
+        need = 2 if self.pairs else 1
+        if len(items) < need:
+            raise ValueError(
+                f"with pairs={self.pairs} each batch must hold "
+                f"{'(eps, x0[, cond])' if self.pairs else 'x0[, cond]'}, got {len(items)} item(s)."
+            )
+        eps, x0 = (items[0], items[1]) if self.pairs else (None, items[0])
+        extra = items[need] if len(items) > need else None
+        if self.cond_fn is not None:
+            cond = self.cond_fn(extra)
+        elif extra is None:
+            cond = {}
+        else:
+            cond = dict(extra) if isinstance(extra, dict) else {"class_labels": extra}
+        return eps, x0, cond
+
+    def step(self) -> Tensor:
+        """One optimizer step (``grad_accum`` micro-batches); returns the mean loss, detached."""
+        acc, config = self.accelerator, self.config
+        total = None
+        for _ in range(config.grad_accum):
+            eps, x0, cond = self._unpack(next(self.batches))
+            with acc.accumulate(self.model):
+                loss, _ = diffusion_loss(
+                    self.model, x0, form=self.form, prediction=self.prediction,
+                    time_sampler=self.sampler, weighting=self.weighting, loss=config.loss,
+                    huber_c=config.huber_c, eps=eps, cond=cond, generator=self.noise_generator,
+                )  # fmt: skip
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    if config.grad_clip > 0:
+                        acc.clip_grad_norm_(self.params, config.grad_clip)
+                    self._optimizer_step()
+                    self.scheduler.step()
+                    self._zero_grad(set_to_none=True)
+            total = loss.detach() if total is None else total + loss.detach()
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return total / config.grad_accum if config.grad_accum > 1 else total
+
+    # --- loss history and checkpoints -------------------------------------------------
+    def _flush(self) -> None:
+        """Move pending losses to the history; raise on the first non-finite one."""
+        if not self._pending:
+            return
+        values = torch.stack(self._pending).float().cpu().tolist()
+        first_step = self.step_count - len(values) + 1
+        self._pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(first_step + i, value, self.last_checkpoint)
+        self.losses.extend(values)
+
+    def checkpoint_root(self) -> Path | None:
+        """``out_dir/checkpoints`` or None."""
+        out = self.config.out_dir
+        return None if out is None else Path(out) / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Write ``step_N`` (via a temporary folder) and point ``latest`` at it."""
+        root = self.checkpoint_root()
+        if root is None:
+            raise ValueError("set TrainConfig.out_dir to save checkpoints.")
+        acc = self.accelerator
+        name = f"step_{self.step_count}"
+        final, tmp = root / name, root / f".{name}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(root / "latest", name + "\n")
+            self._prune(root)
+        acc.wait_for_everyone()
+        self.last_checkpoint = final
+        return final
+
+    def _prune(self, root: Path) -> None:
+        keep = self.config.keep_checkpoints
+        if keep <= 0:
+            return
+        found = sorted(
+            (int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name[5:].isdigit()
+        )
+        for _, path in found[:-keep]:
+            shutil.rmtree(path)
+
+    def resume(self) -> bool:
+        """Load the checkpoint named by ``latest`` if there is one; True if loaded."""
+        root = self.checkpoint_root()
+        if root is None or not (root / "latest").is_file():
+            return False
+        path = root / (root / "latest").read_text().strip()
+        if not path.is_dir():
+            raise ValueError(f"{root / 'latest'} names {path.name}, which does not exist.")
+        self.accelerator.load_state(str(path))
+        self.last_checkpoint = path
+        return True
+
+    # --- the loop -----------------------------------------------------------------------
+    def run(self, resume: bool = True, progress: bool = True) -> TrainResult:
+        """Train to ``config.steps`` (resuming first when asked) and return the result."""
+        config, acc = self.config, self.accelerator
+        if resume:
+            self.resume()
+        if config.out_dir is not None and acc.is_main_process:
+            config_json = json.dumps(config.to_dict(), indent=2, default=repr)
+            _write_atomic(Path(config.out_dir) / "train_config.json", config_json)
+        bar = tqdm(
+            total=config.steps, initial=self.step_count, desc="train", dynamic_ncols=True,
+            disable=not (progress and acc.is_local_main_process),
+        )  # fmt: skip
+        self.model.train()
+        while self.step_count < config.steps:
+            self._pending.append(self.step())
+            self.step_count += 1
+            bar.update(1)
+            done = self.step_count == config.steps
+            if self.step_count % config.log_every == 0 or done:
+                self._flush()
+                bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
+            if config.checkpoint_every and config.out_dir is not None and (
+                self.step_count % config.checkpoint_every == 0 or done
+            ):
+                self._flush()
+                self.save_checkpoint()
+        bar.close()
+        self._flush()
+        model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        model.eval()
+        return TrainResult(model, list(self.losses), self.step_count, self.last_checkpoint, self.ema)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(
+    model: nn.Module,
+    data_or_loader: Any,
+    *,
+    form: Form,
+    prediction: str,
+    config: TrainConfig | None = None,
+    cond_fn: CondFn | None = None,
+    pairs: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
+    """Train ``model`` with the diffusion loss of ``form`` and ``prediction``.
+
+    Args:
+        model: called as ``model(x_t, model_time, **cond)``; wrap it in
+            :class:`rectdiff.nets.Preconditioned` for input scaling.
+        data_or_loader: a tensor ``x0`` (N, ...), a tuple ``(x0, cond)`` of tensors, or a
+            DataLoader yielding such batches; with ``pairs=True``, ``(eps, x0[, cond])``.
+            Tensors are moved to the device and batched there.
+        form: the diffusion form.
+        prediction: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
+        config: hyperparameters (``TrainConfig()`` by default).
+        cond_fn: maps a batch's ``cond`` item to the model's keyword arguments (e.g. label
+            dropout for classifier-free guidance); by default a dict is passed as is and a
+            tensor as ``class_labels``.
+        pairs: the data are couplings ``(eps, x0[, cond])``; eps is used as given.
+        resume: continue from ``out_dir/checkpoints/latest`` when it exists.
+        progress: show a tqdm bar (main process only).
+        accelerator: an existing ``Accelerator`` to use.
+
+    Returns:
+        A :class:`TrainResult`; its model holds the EMA weights when EMA was on.
+
+    Raises:
+        NonFiniteLossError: when a loss is NaN or infinite.
+        ValueError: for bad data or configuration.
+    """
+    trainer = Trainer(
+        model, data_or_loader, form=form, prediction=prediction, config=config or TrainConfig(),
+        cond_fn=cond_fn, pairs=pairs, accelerator=accelerator,
+    )  # fmt: skip
+    return trainer.run(resume=resume, progress=progress)
