@@ -63,7 +63,7 @@ FORM_PREDICTIONS = [
 # (grid, steps, expected order band). Euler/Heun step in t, ddim/dpmpp_2m in logsnr.
 ORDERS = {
     "euler": ("uniform", (32, 64, 128), (0.8, 1.2)),
-    "heun": ("uniform", (16, 32, 64), (1.7, 2.4)),
+    "heun": ("uniform", (32, 64, 128), (1.7, 2.4)),
     "ddim": ("logsnr", (32, 64, 128), (0.8, 1.2)),
     "dpmpp_2m": ("logsnr", (32, 64, 128), (1.7, 2.4)),
 }
@@ -420,7 +420,7 @@ def test_dpmpp_2m_reproduces_diffusers_dpm_solver_multistep(
     latents = noise(2 * 4 * 8 * 8, 1, seed=2, dtype=dtype).reshape(2, 4, 8, 8)
     expected = run_diffusers(scheduler, model, latents, steps)
     out = run_rectdiff(scheduler, model, latents, "dpmpp_2m", t_final=t_final)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)  # measured <= 2.1e-6
 
 
 # --- classifier-free guidance ---------------------------------------------------------------

@@ -72,7 +72,9 @@ def plain_euler(model: nn.Module, eps: Tensor, grid: Tensor) -> Tensor:
     return x
 
 
-def interleaved(a: Callable[[], object], b: Callable[[], object], rounds: int, block: int) -> tuple[float, float]:
+def interleaved(
+    a: Callable[[], object], b: Callable[[], object], rounds: int, block: int
+) -> tuple[float, float]:
     """Median seconds per call of a and of b, timed in alternating blocks."""
     times_a, times_b = [], []
     for r in range(rounds):

@@ -96,7 +96,11 @@ def _mixture_means(distance: float, sign: float) -> Tensor:
     half_sqrt3 = math.sqrt(3) / 2
     d = distance
     return torch.tensor(
-        [[d * half_sqrt3, sign * d / 2], [-d * half_sqrt3, sign * d / 2], [0.0, -sign * d * half_sqrt3]],
+        [
+            [d * half_sqrt3, sign * d / 2],
+            [-d * half_sqrt3, sign * d / 2],
+            [0.0, -sign * d * half_sqrt3],
+        ],
         dtype=torch.float64,
     )
 
@@ -149,7 +153,9 @@ def from_file(path: str | Path) -> Labelled:
         else:
             x = obj
     else:
-        raise ValueError(f"{path}: unknown tensor file type {path.suffix!r}; use .npy, .pt or .pth.")
+        raise ValueError(
+            f"{path}: unknown tensor file type {path.suffix!r}; use .npy, .pt or .pth."
+        )
     if not isinstance(x, Tensor) or x.ndim < 2:
         raise ValueError(
             f"{path}: expected a tensor of shape (N, ...) with N samples, got "

@@ -226,8 +226,9 @@ class Preconditioned(nn.Module):
         if self.output_prediction is None:
             return torch.ones_like(t64)
         one, zero = torch.ones_like(t64), torch.zeros_like(t64)
-        a, b = from_x0_eps(one, zero, self.output_prediction, t64, self.form), from_x0_eps(
-            zero, one, self.output_prediction, t64, self.form
+        a, b = (
+            from_x0_eps(one, zero, self.output_prediction, t64, self.form),
+            from_x0_eps(zero, one, self.output_prediction, t64, self.form),
         )
         return torch.sqrt(a**2 * self.sigma_data**2 + b**2)
 

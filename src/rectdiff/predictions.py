@@ -61,9 +61,22 @@ def _coefficients(form: Form, t: Any, like: Tensor) -> tuple[Tensor, Tensor, Ten
     return tuple(broadcast(v, like) for v in values)  # type: ignore[return-value]
 
 
-def to_x0_eps(out: Tensor, src: str, x_t: Tensor, t: Any, form: Form) -> tuple[Tensor, Tensor]:
-    """Solve ``{x_t, out}`` for ``(x0, eps)``, where ``out`` is a ``src`` prediction at ``t``."""
-    alpha, sigma, d_alpha, d_sigma = _coefficients(form, t, x_t)
+def to_x0_eps(
+    out: Tensor,
+    src: str,
+    x_t: Tensor,
+    t: Any,
+    form: Form,
+    coefficients: tuple[Any, Any, Any, Any] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Solve ``{x_t, out}`` for ``(x0, eps)``, where ``out`` is a ``src`` prediction at ``t``.
+
+    ``coefficients`` = ``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` (numbers, or tensors that
+    broadcast against ``x_t``) skips recomputing them; samplers pass their cached values.
+    """
+    if coefficients is None:
+        coefficients = _coefficients(form, t, x_t)
+    alpha, sigma, d_alpha, d_sigma = coefficients
     if src == "eps":
         return (x_t - sigma * out) / alpha, out
     if src == "x0":

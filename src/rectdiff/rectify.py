@@ -233,6 +233,7 @@ def rectify_rounds(
     student_form: Form | None = None,
     student_prediction: str | None = None,
     fresh: nn.Module | None = None,
+    shape: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> list[RoundResult]:
     """k rounds of rectification: pairs from the current model, then retraining on them.
@@ -251,6 +252,7 @@ def rectify_rounds(
         student_form, student_prediction: train the students in another form (classic Reflow:
             ``FlowMatching()``, ``"flow"``); default the teacher's own (Rectified Diffusion).
         fresh: an untrained network, for ``config.init = "scratch"``.
+        shape: one sample's shape (inferred from the model when it has ``sample_shape``).
 
     Returns:
         One :class:`RoundResult` per round.
@@ -266,7 +268,7 @@ def rectify_rounds(
             current, form=current_form, prediction=current_pred, num_pairs=config.num_pairs,
             out=round_dir / "pairs", solver=config.solver, steps=config.steps,
             shard_size=config.shard_size, seed=config.seed + k - 1,
-            batch_size=config.pair_batch_size, solver_options={"t_grid": config.t_grid},
+            batch_size=config.pair_batch_size, solver_options={"t_grid": config.t_grid}, shape=shape,
             model_description=f"round {k - 1} model ({current_form!r}, {current_pred})",
             progress=progress,
         )  # fmt: skip

@@ -37,6 +37,7 @@ __all__ = [
     "Trajectory",
     "Denoiser",
     "Callback",
+    "Coefficients",
     "sample",
     "time_grid",
     "TIME_GRIDS",
@@ -53,6 +54,8 @@ __all__ = [
 TIME_GRIDS = ("uniform", "logsnr", "karras")
 #: called by a solver at every grid point ``k < K`` with ``(k, x_k, x0_pred_k, eps_pred_k)``
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+#: ``(alpha, sigma, d_alpha, d_sigma)`` at one time, float64
+Coefficients = tuple[float, float, float, float]
 
 
 @dataclass
@@ -124,18 +127,39 @@ class Denoiser:
         self._batched = None
         if self.guidance is not None and batch_size is not None:
             self._batched = _concat_kwargs(self.uncond, self.cond, batch_size)
+        self._points: dict[float, tuple[Tensor, Coefficients]] = {}
         self.nfe = 0
 
-    def __call__(self, x: Tensor, t: Tensor, count: bool = True) -> tuple[Tensor, Tensor]:
-        """``(x0_pred, eps_pred)`` at state ``x`` and 0-d float64 time ``t``."""
-        t = as_time(t).clamp(self.form.t_min, self.form.t_max)
-        model_time = self.form.model_time(t).to(device=x.device, dtype=x.dtype)
+    def coefficients(self, t: Tensor | float) -> Coefficients:
+        """``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` as float64 Python numbers (cached)."""
+        return self._point(float(t))[1]
+
+    def precompute(self, t: Tensor, like: Tensor) -> None:
+        """Cache coefficients and model times of the grid ``t`` (and of its times clamped into
+        the safe range) in one vectorized call, the model times in ``like``'s dtype and device."""
+        times = torch.cat([t, t.clamp(self.form.t_min, self.form.t_max)]).unique()
+        model_times = self.form.model_time(times).to(device=like.device, dtype=like.dtype)
+        alpha, sigma, d_alpha, d_sigma = (c.tolist() for c in self.form.coefficients(times))
+        for i, key in enumerate(times.tolist()):
+            self._points[key] = model_times[i], (alpha[i], sigma[i], d_alpha[i], d_sigma[i])
+
+    def _point(self, key: float) -> tuple[Tensor, Coefficients]:
+        if key not in self._points:
+            t64 = as_time(key)
+            alpha, sigma, d_alpha, d_sigma = (float(c) for c in self.form.coefficients(t64))
+            self._points[key] = self.form.model_time(t64), (alpha, sigma, d_alpha, d_sigma)
+        return self._points[key]
+
+    def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
+        """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
+        t = _clamp(self.form, t)
+        model_time = self._point(t)[0].to(device=x.device, dtype=x.dtype)
         out = self._evaluate(x, model_time.expand(x.shape[0]))
         if count:
             self.nfe += 1 if self.guidance is None else 2
             if self.on_evaluation is not None:
                 self.on_evaluation()
-        return to_x0_eps(out, self.prediction, x, t, self.form)
+        return to_x0_eps(out, self.prediction, x, t, self.form, coefficients=self._point(t)[1])
 
     def _evaluate(self, x: Tensor, model_time: Tensor) -> Tensor:
         if self.guidance is None:
@@ -275,26 +299,32 @@ def _checked(grid: Tensor, kind: str) -> Tensor:
 # --- solvers --------------------------------------------------------------------------------
 
 
-def _alpha_sigma(form: Form, t: Tensor) -> tuple[float, float]:
-    return float(form.alpha(t)), float(form.sigma(t))
+def _velocity(coefficients: Coefficients, x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
+    """The flow ``alpha'_t x0 + sigma'_t eps`` of the probability-flow ODE."""
+    _, _, d_alpha, d_sigma = coefficients
+    return d_alpha * x0_pred + d_sigma * eps_pred
 
 
-def _velocity(form: Form, t: Tensor, x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
-    """The flow ``alpha'_t x0 + sigma'_t eps`` (float64 coefficients at the clamped ``t``)."""
-    t = t.clamp(form.t_min, form.t_max)
-    return float(form.d_alpha(t)) * x0_pred + float(form.d_sigma(t)) * eps_pred
-
-
-def _first_order_step(form: Form, t_next: Tensor, x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
+def _first_order_step(coefficients: Coefficients, x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
     """``x_s = alpha_s x0_pred + sigma_s eps_pred`` (Song et al. 2021a, DDIM eq. 12 with
     sigma_t = 0; Lu et al. 2022, DPM-Solver-1): exact when x0_pred is constant along the path."""
-    alpha_next, sigma_next = _alpha_sigma(form, t_next)
+    alpha_next, sigma_next, _, _ = coefficients
     return alpha_next * x0_pred + sigma_next * eps_pred
 
 
-def _leaves_range(form: Form, t_next: Tensor) -> bool:
+def _leaves_range(denoise: Denoiser, t_next: Tensor) -> bool:
     """Whether a step ends where the model must not be evaluated: sigma = 0 or below t_min."""
-    return float(form.sigma(t_next)) == 0.0 or float(t_next) < form.t_min
+    return denoise.coefficients(t_next)[1] == 0.0 or float(t_next) < denoise.form.t_min
+
+
+def _clamp(form: Form, t: Tensor | float) -> float:
+    """``t`` clamped into the safe range ``[t_min, t_max]``, where the model is evaluated."""
+    return min(max(float(t), form.t_min), form.t_max)
+
+
+def _clamped(denoise: Denoiser, t: Tensor) -> Coefficients:
+    """Coefficients at the clamped ``t``, where the model was evaluated."""
+    return denoise.coefficients(_clamp(denoise.form, t))
 
 
 def euler(
@@ -310,9 +340,9 @@ def euler(
         x0_pred, eps_pred = denoise(x, t[k])
         if callback is not None:
             callback(k, x, x0_pred, eps_pred)
-        if k == len(t) - 2 and _leaves_range(denoise.form, t[k + 1]):
-            return _first_order_step(denoise.form, t[k + 1], x0_pred, eps_pred)
-        x = x + float(t[k + 1] - t[k]) * _velocity(denoise.form, t[k], x0_pred, eps_pred)
+        if k == len(t) - 2 and _leaves_range(denoise, t[k + 1]):
+            return _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
+        x = x + float(t[k + 1] - t[k]) * _velocity(_clamped(denoise, t[k]), x0_pred, eps_pred)
     return x
 
 
@@ -325,17 +355,16 @@ def heun(
     t_min falls back to the first-order step (EDM's Euler step to sigma = 0), returning
     E[x0 | x_t] at sigma = 0.
     """
-    form = denoise.form
     for k in range(len(t) - 1):
         x0_pred, eps_pred = denoise(x, t[k])
         if callback is not None:
             callback(k, x, x0_pred, eps_pred)
-        if k == len(t) - 2 and _leaves_range(form, t[k + 1]):
-            return _first_order_step(form, t[k + 1], x0_pred, eps_pred)
+        if k == len(t) - 2 and _leaves_range(denoise, t[k + 1]):
+            return _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
         h = float(t[k + 1] - t[k])
-        velocity = _velocity(form, t[k], x0_pred, eps_pred)
+        velocity = _velocity(_clamped(denoise, t[k]), x0_pred, eps_pred)
         x_euler = x + h * velocity
-        velocity_next = _velocity(form, t[k + 1], *denoise(x_euler, t[k + 1]))
+        velocity_next = _velocity(_clamped(denoise, t[k + 1]), *denoise(x_euler, t[k + 1]))
         x = x + 0.5 * h * (velocity + velocity_next)
     return x
 
@@ -354,7 +383,7 @@ def ddim(
         x0_pred, eps_pred = denoise(x, t[k])
         if callback is not None:
             callback(k, x, x0_pred, eps_pred)
-        x = _first_order_step(denoise.form, t[k + 1], x0_pred, eps_pred)
+        x = _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
     return x
 
 
@@ -369,14 +398,13 @@ def dpmpp_2m(
     ``D = x0_pred`` (DDIM), as does a last step to sigma = 0 (diffusers' ``lower_order_final``).
     One NFE per step. Endpoint: the ODE solution at t_end, E[x0 | x_t] when sigma(t_end) = 0.
     """
-    form = denoise.form
     x0_prev, h_prev = None, 0.0
     for k in range(len(t) - 1):
         x0_pred, eps_pred = denoise(x, t[k])
         if callback is not None:
             callback(k, x, x0_pred, eps_pred)
-        alpha, sigma = _alpha_sigma(form, t[k])
-        alpha_next, sigma_next = _alpha_sigma(form, t[k + 1])
+        alpha, sigma, _, _ = denoise.coefficients(t[k])
+        alpha_next, sigma_next, _, _ = denoise.coefficients(t[k + 1])
         if sigma_next == 0.0:
             return alpha_next * x0_pred
         h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)
@@ -417,7 +445,7 @@ def adaptive(
     (``callback``) costs K evaluations that are not counted.
     """
     form = denoise.form
-    final_jump = _leaves_range(form, t[-1])
+    final_jump = _leaves_range(denoise, t[-1])
     ode_t = t[:-1] if final_jump else t
     if final_jump and float(ode_t[-1]) > form.t_min:
         ode_t = torch.cat([ode_t, torch.tensor([form.t_min], dtype=torch.float64)])
@@ -425,7 +453,7 @@ def adaptive(
 
     def flow(lam: Tensor, y: Tensor) -> Tensor:
         s = form.t_from_logsnr(lam.detach().cpu()).clamp(form.t_min, form.t_max)
-        alpha, sigma, d_alpha, d_sigma = (float(c) for c in form.coefficients(s))
+        alpha, sigma, d_alpha, d_sigma = denoise.coefficients(s)
         x0_pred, eps_pred = denoise(y.to(x.dtype), s)
         d_logsnr = 2.0 * (d_alpha / alpha - d_sigma / sigma)
         return ((d_alpha * x0_pred + d_sigma * eps_pred) / d_logsnr).to(torch.float64)
@@ -441,7 +469,7 @@ def adaptive(
     )
     states = ys.to(x.dtype)
     if final_jump:
-        x_end = _first_order_step(form, t[-1], *denoise(states[-1], ode_t[-1]))
+        x_end = _first_order_step(denoise.coefficients(t[-1]), *denoise(states[-1], ode_t[-1]))
     else:
         x_end = states[-1]
     if callback is not None:
@@ -533,7 +561,8 @@ def sample(
             model, form, prediction, cond=cond, guidance=guidance, uncond=uncond,
             batch_size=eps.shape[0], on_evaluation=bar.update,
         )  # fmt: skip
-        x_start = float(form.sigma(t[0])) * eps
+        denoise.precompute(t, eps)
+        x_start = denoise.coefficients(t[0])[1] * eps
         x_end = SOLVERS[solver](denoise, x_start, t, recorder, rtol=rtol, atol=atol)
     if recorder is None:
         return x_end

@@ -132,9 +132,7 @@ class TrainConfig:
         allowed = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in allowed:
-                raise ValueError(
-                    f"unknown training option {key!r}; allowed: {', '.join(allowed)}."
-                )
+                raise ValueError(f"unknown training option {key!r}; allowed: {', '.join(allowed)}.")
         return cls(**values)
 
     @classmethod
@@ -159,7 +157,9 @@ class TrainConfig:
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"TrainConfig.{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}.")
+        raise ValueError(
+            f"TrainConfig.{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}."
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -490,26 +490,30 @@ class Trainer:
             disable=not (progress and acc.is_local_main_process),
         )  # fmt: skip
         self.model.train()
-        while self.step_count < config.steps:
-            self._pending.append(self.step())
-            self.step_count += 1
-            bar.update(1)
-            done = self.step_count == config.steps
-            if self.step_count % config.log_every == 0 or done:
-                self._flush()
-                bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
-            if config.checkpoint_every and config.out_dir is not None and (
-                self.step_count % config.checkpoint_every == 0 or done
-            ):
-                self._flush()
-                self.save_checkpoint()
-        bar.close()
+        with bar:
+            while self.step_count < config.steps:
+                self._pending.append(self.step())
+                self.step_count += 1
+                bar.update(1)
+                done = self.step_count == config.steps
+                if self.step_count % config.log_every == 0 or done:
+                    self._flush()
+                    bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
+                if (
+                    config.checkpoint_every
+                    and config.out_dir is not None
+                    and (self.step_count % config.checkpoint_every == 0 or done)
+                ):
+                    self._flush()
+                    self.save_checkpoint()
         self._flush()
         model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
         if self.ema is not None:
             self.ema.copy_to(self.params)
         model.eval()
-        return TrainResult(model, list(self.losses), self.step_count, self.last_checkpoint, self.ema)
+        return TrainResult(
+            model, list(self.losses), self.step_count, self.last_checkpoint, self.ema
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:
