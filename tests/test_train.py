@@ -2,6 +2,7 @@
 resumes exactly, stops on a NaN loss, averages with diffusers' EMA rule, validates its config."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_learns_eight_gaussians_in_every_form(form_name, prediction):
 
     For the data the mean nearest-centre distance is 0.31; for a Gaussian with the data's
     mean and covariance it is 0.93; a trained model must reach < 0.6 with every mode
-    holding 12.5% +- 5% of the samples.
+    holding 12.5% +- 6% of the samples (a perfect sampler deviates by about 2%: the share's
+    standard deviation over 2000 samples is 0.74%).
     """
     form = FORMS[form_name]
     x0 = load_data("8gaussians", 4096, seed=0, std=STD)
@@ -66,7 +68,7 @@ def test_learns_eight_gaussians_in_every_form(form_name, prediction):
         t_grid="logsnr",
     )
     distance, share_error = mode_statistics(samples)
-    assert distance < 0.6 and share_error < 0.05, (distance, share_error)
+    assert distance < 0.6 and share_error < 0.06, (distance, share_error)
     gaussian = torch.randn(2000, 2) * x0.std(0) + x0.mean(0)
     assert mode_statistics(gaussian)[0] > 0.85  # the threshold separates learned from blurred
 
@@ -88,7 +90,9 @@ def test_pairs_train_on_the_given_noise(source):
     )
     torch.manual_seed(0)
     net = MLP(2, hidden=64, depth=3)
-    config = TrainConfig(steps=300, batch_size=256, lr=5e-3, log_every=100)
+    config = TrainConfig(  # U-shaped t: Lee, Lin & Fanti's choice for training on pairs
+        steps=300, batch_size=256, lr=1e-2, lr_schedule="cosine", time_sampler="u_shaped"
+    )
     result = train(
         net, data, form=form, prediction="flow", config=config, pairs=True, progress=False
     )
@@ -100,7 +104,7 @@ def test_pairs_train_on_the_given_noise(source):
     monotone = float(
         ((shift + scale.abs() * test_eps) - (shift + scale * test_eps)).norm(dim=1).mean()
     )
-    assert error < 0.5 and monotone > 3.0, (error, monotone)
+    assert error < 0.4 and monotone > 3.0, (error, monotone)
 
 
 class Interrupt(Exception):
@@ -147,6 +151,30 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
         "step_10",
         "step_20",
     ]
+
+
+def test_resume_with_a_dataloader_replays_its_batches(tmp_path):
+    """A DataLoader (shuffled, 5 batches an epoch): resumed from the mid-epoch step-7
+    checkpoint of a run, a second run ends with that run's weights and losses."""
+    x0 = load_data("moons", 300, seed=0)
+
+    def run(out, seed):
+        torch.manual_seed(seed)
+        loader = DataLoader(TensorDataset(x0), batch_size=64, shuffle=True)
+        config = TrainConfig(steps=20, batch_size=64, checkpoint_every=7, keep_checkpoints=0,
+                             lr_schedule="cosine", out_dir=str(tmp_path / out))  # fmt: skip
+        return train(
+            MLP(2, 32, 2), loader, form=forms.VP(), prediction="eps", config=config, progress=False
+        )
+
+    full = run("a", 0)
+    (tmp_path / "b/checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a/checkpoints/step_7", tmp_path / "b/checkpoints/step_7")
+    (tmp_path / "b/checkpoints/latest").write_text("step_7\n")
+    resumed = run("b", 1)
+    assert resumed.losses == full.losses
+    for p_full, p_resumed in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p_resumed, p_full, rtol=0, atol=1e-7)
 
 
 def test_non_finite_loss_names_step_and_checkpoint(tmp_path):

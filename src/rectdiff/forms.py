@@ -421,15 +421,21 @@ class FlowMatching(Form):
         return {"shift": self.shift, "sigma_min": self.sigma_min, "time_scale": self.time_scale}
 
     def _tau(self, t: Tensor) -> Tensor:
+        if self.shift == 1.0:  # fast path: this sits in every training step
+            return t
         return self.shift * t / (1.0 + (self.shift - 1.0) * t)
 
     def _d_tau(self, t: Tensor) -> Tensor:
+        if self.shift == 1.0:
+            return torch.ones_like(t)
         return self.shift / (1.0 + (self.shift - 1.0) * t) ** 2
 
     def _alpha(self, t: Tensor) -> Tensor:
         return 1.0 - self._tau(t)
 
     def _sigma(self, t: Tensor) -> Tensor:
+        if self.sigma_min == 0.0:
+            return self._tau(t)
         return self.sigma_min + (1.0 - self.sigma_min) * self._tau(t)
 
     def _d_alpha(self, t: Tensor) -> Tensor:

@@ -100,13 +100,13 @@ def from_x0_eps(x0: Tensor, eps: Tensor, dst: str, t: Any, form: Form) -> Tensor
         return x0
     if dst == "eps":
         return eps
-    alpha, sigma, d_alpha, d_sigma = _coefficients(form, t, x0)
+    t64 = as_time(t).to(x0.device)  # only the coefficients each quantity needs: hot path
     if dst == "v":
-        return alpha * eps - sigma * x0
+        return broadcast(form._alpha(t64), x0) * eps - broadcast(form._sigma(t64), x0) * x0
     if dst == "flow":
-        return d_alpha * x0 + d_sigma * eps
+        return broadcast(form._d_alpha(t64), x0) * x0 + broadcast(form._d_sigma(t64), x0) * eps
     if dst == "score":
-        return -eps / sigma
+        return -eps / broadcast(form._sigma(t64), x0)
     check_prediction(dst, allow_derived=True)
     raise AssertionError("unreachable")
 

@@ -406,6 +406,8 @@ def time_sampler(name_or_obj: str | TimeSampler, form: Form, **params: Any) -> T
         ValueError: for an unknown name or parameter, or a sampler built for another form.
     """
     if isinstance(name_or_obj, TimeSampler):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} go with a sampler name, not an object.")
         if name_or_obj.form != form:
             raise ValueError(
                 f"time sampler {name_or_obj!r} was built for another form than {form!r}; "
@@ -518,6 +520,10 @@ def loss_weighting(name_or_obj: str | Weighting, **params: Any) -> Weighting:
         ValueError: for an unknown name or parameter.
     """
     if isinstance(name_or_obj, Weighting):
+        if params:
+            raise ValueError(
+                f"parameters {sorted(params)} go with a weighting name, not an object."
+            )
         return name_or_obj
     if name_or_obj not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name_or_obj!r}; allowed: {', '.join(WEIGHTINGS)}.")

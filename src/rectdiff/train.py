@@ -10,7 +10,8 @@ newest; a re-run resumes there and ends with the same weights as an uninterrupte
 Data is either clean samples ``x0`` (fresh noise each step) or, with ``pairs=True``,
 ``(eps, x0[, cond])`` couplings whose noise is fixed per pair (rectification). A tensor (or a
 tuple of tensors) is batched in memory on the device; a ``DataLoader`` goes through
-``accelerator.prepare``. A non-finite loss raises :class:`NonFiniteLossError` naming the step
+``accelerator.prepare`` (with accelerate's seedable sampler, so a resumed run replays the
+same batches). Noise and t of step n on process r are seeded by (seed, r, n). A non-finite loss raises :class:`NonFiniteLossError` naming the step
 and the last good checkpoint; losses are checked at every log and checkpoint step (and at
 the end) so that the hot loop never waits on the device.
 """
@@ -30,7 +31,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    set_seed,
+)
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
@@ -200,8 +206,9 @@ class TrainResult:
 class _TensorBatches:
     """Random batches of in-memory tensors (all indexed alike), resumable.
 
-    Every process draws the same permutation (``data_generator`` is seeded alike) and takes
-    its own ``batch_size`` slice of each global batch, so processes see disjoint samples.
+    Every process draws the same permutation (``data_generator`` is seeded alike, so the
+    main process's saved state is every process's) and takes its own ``batch_size`` slice
+    of each global batch, so processes see disjoint samples.
     """
 
     def __init__(
@@ -273,7 +280,6 @@ class _State:
         return {
             "step": tr.step_count,
             "losses": list(tr.losses),
-            "noise_generator": tr.noise_generator.get_state(),
             "data_generator": tr.data_generator.get_state(),
             "batches": tr.batches.state_dict(),
             "ema": None if tr.ema is None else tr.ema.state_dict(),
@@ -282,7 +288,6 @@ class _State:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tr = self.trainer
         tr.step_count, tr.losses = int(state["step"]), list(state["losses"])
-        tr.noise_generator.set_state(state["noise_generator"])
         tr.data_generator.set_state(state["data_generator"])
         if isinstance(tr.batches, _LoaderBatches):
             tr.batches.load_state_dict(state["batches"], tr.accelerator)
@@ -316,9 +321,7 @@ class Trainer:
         check_prediction(prediction)
         self.form, self.prediction, self.config = form, prediction, config
         self.cond_fn, self.pairs = cond_fn, pairs
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
-        )
+        self.accelerator = acc = accelerator or _new_accelerator(config)
         set_seed(config.seed)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -344,9 +347,7 @@ class Trainer:
         )
         device = acc.device
         self.data_generator = torch.Generator(device).manual_seed(config.seed)
-        self.noise_generator = torch.Generator(device).manual_seed(
-            config.seed + 10_000 * (acc.process_index + 1)
-        )
+        self.noise_generator = torch.Generator(device)
         self.batches: _TensorBatches | _LoaderBatches = self._batches(data_or_loader)
         self.sampler = time_sampler(config.time_sampler, form, **config.time_sampler_params)
         self.weighting = loss_weighting(config.weighting, **config.weighting_params)
@@ -390,8 +391,15 @@ class Trainer:
         return eps, x0, cond
 
     def step(self) -> Tensor:
-        """One optimizer step (``grad_accum`` micro-batches); returns the mean loss, detached."""
+        """One optimizer step (``grad_accum`` micro-batches); returns the mean loss, detached.
+
+        Advances ``step_count``; :meth:`run` adds the loss history, checks and checkpoints.
+        """
         acc, config = self.accelerator, self.config
+        # t and eps of step n on process r depend on (seed, r, n) only: exact resume without
+        # gathering per-process generator states (ints and tuples of ints hash unsalted)
+        step_seed = hash((config.seed, acc.process_index, self.step_count)) & (2**63 - 1)
+        self.noise_generator.manual_seed(step_seed)
         total = None
         for _ in range(config.grad_accum):
             eps, x0, cond = self._unpack(next(self.batches))
@@ -411,14 +419,19 @@ class Trainer:
             total = loss.detach() if total is None else total + loss.detach()
         if self.ema is not None:
             self.ema.step(self.params)
+        self.step_count += 1
         return total / config.grad_accum if config.grad_accum > 1 else total
 
     # --- loss history and checkpoints -------------------------------------------------
     def _flush(self) -> None:
-        """Move pending losses to the history; raise on the first non-finite one."""
+        """Move pending losses (averaged over processes) to the history; raise on the first
+        non-finite one, on every process alike."""
         if not self._pending:
             return
-        values = torch.stack(self._pending).float().cpu().tolist()
+        stacked = torch.stack(self._pending).float()
+        if self.accelerator.num_processes > 1:  # every process flushes at the same steps
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        values = stacked.cpu().tolist()
         first_step = self.step_count - len(values) + 1
         self._pending.clear()
         for i, value in enumerate(values):
@@ -493,7 +506,6 @@ class Trainer:
         with bar:
             while self.step_count < config.steps:
                 self._pending.append(self.step())
-                self.step_count += 1
                 bar.update(1)
                 done = self.step_count == config.steps
                 if self.step_count % config.log_every == 0 or done:
@@ -514,6 +526,25 @@ class Trainer:
         return TrainResult(
             model, list(self.losses), self.step_count, self.last_checkpoint, self.ema
         )
+
+
+def _new_accelerator(config: TrainConfig) -> Accelerator:
+    try:
+        # the loop cycles loaders itself: an epoch's end must not force an optimizer step
+        plugin = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
+        return Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_plugin=plugin,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # resumable
+        )
+    except ValueError as err:  # accelerate fixes mixed precision once per process
+        if "already been initialized" not in str(err):
+            raise
+        raise ValueError(
+            f"mixed_precision={config.mixed_precision!r} differs from the precision this process "
+            "already set up with accelerate, which allows one per process. Use the same "
+            "mixed_precision for every train() in a process, or pass accelerator=."
+        ) from err
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,220 @@
+"""``rectdiff sd ...``: each subcommand parses its arguments, calls one library function and
+prints. Register with :func:`add_sd_parser` on the main parser's subparsers; run alone (and
+under ``accelerate launch``) as ``python -m rectdiff.stable_diffusion.cli sd ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["add_sd_parser", "main"]
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from .tiny import build_tiny_pipeline
+
+    path = build_tiny_pipeline(args.dir, seed=args.seed, sample_size=args.sample_size,
+                               fit_steps=args.fit_steps)  # fmt: skip
+    print(f"wrote a tiny Stable Diffusion pipeline to {path}")
+    return 0
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from .pairs import generate_sd_pairs
+
+    store = generate_sd_pairs(
+        args.pipeline, args.prompts, args.num, args.out, steps=args.steps,
+        guidance=args.guidance, solver=args.solver, height=args.height, width=args.width,
+        batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
+        dtype=args.dtype, caption_column=args.caption_column,
+    )  # fmt: skip
+    if _is_main_process():
+        print(f"{store!r}")
+    return 0
+
+
+def _cmd_rectify(args: argparse.Namespace) -> int:
+    from .rectify import rectify_sd
+
+    result = rectify_sd(
+        args.pipeline, args.pairs, args.out, max_steps=args.max_steps, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, loss=args.loss,
+        huber_c=args.huber_c, loss_prediction=args.loss_prediction,
+        target_form=args.target_form, time_sampler=args.time_sampler,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, ema=args.ema,
+        ema_decay=args.ema_decay, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, work_dir=args.work_dir,
+        resume=not args.no_resume, num_workers=args.num_workers,
+    )  # fmt: skip
+    if _is_main_process():
+        last = f", last loss {result.losses[-1]:.5g}" if result.losses else ""
+        print(f"wrote the rectified pipeline to {result.out_dir} ({result.steps} steps{last})")
+        if result.lora_dir is not None:
+            print(f"LoRA weights: {result.lora_dir} (pipe.load_lora_weights on the teacher)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+
+    metrics = evaluate(
+        args.pipeline, args.teacher, args.prompts, args.out, steps=args.steps,
+        guidance=args.guidance, teacher_steps=args.teacher_steps,
+        teacher_guidance=args.teacher_guidance, num=args.num, seed=args.seed,
+        height=args.height, width=args.width, batch_size=args.batch_size,
+        clip_dir=args.clip, caption_column=args.caption_column, dtype=args.dtype,
+        device=args.device,
+    )  # fmt: skip
+    mse = metrics["latent_mse"]
+    print(f"latent MSE to the teacher's {args.teacher_steps}-step latents:")
+    print("| steps | student | teacher | ratio |\n|---:|---:|---:|---:|")
+    for k in mse["student"]:
+        print(f"| {k} | {mse['student'][k]:.5g} | {mse['teacher'][k]:.5g} | {metrics['ratio'][k]:.3f} |")
+    for label, score in metrics.get("clip_score", {}).items():
+        print(f"CLIP score {label}: {score:.2f}")
+    print(f"wrote {args.out}/metrics.json and {metrics['grid']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive step counts, got {text!r}")
+    return values
+
+
+def _add_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, default=None, help="pixels (default: UNet sample size x 8)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: UNet sample size x 8)")
+
+
+def _add_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny", help="build a tiny offline SD pipeline (seconds on a CPU)")
+    p.add_argument("dir", help="pipeline folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-size", type=int, default=8, help="latent size (default: %(default)s)")
+    p.add_argument("--fit-steps", type=int, default=150,
+                   help="steps fitting the UNet to synthetic latents (default: %(default)s)")  # fmt: skip
+    p.set_defaults(func=_cmd_tiny)
+
+
+def _add_pairs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pairs", help="generate (noise, latent, prompt) pairs with a pipeline")
+    p.add_argument("--pipeline", required=True, help="local diffusers pipeline folder")
+    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl or .csv")
+    p.add_argument("--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="pair store folder (resumed if it exists)")
+    p.add_argument("--steps", type=int, default=25, help="solver steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: %(default)s)")
+    p.add_argument("--solver", default="dpmpp_2m", help="rectdiff solver (default: %(default)s)")
+    _add_size(p)
+    p.add_argument("--batch-size", type=int, default=16, help="per process (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="UNet/text encoder weights (default: %(default)s)")  # fmt: skip
+    p.add_argument("--caption-column", default=None, help="caption column of .jsonl/.csv")
+    p.set_defaults(func=_cmd_pairs)
+
+
+def _add_rectify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rectify", help="retrain the UNet on its pairs; save a 1-step pipeline")
+    p.add_argument("--pipeline", required=True, help="the teacher pipeline folder")
+    p.add_argument("--pairs", required=True, help="pair store made with that pipeline")
+    p.add_argument("--out", required=True, help="student pipeline folder to write")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--batch-size", type=int, default=16, help="per process (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--loss", default="pseudo_huber", choices=["mse", "pseudo_huber"])
+    p.add_argument("--huber-c", type=float, default=None)
+    p.add_argument("--loss-prediction", default=None, choices=["eps", "x0", "v", "flow"],
+                   help="prediction the loss compares (default: x0; flow with --target-form fm)")  # fmt: skip
+    p.add_argument("--target-form", default=None, choices=["fm"],
+                   help="fm: InstaFlow-style flow-matching loss (default: the checkpoint's form)")  # fmt: skip
+    p.add_argument("--time-sampler", default=None, help="default: discrete (fm: uniform)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--ema", action="store_true", help="keep and save an EMA of the weights")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--lora-rank", type=int, default=None, help="train a LoRA of this rank")
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="0: no checkpoints")
+    p.add_argument("--work-dir", default=None, help="checkpoints (default: OUT.train)")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.set_defaults(func=_cmd_rectify)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="few-step latents vs the teacher's; metrics.json, grid.png")
+    p.add_argument("--pipeline", required=True, help="the rectified pipeline folder")
+    p.add_argument("--teacher", required=True, help="the teacher pipeline folder")
+    p.add_argument("--prompts", required=True, help="held-out prompts (.txt, .jsonl, .csv)")
+    p.add_argument("--out", default="out/sd-eval", help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=_steps, default=[1, 2, 4], help="e.g. 1,2,4 (default)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="student CFG scale; its pairs' guidance is baked in (default: %(default)s)")  # fmt: skip
+    p.add_argument("--teacher-steps", type=int, default=25)
+    p.add_argument("--teacher-guidance", type=float, default=5.0)
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1234)
+    _add_size(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip", default=None, help="local CLIP model folder for CLIP scores")
+    p.add_argument("--caption-column", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def add_sd_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``sd tiny|pairs|rectify|eval|demo`` on the main parser's subparsers."""
+    sd = subparsers.add_parser("sd", help="rectify a Stable Diffusion pipeline (tiny, pairs, ...)")
+    sub = sd.add_subparsers(dest="sd_command", required=True)
+    _add_tiny(sub)
+    _add_pairs(sub)
+    _add_rectify(sub)
+    _add_eval(sub)
+    p = sub.add_parser("demo", help="tiny pipeline -> pairs -> rectify -> eval (minutes on a CPU)")
+    p.add_argument("--out", default="out/sd-demo", help="demo folder (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)
+    return sd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rectdiff.stable_diffusion.cli sd ...`` (the same arguments as ``rectdiff``)."""
+    parser = argparse.ArgumentParser(prog="rectdiff")
+    add_sd_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        print(f"rectdiff {args.command} {args.sd_command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
