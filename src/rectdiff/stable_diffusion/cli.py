@@ -13,8 +13,9 @@ __all__ = ["add_sd_parser", "main"]
 
 def _is_main_process() -> bool:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState().is_main_process
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         args.pipeline, args.prompts, args.num, args.out, steps=args.steps,
         guidance=args.guidance, solver=args.solver, height=args.height, width=args.width,
         batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        dtype=args.dtype, caption_column=args.caption_column,
+        dtype=args.dtype, caption_column=args.caption_column, store_eps=not args.no_store_eps,
     )  # fmt: skip
     if _is_main_process():
         print(f"{store!r}")
@@ -78,7 +79,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"latent MSE to the teacher's {args.teacher_steps}-step latents:")
     print("| steps | student | teacher | ratio |\n|---:|---:|---:|---:|")
     for k in mse["student"]:
-        print(f"| {k} | {mse['student'][k]:.5g} | {mse['teacher'][k]:.5g} | {metrics['ratio'][k]:.3f} |")
+        print(
+            f"| {k} | {mse['student'][k]:.5g} | {mse['teacher'][k]:.5g} | {metrics['ratio'][k]:.3f} |"
+        )
     for label, score in metrics.get("clip_score", {}).items():
         print(f"CLIP score {label}: {score:.2f}")
     print(f"wrote {args.out}/metrics.json and {metrics['grid']}")
@@ -96,14 +99,18 @@ def _steps(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive step counts, got {text!r}")
     return values
 
 
 def _add_size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--height", type=int, default=None, help="pixels (default: UNet sample size x 8)")
+    p.add_argument(
+        "--height", type=int, default=None, help="pixels (default: UNet sample size x 8)"
+    )
     p.add_argument("--width", type=int, default=None, help="pixels (default: UNet sample size x 8)")
 
 
@@ -128,11 +135,15 @@ def _add_pairs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", default="dpmpp_2m", help="rectdiff solver (default: %(default)s)")
     _add_size(p)
     p.add_argument("--batch-size", type=int, default=16, help="per process (default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default: %(default)s)")
+    p.add_argument(
+        "--shard-size", type=int, default=256, help="pairs per shard (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="UNet/text encoder weights (default: %(default)s)")  # fmt: skip
     p.add_argument("--caption-column", default=None, help="caption column of .jsonl/.csv")
+    p.add_argument("--no-store-eps", action="store_true",
+                   help="store only latents; the noise is regenerated from the seed on reading")  # fmt: skip
     p.set_defaults(func=_cmd_pairs)
 
 
@@ -152,7 +163,8 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-form", default=None, choices=["fm"],
                    help="fm: InstaFlow-style flow-matching loss (default: the checkpoint's form)")  # fmt: skip
     p.add_argument("--time-sampler", default=None, help="default: discrete (fm: uniform)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: accelerate launch's --mixed_precision (or no)")  # fmt: skip
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--ema", action="store_true", help="keep and save an EMA of the weights")
     p.add_argument("--ema-decay", type=float, default=0.9999)

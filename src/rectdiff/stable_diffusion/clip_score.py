@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["clip_score", "preprocess"]
+__all__ = ["ClipScorer", "clip_score", "preprocess"]
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,8 +37,8 @@ def preprocess(images: Tensor, size: int, mean: Sequence[float], std: Sequence[f
     top = (resized.shape[-2] - size) // 2
     left = (resized.shape[-1] - size) // 2
     cropped = resized[..., top : top + size, left : left + size].clamp(0.0, 1.0)
-    mean_t = torch.tensor(mean, dtype=cropped.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=cropped.dtype).view(1, 3, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=cropped.dtype, device=cropped.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=cropped.dtype, device=cropped.device).view(1, 3, 1, 1)
     return (cropped - mean_t) / std_t
 
 
@@ -46,54 +46,74 @@ def _features(output: object) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output  # transformers >= 5
 
 
-@torch.no_grad()
+class ClipScorer:
+    """A local ``CLIPModel`` and tokenizer, loaded once; ``scorer(images, prompts)`` gives the
+    per-image scores ``100 * max(cos, 0)``.
+
+    Args:
+        clip_dir: a local transformers ``CLIPModel`` folder with its tokenizer (e.g. a copy of
+            openai/clip-vit-large-patch14).
+        device: where the model runs (default CPU).
+
+    Raises:
+        ValueError: when the folder is not a CLIP model folder.
+    """
+
+    def __init__(
+        self, clip_dir: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> None:
+        from transformers import AutoTokenizer, CLIPModel
+
+        root = Path(clip_dir)
+        if not (root / "config.json").is_file():
+            raise ValueError(
+                f"CLIP folder {str(root)!r} has no config.json; give a local CLIPModel folder "
+                "(save_pretrained of a CLIPModel and its tokenizer)."
+            )
+        self.device = torch.device(device or "cpu")
+        self.model = CLIPModel.from_pretrained(root, local_files_only=True).eval().to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        config_path = root / "preprocessor_config.json"
+        settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.mean = settings.get("image_mean", _OPENAI_MEAN)
+        self.std = settings.get("image_std", _OPENAI_STD)
+        self.size = int(self.model.config.vision_config.image_size)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Scores ``(B,)`` of ``images`` (``(B, 3, H, W)`` in [0, 1]) against ``prompts``."""
+        if len(images) != len(prompts):
+            raise ValueError(
+                f"{len(images)} images but {len(prompts)} prompts; give one per image."
+            )
+        pixels = preprocess(images.to(self.device), self.size, self.mean, self.std)
+        text = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        image_features = _features(self.model.get_image_features(pixel_values=pixels))
+        text_features = _features(
+            self.model.get_text_features(input_ids=text.input_ids.to(self.device))
+        )
+        cosine = F.cosine_similarity(image_features, text_features, dim=-1)
+        return (100.0 * cosine.clamp(min=0.0)).float().cpu()
+
+
 def clip_score(
     images: Tensor,
     prompts: Sequence[str],
     clip_dir: str | os.PathLike[str],
     batch_size: int = 32,
 ) -> float:
-    """Mean CLIP score of ``images`` (``(B, 3, H, W)`` in [0, 1]) against ``prompts``.
-
-    Args:
-        images: the images, one per prompt.
-        prompts: the prompts.
-        clip_dir: a local transformers ``CLIPModel`` folder with its tokenizer (e.g. a copy
-            of openai/clip-vit-large-patch14).
-        batch_size: images per forward pass.
-
-    Raises:
-        ValueError: when the folder is not a CLIP model folder or the counts differ.
-    """
-    from transformers import AutoTokenizer, CLIPModel
-
-    root = Path(clip_dir)
-    if not (root / "config.json").is_file():
-        raise ValueError(
-            f"CLIP folder {str(root)!r} has no config.json; give a local CLIPModel folder "
-            "(save_pretrained of a CLIPModel and its tokenizer)."
-        )
+    """Mean CLIP score of ``images`` (``(B, 3, H, W)`` in [0, 1]) against ``prompts``."""
+    scorer = ClipScorer(clip_dir)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one per image.")
-    model = CLIPModel.from_pretrained(root, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
-    processor_config = root / "preprocessor_config.json"
-    settings = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
-    mean = settings.get("image_mean", _OPENAI_MEAN)
-    std = settings.get("image_std", _OPENAI_STD)
-    size = int(model.config.vision_config.image_size)
-    scores = []
-    for start in range(0, len(images), batch_size):
-        pixels = preprocess(images[start : start + batch_size], size, mean, std)
-        text = tokenizer(
-            list(prompts[start : start + batch_size]),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        image_features = _features(model.get_image_features(pixel_values=pixels))
-        text_features = _features(model.get_text_features(input_ids=text.input_ids))
-        cosine = F.cosine_similarity(image_features, text_features, dim=-1)
-        scores.append(100.0 * cosine.clamp(min=0.0))
+    scores = [
+        scorer(images[start : start + batch_size], prompts[start : start + batch_size])
+        for start in range(0, len(images), batch_size)
+    ]
     return float(torch.cat(scores).mean())

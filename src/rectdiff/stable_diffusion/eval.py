@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import Tensor
 
 from .. import samplers
 from ._files import write_bytes_atomic, write_json_atomic
+from .clip_score import ClipScorer
 from .load import check_pipeline_dir, load_pipeline, pipeline_form
 from .model import TextConditionedUNet, tokenize
 from .pairs import resolution, sd_guidance, sd_time_grid
@@ -140,8 +140,38 @@ def _batched(fn: Any, eps: Tensor, prompts: list[str], batch_size: int) -> Tenso
     )
 
 
-def _mse(x: Tensor, reference: Tensor) -> float:
-    return float((x - reference).square().mean())
+def _clip_scores(
+    rows: dict[str, Tensor], prompts: list[str], vae: Any, scorer: ClipScorer, batch_size: int
+) -> dict[str, float]:
+    """Mean CLIP score of each row's decoded latents, decoded and scored batch by batch."""
+    scores = {}
+    for label, latents in rows.items():
+        parts = [
+            scorer(
+                decode(vae, latents[start : start + batch_size]),
+                prompts[start : start + batch_size],
+            )
+            for start in range(0, len(latents), batch_size)
+        ]
+        scores[label] = float(torch.cat(parts).mean())
+    return scores
+
+
+def _latent_metrics(
+    reference: Tensor, latents: dict[str, Tensor], steps: list[int]
+) -> dict[str, Any]:
+    """Latent MSE of every ``"{who} {k}"`` entry to the reference and student/teacher ratios."""
+    mse = {
+        who: {str(k): float((latents[f"{who} {k}"] - reference).square().mean()) for k in steps}
+        for who in ("student", "teacher")
+    }
+    ratio = {
+        str(k): mse["student"][str(k)] / mse["teacher"][str(k)]
+        if mse["teacher"][str(k)] > 0
+        else None
+        for k in steps
+    }
+    return {"latent_mse": mse, "ratio": ratio, "reference_variance": float(reference.var())}
 
 
 def evaluate(
@@ -221,22 +251,24 @@ def evaluate(
     )  # fmt: skip
     teacher.scheduler = student_scheduler(teacher.scheduler)
     latents: dict[str, Tensor] = {}
-    for who, pipe, scale in (("teacher", teacher, teacher_guidance), ("student", student, guidance)):
+    for who, pipe, scale in (
+        ("teacher", teacher, teacher_guidance),
+        ("student", student, guidance),
+    ):
         for k in steps:
             latents[f"{who} {k}"] = _batched(
                 lambda e, p, pipe=pipe, k=k, scale=scale: pipeline_latents(pipe, e, p, k, scale),
                 eps, chosen, batch_size,
             )  # fmt: skip
-    metrics: dict[str, Any] = {
-        "latent_mse": {
-            who: {str(k): _mse(latents[f"{who} {k}"], reference) for k in steps}
-            for who in ("student", "teacher")
-        },
-        "reference_variance": float(reference.var()),
+    metrics: dict[str, Any] = _latent_metrics(reference, latents, steps) | {
         "num": num,
         "seed": seed,
         "resolution": [height, width],
-        "student": {"pipeline": str(student_root), "guidance": guidance, "sampler": "DDIM trailing"},
+        "student": {
+            "pipeline": str(student_root),
+            "guidance": guidance,
+            "sampler": "DDIM trailing",
+        },
         "teacher": {
             "pipeline": str(teacher_root),
             "guidance": teacher_guidance,
@@ -244,28 +276,16 @@ def evaluate(
             "reference": {"solver": teacher_solver, "steps": teacher_steps},
         },
     }
-    mse = metrics["latent_mse"]
-    metrics["ratio"] = {
-        str(k): mse["student"][str(k)] / mse["teacher"][str(k)]
-        if mse["teacher"][str(k)] > 0
-        else math.inf
-        for k in steps
-    }
-
-    shown = slice(0, min(num, grid_columns))
-    need_all = clip_dir is not None
     rows = {f"teacher {teacher_steps}": reference, **latents}
-    images = {
-        label: decode(student.vae, value if need_all else value[shown])
-        for label, value in rows.items()
-    }
+    shown = slice(0, min(num, grid_columns))
+    images = {label: decode(student.vae, value[shown]) for label, value in rows.items()}
     if clip_dir is not None:
-        from .clip_score import clip_score
-
-        metrics["clip_score"] = {label: clip_score(value, chosen, clip_dir) for label, value in images.items()}
+        metrics["clip_score"] = _clip_scores(
+            rows, chosen, student.vae, ClipScorer(clip_dir, device), batch_size
+        )
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    save_grid({label: value[shown] for label, value in images.items()}, root / "grid.png")
+    save_grid(images, root / "grid.png")
     metrics["grid"] = str(root / "grid.png")
     write_json_atomic(root / "metrics.json", metrics)
     return metrics

@@ -83,7 +83,9 @@ def sd_guidance(guidance: float) -> float | None:
     return float(guidance) if guidance > 1.0 else None
 
 
-def resolution(path: str | os.PathLike[str], unet_config: Any, height: int | None, width: int | None) -> tuple[int, int]:
+def resolution(
+    path: str | os.PathLike[str], unet_config: Any, height: int | None, width: int | None
+) -> tuple[int, int]:
     """``(height, width)`` in pixels, defaulting to the UNet's ``sample_size`` x the VAE factor.
 
     Raises:
@@ -165,7 +167,8 @@ def check_store(
     if pipeline_diff:
         problems.append(
             f"it was made by another pipeline than {str(pipeline_dir)!r} ("
-            + "; ".join(pipeline_diff) + ")"
+            + "; ".join(pipeline_diff)
+            + ")"
         )
     if stored.get("resolution") != description["resolution"]:
         h, w = stored.get("resolution", ["?", "?"])
@@ -207,6 +210,7 @@ def generate_sd_pairs(
     seed: int = 0,
     dtype: torch.dtype | str = torch.float32,
     caption_column: str | None = None,
+    store_eps: bool = True,
     accelerator: Any = None,
     progress: bool = True,
 ) -> couplings.PairDataset:
@@ -230,8 +234,10 @@ def generate_sd_pairs(
         dtype: the UNet and text encoder's weights dtype (float16 on GPUs); the noise, the
             solve's state and the stored latents are float32.
         caption_column: the caption column of a .jsonl/.csv prompt file.
-        accelerator: an accelerate ``Accelerator``/``PartialState``; default ``PartialState()``
-            (one process, or all the processes of ``accelerate launch``).
+        store_eps: False stores only the latents (half the size); the noise is regenerated
+            bit-identically from the shard seed when the store is read.
+        accelerator: an accelerate ``Accelerator``/``PartialState``; by default accelerate's
+            process state (one process, or all the processes of ``accelerate launch``).
         progress: tqdm bar on the main process.
 
     Returns:
@@ -242,8 +248,6 @@ def generate_sd_pairs(
             ``out`` made by another pipeline, resolution, prompts or settings (nothing is
             written then).
     """
-    from accelerate import PartialState
-
     root = check_pipeline_dir(pipeline_dir)
     if not isinstance(prompts, (list, tuple)):
         prompts = read_prompts(prompts, caption_column)
@@ -252,7 +256,6 @@ def generate_sd_pairs(
         raise ValueError("prompts is empty; give at least one prompt.")
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be a positive integer, got {num!r}.")
-    state = accelerator if accelerator is not None else PartialState()
     pipe = load_pipeline(root, dtype=dtype, with_vae=False)
     size = resolution(root, pipe.unet.config, height, width)
     factor = vae_scale_factor(root)
@@ -285,7 +288,8 @@ def generate_sd_pairs(
         uncond={"input_ids": tokenize(tokenizer, [""])},
         solver_options={"t_grid": sd_time_grid(pipe.scheduler, steps, form)},
         model_description=json.dumps(description, sort_keys=True),
+        store_eps=store_eps,
         dtype=torch.float32,
-        accelerator=state,
+        accelerator=accelerator,
         progress=progress,
     )

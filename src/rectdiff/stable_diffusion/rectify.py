@@ -94,7 +94,7 @@ def flow_matching_form(form: forms.Form) -> forms.FlowMatching:
     """Flow matching ``x_s = (1 - s) x0 + s eps`` restricted to ``form``'s logsnr range.
 
     ``t_min``/``t_max`` are the flow-matching times with the logsnr of ``form.t_min`` and
-    ``form.t_max`` (for SD 1.5: s in [0.0292, 0.9357]); the network time is ``1000 s``.
+    ``form.t_max`` (for SD 1.5: s in [0.0283, 0.9360]); the network time is ``1000 s``.
     """
     full = forms.FlowMatching(time_scale=1000.0, t_min=1e-6, t_max=1.0 - 1e-6)
     lam_hi, lam_lo = float(form.logsnr(form.t_min)), float(form.logsnr(form.t_max))
@@ -119,9 +119,11 @@ def _collate(items: list[dict[str, Any]]) -> tuple[Tensor, Tensor, dict[str, Ten
 
 
 def _open_pairs(pairs_dir: str | os.PathLike[str], pipeline_dir: Path) -> PairDataset:
-    """The verified store, refused unless ``pipeline_dir`` made it."""
+    """The complete store, refused unless ``pipeline_dir`` made it. (Shard checksums are not
+    re-read here: that is every byte of the store on every process; run
+    ``rectdiff.couplings.verify_store`` once for that.)"""
     try:
-        dataset = PairDataset(pairs_dir, verify=True)
+        dataset = PairDataset(pairs_dir)
     except PairStoreError as err:
         raise ValueError(str(err)) from None
     description = store_description(dataset.manifest)
@@ -181,6 +183,57 @@ def _add_lora(unet: Any, rank: int, alpha: float | None, seed: int) -> None:
         )
 
 
+def _student_model(
+    pipe: Any, lora_rank: int | None, lora_alpha: float | None, checkpointing: bool, seed: int
+) -> TextConditionedUNet:
+    """The trainable UNet (all of it, or a LoRA on it) with the frozen text encoder."""
+    unet = pipe.unet
+    unet.requires_grad_(lora_rank is None)
+    if lora_rank is not None:
+        _add_lora(unet, lora_rank, lora_alpha, seed)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    return TextConditionedUNet(unet, pipe.text_encoder)
+
+
+def _record(
+    root: Path,
+    pairs_dir: str | os.PathLike[str],
+    dataset: PairDataset,
+    form: forms.Form,
+    prediction: str,
+    target_form: str | None,
+    train_form: forms.Form,
+    train_prediction: str,
+    lora_rank: int | None,
+    config: TrainConfig,
+    result: Any,
+) -> dict[str, Any]:
+    """What ``out/rectdiff.json`` records: teacher, pairs, forms, training settings."""
+    settings = dataset.manifest["settings"]
+    description = store_description(dataset.manifest)
+    form_config = {k: v for k, v in form.config().items() if k != "alphas_cumprod"}
+    return {
+        "teacher": str(root),
+        "teacher_fingerprint": description["pipeline"],
+        "pairs": str(pairs_dir),
+        "pairs_settings": {
+            k: settings[k] for k in ("solver", "steps", "guidance", "num_pairs", "seed")
+        },
+        "resolution": description["resolution"],
+        "form": form_config | {"repr": repr(form)},
+        "prediction": prediction,
+        "target_form": target_form,
+        "train_form": repr(train_form),
+        "loss_prediction": train_prediction,
+        "lora_rank": lora_rank,
+        "training": config.to_dict(),
+        "steps": result.step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "sample_with": {"num_inference_steps": 1, "guidance_scale": 1.0},
+    }
+
+
 def _save(
     tmp: Path,
     unet: Any,
@@ -224,7 +277,7 @@ def rectify_sd(
     loss_prediction: str | None = None,
     target_form: str | None = None,
     time_sampler: str | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     gradient_checkpointing: bool = False,
     ema: bool = False,
     ema_decay: float = 0.9999,
@@ -259,9 +312,10 @@ def rectify_sd(
         time_sampler: a :mod:`rectdiff.timesteps` name; default ``"discrete"`` (uniform over
             the 1000 training timesteps, as the paper) or ``"uniform"`` for ``"fm"``.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate autocast; the
-            trained weights stay float32).
+            trained weights stay float32); None takes ``accelerate launch``'s setting.
         gradient_checkpointing: recompute UNet activations in the backward pass.
-        ema, ema_decay: keep a diffusers ``EMAModel`` of the trained weights and save it.
+        ema, ema_decay: keep a diffusers ``EMAModel`` of the trained weights (its warm-up caps
+            the decay at ``(1 + n) / (10 + n)`` after n steps) and save the EMA weights.
         lora_rank, lora_alpha: train a LoRA of this rank (alpha defaults to the rank).
         seed: training seed (batches, times, LoRA init).
         checkpoint_every: ``accelerator.save_state`` every this many steps (and at the end);
@@ -276,8 +330,8 @@ def rectify_sd(
 
     Raises:
         ValueError: a folder that is not a pipeline, a store that is not SD pairs of this
-            pipeline (or is incomplete or corrupted), an existing ``out_dir`` that rectify did
-            not write, or bad settings; nothing is written then.
+            pipeline (or is incomplete), an existing ``out_dir`` that rectify did not write,
+            or bad settings; nothing is written then.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -294,6 +348,11 @@ def rectify_sd(
     else:
         train_form, train_prediction = form, loss_prediction or "x0"
     sampler = time_sampler or ("discrete" if target_form is None else "uniform")
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
     config = TrainConfig(
         steps=max_steps,
         batch_size=batch_size,
@@ -303,7 +362,7 @@ def rectify_sd(
         lr_schedule="constant_with_warmup",
         grad_clip=grad_clip,
         ema_decay=ema_decay if ema else 0.0,
-        mixed_precision=mixed_precision,
+        mixed_precision=str(accelerator.mixed_precision),
         grad_accum=grad_accum,
         seed=seed,
         time_sampler=sampler,
@@ -314,22 +373,11 @@ def rectify_sd(
         out_dir=str(work_dir if work_dir is not None else f"{out}.train"),
     )
 
-    unet = pipe.unet
-    unet.requires_grad_(lora_rank is None)
-    if lora_rank is not None:
-        _add_lora(unet, lora_rank, lora_alpha, seed)
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    model = TextConditionedUNet(unet, pipe.text_encoder)
+    model = _student_model(pipe, lora_rank, lora_alpha, gradient_checkpointing, seed)
     trained = model
     if (train_form, train_prediction) != (form, prediction):
         trained = reparametrize(model, form, prediction, train_form, train_prediction)
 
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-    )
     pipe.text_encoder.to(accelerator.device)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -345,32 +393,13 @@ def rectify_sd(
         pairs=True, resume=resume, progress=progress, accelerator=accelerator,
     )  # fmt: skip
 
-    record = {
-        "teacher": str(root),
-        "teacher_fingerprint": store_description(dataset.manifest)["pipeline"],
-        "pairs": str(pairs_dir),
-        "pairs_settings": {
-            key: dataset.manifest["settings"][key]
-            for key in ("solver", "steps", "guidance", "num_pairs", "seed")
-        },
-        "resolution": store_description(dataset.manifest)["resolution"],
-        "form": form.config() | {"repr": repr(form)},
-        "prediction": prediction,
-        "target_form": target_form,
-        "train_form": repr(train_form),
-        "loss_prediction": train_prediction,
-        "lora_rank": lora_rank,
-        "training": config.to_dict(),
-        "steps": result.step,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "sample_with": {"num_inference_steps": 1, "guidance_scale": 1.0},
-    }
-    record["form"].pop("alphas_cumprod", None)
+    record = _record(root, pairs_dir, dataset, form, prediction, target_form, train_form,
+                     train_prediction, lora_rank, config, result)  # fmt: skip
     lora_dir = out / "lora" if lora_rank is not None else None
     if accelerator.is_main_process:
         tmp = temporary_sibling(out)
         try:
-            _save(tmp, unet, root, lora_rank is not None, record)
+            _save(tmp, model.unet, root, lora_rank is not None, record)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -66,9 +66,23 @@ TINY_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "
 TINY_OBJECTS = ("cube", "ball", "cat", "dog", "tree", "house", "car", "boat")
 
 
-def tiny_prompts() -> list[str]:
-    """The 64 prompts "a {colour} {object}" the tiny UNet is fitted on, colour-major."""
-    return [f"a {colour} {obj}" for colour in TINY_COLOURS for obj in TINY_OBJECTS]
+def tiny_prompts(split: str = "all") -> list[str]:
+    """The prompts "a {colour} {object}" the tiny UNet is fitted on, colour-major.
+
+    Args:
+        split: ``"all"`` (64 prompts), or a checkerboard half of them: ``"train"`` (colour
+            index + object index even) or ``"held_out"`` (odd), so that every word occurs in
+            both halves but no combination does.
+    """
+    parity = {"all": None, "train": 0, "held_out": 1}
+    if split not in parity:
+        raise ValueError(f"split must be one of {', '.join(parity)}, got {split!r}.")
+    return [
+        f"a {colour} {obj}"
+        for c, colour in enumerate(TINY_COLOURS)
+        for o, obj in enumerate(TINY_OBJECTS)
+        if parity[split] is None or (c + o) % 2 == parity[split]
+    ]
 
 
 def _bytes_to_unicode() -> list[str]:

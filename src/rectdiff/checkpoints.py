@@ -1,0 +1,349 @@
+"""Model folders: a trained toy or image model, its form and its prediction type on disk.
+
+A model folder holds two files::
+
+    model.safetensors   the weights (safetensors' ``save_model``: shared tensors handled)
+    model.json          {"format": "rectdiff-model", "format_version": 1,
+                         "rectdiff_version": "...", "net": {"kind": "mlp", "kwargs": {...},
+                         "preconditioning": {"sigma_data": ..., "scale_input": ...,
+                         "output_prediction": ...}}, "form": form.config(),
+                         "prediction": "eps", "info": {...}}
+
+``net`` is a *network config*: the network kind (``"mlp"`` for :class:`rectdiff.nets.MLP`,
+``"unet"`` for :class:`rectdiff.nets.UNet`), its keyword arguments, the options of the
+:class:`rectdiff.nets.Preconditioned` wrapper around it (``None`` for a bare network) and,
+for a network trained in one form and used in another (classic Reflow from a VP teacher),
+``"source": {"form": ..., "prediction": ...}``: the network computes in the source form and
+prediction and is wrapped in :class:`rectdiff.reparametrize.Reparametrized`.
+:func:`build_model` turns it into a module, so the network a run trains and the one
+:func:`load_model_dir` rebuilds are made by the same code. Folders are written to a
+temporary folder next to the target and renamed into place, so a folder is never
+half-written; ``rectdiff diagnose``, ``pairs``, ``rectify`` and ``plot`` read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from . import __version__
+from .forms import Form, from_config
+from .nets import MLP, Preconditioned, UNet
+from .predictions import check_prediction
+from .reparametrize import Reparametrized
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "NET_KINDS",
+    "build_model",
+    "save_model_dir",
+    "load_model_dir",
+    "read_model_info",
+    "is_model_dir",
+    "sample_shape",
+    "generate_pairs_from_dir",
+    "rectify_from_dir",
+]
+
+FORMAT = "rectdiff-model"
+FORMAT_VERSION = 1
+WEIGHTS, INFO = "model.safetensors", "model.json"
+#: network kind -> class, for :func:`build_model`
+NET_KINDS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
+_PRECONDITIONING_KEYS = ("sigma_data", "scale_input", "output_prediction")
+
+
+def _check_net_config(net_config: dict[str, Any]) -> tuple[str, dict[str, Any], dict | None]:
+    allowed = ("kind", "kwargs", "preconditioning", "source")
+    unknown = [k for k in net_config if k not in allowed]
+    if unknown or "kind" not in net_config:
+        raise ValueError(
+            f"a network config needs 'kind' and may have 'kwargs', 'preconditioning' and "
+            f"'source'; got keys {sorted(net_config)}."
+        )
+    kind = net_config["kind"]
+    if kind not in NET_KINDS:
+        raise ValueError(f"unknown network kind {kind!r}; allowed: {', '.join(NET_KINDS)}.")
+    precond = net_config.get("preconditioning")
+    if precond is not None:
+        bad = [k for k in precond if k not in _PRECONDITIONING_KEYS]
+        if bad:
+            raise ValueError(
+                f"unknown preconditioning option(s) {bad}; allowed: "
+                f"{', '.join(_PRECONDITIONING_KEYS)}."
+            )
+    return kind, dict(net_config.get("kwargs") or {}), precond
+
+
+def build_model(net_config: dict[str, Any], form: Form, prediction: str | None = None) -> nn.Module:
+    """The module a network config describes (untrained; seed torch first for a fixed init).
+
+    Args:
+        net_config: ``{"kind", "kwargs", "preconditioning"[, "source"]}`` (module docstring).
+        form: the form the model works in (the preconditioning's c_in depends on it).
+        prediction: what the model answers; needed only with a ``"source"``.
+
+    Raises:
+        ValueError: for an unknown kind, option or network argument.
+    """
+    kind, kwargs, precond = _check_net_config(net_config)
+    source = net_config.get("source")
+    if source is not None:
+        if prediction is None:
+            raise ValueError("a network config with a 'source' needs prediction= to build.")
+        src_form = from_config(source["form"], source="network source form")
+        inner = build_model({k: v for k, v in net_config.items() if k != "source"}, src_form)
+        return Reparametrized(inner, src_form, source["prediction"], form, prediction)
+    try:
+        net = NET_KINDS[kind](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments {kwargs} for network kind {kind!r}: {err}") from None
+    if precond is None:
+        return net
+    return Preconditioned(net, form, **precond)
+
+
+def _write_folder(tmp: Path, model: nn.Module, info: dict[str, Any]) -> None:
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))
+    (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_dir(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    form: Form,
+    prediction: str,
+    net_config: dict[str, Any],
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a model folder at ``path`` (replacing one that is there).
+
+    Args:
+        path: the folder to write.
+        model: the module :func:`build_model` made from ``net_config`` (then trained).
+        form: its diffusion form (stored as ``form.config()``).
+        prediction: what it predicts.
+        net_config: the network config it was built from.
+        info: free JSON-able facts to keep with it (stage, data, training settings, ...).
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        ValueError: for a bad prediction or network config, or when ``path`` is a file or a
+            folder that is not a model folder (it is never overwritten then).
+    """
+    path = Path(path)
+    check_prediction(prediction)
+    _check_net_config(net_config)
+    if path.exists() and not is_model_dir(path):
+        raise ValueError(
+            f"{path} exists and is not a rectdiff model folder; refusing to overwrite it. "
+            "Choose another path or remove it."
+        )
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rectdiff_version": __version__,
+        "net": net_config,
+        "form": form.config(),
+        "prediction": prediction,
+        "info": info or {},
+    }
+    json.dumps(record)  # fail before writing anything if something is not JSON-able
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp, old = path.with_name(f".{path.name}.tmp-{token}"), path.with_name(f".{path.name}.old-{token}")
+    try:
+        _write_folder(tmp, model, record)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def is_model_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding ``model.json`` of this format and weights."""
+    path = Path(path)
+    try:
+        record = json.loads((path / INFO).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == FORMAT and (path / WEIGHTS).is_file()
+
+
+def read_model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``model.json`` of a model folder.
+
+    Raises:
+        ValueError: when ``path`` is not a model folder (says what is missing).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder; expected a rectdiff model folder ({INFO} + {WEIGHTS}).")
+    if not (path / INFO).is_file():
+        raise ValueError(
+            f"{path} has no {INFO}, so it is not a rectdiff model folder; make one with "
+            "rectdiff.checkpoints.save_model_dir or `rectdiff compare`."
+        )
+    try:
+        record = json.loads((path / INFO).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path / INFO} is not valid JSON: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{path / INFO} is not a rectdiff model record (format != {FORMAT!r}).")
+    if int(record.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written with model format {record['format_version']}, newer than this "
+            f"rectdiff ({FORMAT_VERSION}); upgrade rectdiff."
+        )
+    missing = [k for k in ("net", "form", "prediction") if k not in record]
+    if missing:
+        raise ValueError(f"{path / INFO} lacks {', '.join(missing)}.")
+    if not (path / WEIGHTS).is_file():
+        raise ValueError(f"{path} has {INFO} but no {WEIGHTS}; the folder is incomplete.")
+    return record
+
+
+def load_model_dir(path: str | os.PathLike[str]) -> tuple[nn.Module, Form, str]:
+    """Rebuild a saved model: ``(model in eval mode, form, prediction)``.
+
+    Raises:
+        ValueError: when ``path`` is not a model folder or its weights do not fit its config.
+    """
+    record = read_model_info(path)
+    form = from_config(record["form"], source=str(Path(path) / INFO))
+    prediction = check_prediction(record["prediction"])
+    model = build_model(record["net"], form, prediction)
+    try:
+        load_model(model, str(Path(path) / WEIGHTS))
+    except RuntimeError as err:
+        raise ValueError(f"{Path(path) / WEIGHTS} does not fit the network in {INFO}: {err}") from None
+    return model.eval(), form, prediction
+
+
+# --- workflows on model folders (the `rectdiff pairs` and `rectdiff rectify` commands) -------
+def generate_pairs_from_dir(
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    num_pairs: int,
+    solver: str = "dpmpp_2m",
+    steps: int = 32,
+    t_grid: str = "uniform",
+    seed: int = 0,
+    shard_size: int = 4096,
+    batch_size: int = 2048,
+    progress: bool = True,
+) -> Any:
+    """``couplings.generate_pairs`` with a saved model (works under ``accelerate launch``:
+    each process generates its own shards).
+
+    The model is solved in its own form and prediction, on a ``t_grid`` grid from its
+    ``t_max``; the manifest names the folder and the sha256 of its weights.
+
+    Returns:
+        The :class:`~rectdiff.couplings.PairDataset`.
+    """
+    import hashlib
+
+    from .couplings import generate_pairs
+
+    model, form, prediction = load_model_dir(model_dir)
+    net = read_model_info(model_dir)["net"]
+    weights = hashlib.sha256(Path(model_dir, WEIGHTS).read_bytes()).hexdigest()[:16]
+    shape = sample_shape(net)
+    return generate_pairs(
+        model, form=form, prediction=prediction, num_pairs=num_pairs, out=out, solver=solver,
+        steps=steps, shard_size=shard_size, seed=seed, batch_size=batch_size, shape=shape,
+        solver_options={"t_grid": t_grid},
+        model_description=f"{Path(model_dir).resolve()} (weights sha256 {weights})",
+        progress=progress,
+    )  # fmt: skip
+
+
+def sample_shape(net: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one sample of the network a network config describes."""
+    kwargs = net.get("kwargs", {})
+    if net["kind"] == "mlp":
+        return (int(kwargs.get("dim", 2)),)
+    size = int(kwargs.get("sample_size", 8))
+    return (int(kwargs.get("in_channels", 1)), size, size)
+
+
+def rectify_from_dir(
+    model_dir: str | os.PathLike[str],
+    pairs: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config: Any = None,
+    distill: bool = False,
+    form: Form | None = None,
+    prediction: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Rectify a saved model on a pair store and save the student as a model folder.
+
+    The student starts from the teacher's weights. By default it trains in the teacher's
+    own form and prediction (Rectified Diffusion); with ``form`` / ``prediction`` it trains
+    in those (classic Reflow: ``FlowMatching()``, ``"flow"``) through
+    ``reparametrize.Reparametrized``, and the folder records the teacher's form as the
+    network's ``source``. Works under ``accelerate launch`` (the main process writes).
+
+    Args:
+        model_dir: the teacher's folder.
+        pairs: the pair store (``rectdiff pairs``).
+        out: the student's folder.
+        config: a :class:`~rectdiff.train.TrainConfig` (its defaults when None).
+        distill: train only at t = t_max (one-step distillation).
+        form, prediction: the student's form and prediction (default: the teacher's).
+
+    Returns:
+        The student's folder.
+    """
+    from accelerate import PartialState
+
+    from .rectify import rectify
+
+    teacher, teacher_form, teacher_prediction = load_model_dir(model_dir)
+    record = read_model_info(model_dir)
+    net_config = dict(record["net"])
+    form = form or teacher_form
+    prediction = check_prediction(prediction or teacher_prediction)
+    student: nn.Module = teacher
+    if (form, prediction) != (teacher_form, teacher_prediction):
+        inner = teacher.model if isinstance(teacher, Reparametrized) else teacher
+        source = net_config.get("source") or {
+            "form": teacher_form.config(), "prediction": teacher_prediction
+        }  # fmt: skip
+        src_form = from_config(source["form"], source="teacher source form")
+        student = Reparametrized(inner, src_form, source["prediction"], form, prediction)
+        net_config["source"] = source
+    result = rectify(
+        student.train(), pairs, form=form, prediction=prediction, config=config,
+        distill=distill, progress=progress,
+    )  # fmt: skip
+    out = Path(out)
+    if PartialState().is_main_process:
+        save_model_dir(
+            out, result.model, form=form, prediction=prediction, net_config=net_config,
+            info={**record.get("info", {}), "stage": "rectified",
+                  "rectified_from": str(Path(model_dir).resolve()), "pairs": str(pairs),
+                  "final_loss": result.losses[-1] if result.losses else None,
+                  "distill": distill},
+        )  # fmt: skip
+    PartialState().wait_for_everyone()
+    return out

@@ -1,0 +1,427 @@
+"""What ``rectdiff compare`` writes: results.json's contents, report.md and the figures.
+
+:func:`summarize` turns the cells' records into the results dictionary (records, a
+one-step summary per cell and metric, curves); :func:`write_report` renders it as Markdown
+(every shared hyperparameter first, then the tables); :func:`draw_figures` draws the
+figures from it (and, when given, from the cells' samples and trajectories).
+
+The one-step summary (issue 4's criterion): for each cell and distance metric,
+``teacher_1step`` and ``rectified_1step`` are the distances to held-out data after one step
+of the first configured solver, ``ratio_1step = rectified_1step / teacher_1step`` (halved
+when < 0.5), ``teacher_adaptive`` the distance of the teacher's adaptive reference solve,
+and ``ratio_vs_adaptive = rectified_1step / teacher_adaptive`` (1 = one step of the
+rectified model is as good as the teacher's converged ODE solve).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from . import plots
+
+__all__ = [
+    "DIAGNOSTIC_COLUMNS",
+    "summarize",
+    "one_step_summary",
+    "diagnostic_changes",
+    "write_report",
+    "draw_figures",
+    "draw_result_figures",
+]
+
+#: diagnostics in report order, with whether rectification should lower them
+DIAGNOSTIC_COLUMNS = (
+    "straightness_y",
+    "straightness_t",
+    "first_order_deviation",
+    "crossing_rate",
+    "one_step_gap",
+    "transport_cost",
+    "relative_transport_cost",
+)
+_LOWERED = ("straightness_y", "first_order_deviation", "crossing_rate")
+
+
+def _distance_metrics(config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    names = [m for m in config["evaluation"]["metrics"] if m != "classifier"]
+    return [m for m in names if records and m in records[0]]
+
+
+def _find(records: list[dict], **match: Any) -> dict | None:
+    for record in records:
+        if all(record.get(k) == v for k, v in match.items()):
+            return record
+    return None
+
+
+def one_step_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per cell and distance metric: teacher/rectified one-step distances and their ratios."""
+    config, records = results["config"], results["records"]
+    ev = config["evaluation"]
+    one_step = next((s for s in ev["solvers"] if 1 in ev["steps"]), None)
+    reference = ev["reference_solver"] or None
+    rows = []
+    if one_step is None or not config["rectify"]["enabled"]:
+        return rows
+    for cell in results["cells"]:
+        key = {"form": cell["form"], "prediction": cell["prediction"]}
+        t1 = _find(records, **key, stage="teacher", solver=one_step, steps=1)
+        r1 = _find(records, **key, stage="rectified", solver=one_step, steps=1)
+        t_ad = _find(records, **key, stage="teacher", solver=reference) if reference else None
+        r_ad = _find(records, **key, stage="rectified", solver=reference) if reference else None
+        if t1 is None or r1 is None:
+            continue
+        for metric in _distance_metrics(config, records):
+            row = {**key, "metric": metric, "solver": one_step,
+                   "teacher_1step": t1[metric], "rectified_1step": r1[metric],
+                   "ratio_1step": r1[metric] / t1[metric] if t1[metric] else float("inf")}  # fmt: skip
+            row["halved"] = bool(row["ratio_1step"] < 0.5)
+            if t_ad is not None:
+                row |= {"teacher_adaptive": t_ad[metric], "teacher_adaptive_nfe": t_ad["nfe"],
+                        "rectified_adaptive": r_ad[metric] if r_ad else None,
+                        "ratio_vs_adaptive": r1[metric] / t_ad[metric] if t_ad[metric] else float("inf")}  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def diagnostic_changes(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per cell: each diagnostic before and after rectification, and whether it dropped."""
+    rows = []
+    for cell in results["cells"]:
+        stages = cell["diagnostics"]
+        if "teacher" not in stages or "rectified" not in stages:
+            continue
+        row = {"form": cell["form"], "prediction": cell["prediction"]}
+        for name in DIAGNOSTIC_COLUMNS:
+            if name in stages["teacher"]:
+                before, after = stages["teacher"][name], stages["rectified"][name]
+                row[name] = {"teacher": before, "rectified": after, "lowered": after < before}
+        rows.append(row)
+    return rows
+
+
+def summarize(config: Any, cells: Sequence[Any], version: str) -> dict[str, Any]:
+    """The results dictionary (results.json) of a comparison's cells."""
+    results: dict[str, Any] = {
+        "rectdiff_version": version,
+        "config": config.to_dict(),
+        "cells": [],
+        "records": [],
+        "curves": {"curvature_t": {}, "curvature_y": {}, "x0_drift": {}},
+    }
+    for cell in cells:
+        results["cells"].append(
+            {"form": cell.label, "prediction": cell.prediction, "form_config": cell.form.config(),
+             "final_loss": cell.losses, "diagnostics": cell.diagnostics}
+        )  # fmt: skip
+        results["records"] += cell.records
+        for stage, curves in cell.curves.items():
+            for name, (t, value) in curves.items():
+                results["curves"][name][f"{cell.label} {cell.prediction} {stage}"] = [t, value]
+    results["summary"] = one_step_summary(results)
+    results["diagnostic_changes"] = diagnostic_changes(results)
+    return results
+
+
+# --- report.md ------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> list[str]:
+    aligns = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in aligns]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, item, out)
+    else:
+        out.append((prefix, value))
+
+
+def _hyperparameters(config: dict[str, Any]) -> list[str]:
+    rows: list[tuple[str, Any]] = []
+    for section in ("seed", "equal", "workers", "threads", "data", "network", "train",
+                    "reference", "logsnr_range", "rectify", "evaluation"):  # fmt: skip
+        if section in config:
+            _flatten(section, config[section], rows)
+    return _table(["setting", "value"], [(k, f"`{v}`") for k, v in rows])
+
+
+def _solves(results: dict[str, Any]) -> list[tuple[str, int | None]]:
+    ev = results["config"]["evaluation"]
+    solves = [(s, k) for s in ev["solvers"] for k in ev["steps"]]
+    return solves + ([(ev["reference_solver"], None)] if ev["reference_solver"] else [])
+
+
+def _quality_tables(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    records = results["records"]
+    metric_names = [k for k in results["config"]["evaluation"]["metrics"]]
+    keys = [k for k in (records[0] if records else {}) if any(k.startswith(m) for m in metric_names)]
+    solves = _solves(results)
+    for key in keys:
+        header = ["form", "prediction", "stage"]
+        for solver, steps in solves:
+            if steps is None:
+                nfe = [r["nfe"] for r in records if r["solver"] == solver]
+                span = f"{min(nfe)}–{max(nfe)}" if nfe else "?"
+                header.append(f"{solver} (NFE {span})")
+            else:
+                header.append(f"{solver} {steps}")
+        rows = []
+        stages = sorted({r["stage"] for r in records}, key=lambda s: (s != "teacher", s))
+        for cell in results["cells"]:
+            for stage in stages:
+                row: list[Any] = [cell["form"], cell["prediction"], stage]
+                for solver, steps in solves:
+                    rec = _find(records, form=cell["form"], prediction=cell["prediction"],
+                                stage=stage, solver=solver, steps=steps)  # fmt: skip
+                    row.append(None if rec is None else rec[key])
+                rows.append(row)
+        lines += [f"### {key} to held-out data (lower is better" + (")" if not key.startswith("classifier") else "; classifier scores: higher is better)"), ""]
+        lines += _table(header, rows, "lll" + "r" * len(solves)) + [""]
+    return lines
+
+
+def _summary_table(results: dict[str, Any]) -> list[str]:
+    rows = results["summary"]
+    if not rows:
+        return ["(no rectification stage or no one-step solve configured)", ""]
+    header = ["form", "prediction", "metric", "teacher 1-step", "rectified 1-step",
+              "rectified / teacher", "halved", "teacher adaptive (NFE)",
+              "rectified 1-step / teacher adaptive"]  # fmt: skip
+    body = [
+        [r["form"], r["prediction"], r["metric"], r["teacher_1step"], r["rectified_1step"],
+         r["ratio_1step"], r["halved"],
+         None if r.get("teacher_adaptive") is None else f"{r['teacher_adaptive']:.4g} ({r['teacher_adaptive_nfe']})",
+         r.get("ratio_vs_adaptive")]
+        for r in rows
+    ]  # fmt: skip
+    halved = sum(r["halved"] for r in rows)
+    within = sum(1 for r in rows if r.get("ratio_vs_adaptive", float("inf")) <= 2.0)
+    lines = _table(header, body, "lllrrrlrr")
+    lines += ["", f"One-step distance halved by rectification in {halved} of {len(rows)} "
+              f"(cell, metric) pairs; rectified one-step within 2x of the teacher's adaptive "
+              f"solve in {within} of {len(rows)}.", ""]  # fmt: skip
+    return lines
+
+
+def _diagnostic_table(results: dict[str, Any]) -> list[str]:
+    records = results["cells"]
+    present = [c for c in DIAGNOSTIC_COLUMNS if any(c in d for cell in records for d in cell["diagnostics"].values())]
+    rows = []
+    for cell in records:
+        for stage, numbers in cell["diagnostics"].items():
+            rows.append([cell["form"], cell["prediction"], stage, *(numbers.get(c) for c in present)])
+    lines = _table(["form", "prediction", "stage", *present], rows, "lll" + "r" * len(present))
+    changes = results["diagnostic_changes"]
+    checked = [c for c in _LOWERED if c in present]
+    if changes and checked:
+        lines += ["", "Lowered by rectification:", ""]
+        body = [[ch["form"], ch["prediction"], *(ch[c]["lowered"] for c in checked)] for ch in changes]
+        lines += _table(["form", "prediction", *checked], body)
+        total = sum(ch[c]["lowered"] for ch in changes for c in checked)
+        lines += ["", f"{total} of {len(changes) * len(checked)} lowered.", ""]
+    return lines
+
+
+def write_report(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Render ``results`` as Markdown at ``path`` (written atomically)."""
+    config = results["config"]
+    data = config["data"]
+    seconds = results.get("timing", {}).get("seconds")
+    lines = [
+        f"# rectdiff compare: {data['name']}",
+        "",
+        f"Config `{config['source']}`, rectdiff {results['rectdiff_version']}"
+        + (f", wall time {seconds:.0f} s" if seconds is not None else "") + ".",
+        "",
+        _equal_sentence(config),
+        "",
+        "## Shared hyperparameters",
+        "",
+        *_hyperparameters(config),
+        "",
+        "## Rectification: one-step sample distance",
+        "",
+        *_summary_table(results),
+        "## Sample quality against NFE",
+        "",
+        *_quality_tables(results),
+        "## Trajectory diagnostics",
+        "",
+        "Relative straightness (Liu et al. 2023, eq. 4, divided by E||Z1 - Z0||^2) in t and in "
+        "y = x / alpha against s = sigma / alpha (where every first-order path is straight), "
+        "first-order deviation of the x0-prediction, crossing rate and transport cost of the "
+        "model's (noise, sample) coupling, one-step gap to an adaptive solve.",
+        "",
+        *_diagnostic_table(results),
+    ]
+    if results.get("figures"):
+        lines += ["## Figures", ""]
+        lines += [f"- [{Path(p).stem}]({p})" for p in results["figures"] if p.endswith(".png")]
+        lines.append("")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _equal_sentence(config: dict[str, Any]) -> str:
+    if config["equal"] == "t":
+        train = config["train"]
+        return (
+            f"**Equal in t**: every form trains with time sampler `{train['time_sampler']}` "
+            f"and weighting `{train['weighting']}` in its own t, and samples on a "
+            f"`{config['evaluation']['t_grid']}` grid in its own t."
+        )
+    ref = config["reference"]
+    lo, hi = config["logsnr_range"]
+    return (
+        f"**Equal in logsnr**: every form is restricted to logsnr in [{lo:.3f}, {hi:.3f}] and "
+        f"trains with the implied logsnr weighting of the reference `{ref['form']}` / "
+        f"`{ref['prediction']}` / `{ref['time_sampler']}` / `{ref['weighting']}` "
+        "(timesteps.equalize); fixed-step solvers use one grid in logsnr "
+        f"(`{config['evaluation']['t_grid']}` in the reference's t)."
+    )
+
+
+# --- figures --------------------------------------------------------------------------------
+def _rectified_map(labels: Sequence[str]) -> dict[str, str]:
+    return {
+        label: label.rsplit(" ", 1)[0] + " teacher"
+        for label in labels
+        if not label.endswith(" teacher") and label.rsplit(" ", 1)[0] + " teacher" in labels
+    }
+
+
+def draw_result_figures(results: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
+    """The figures drawn from results alone: quality against NFE, curvature in t and y,
+    x0-prediction drift (one figure per prediction type, colour per form, teacher dashed,
+    rectified solid) and the implied weighting."""
+    out = Path(out)
+    written: list[Path] = []
+    config, records = results["config"], results["records"]
+    ev = config["evaluation"]
+    metric = next(iter(_distance_metrics(config, records)), None)
+    predictions = list(dict.fromkeys(c["prediction"] for c in results["cells"]))
+    for prediction in predictions:
+        cells = [c for c in results["cells"] if c["prediction"] == prediction]
+        if metric is not None and ev["solvers"]:
+            solver = ev["solvers"][0]
+            curves = {}
+            for cell in cells:
+                for stage in cell["diagnostics"]:
+                    points = [r for r in records if r["form"] == cell["form"]
+                              and r["prediction"] == prediction and r["stage"] == stage
+                              and r["solver"] == solver]  # fmt: skip
+                    curves[f"{cell['form']} {stage}"] = (
+                        [r["nfe"] for r in points], [r[metric] for r in points]
+                    )
+            written += plots.plot_quality_vs_nfe(
+                curves, out / f"quality_vs_nfe_{prediction}", f"{metric} to held-out data "
+                f"({solver}, {prediction}-prediction)", _rectified_map(list(curves)), logy=True,
+            )  # fmt: skip
+        for name in ("curvature_y", "curvature_t", "x0_drift"):
+            source = results["curves"].get(name, {})
+            curves = {
+                label.replace(f" {prediction} ", " "): tuple(value)
+                for label, value in source.items()
+                if label.split(" ")[1] == prediction
+            }
+            if not curves:
+                continue
+            rect = _rectified_map(list(curves))
+            stem = out / f"{name}_{prediction}"
+            if name == "x0_drift":
+                written += plots.plot_x0_drift(curves, stem, rect, logy=True)
+            else:
+                written += plots.plot_curvature(
+                    curves, stem, rect, coords=name[-1], logy=True,
+                    ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$"
+                    + f"   ({prediction}-prediction)",
+                )  # fmt: skip
+    implied = results["curves"].get("implied_weighting")
+    if implied:
+        written += plots.plot_implied_weighting(
+            {label: tuple(value) for label, value in implied.items()}, out / "implied_weighting"
+        )
+    return written
+
+
+def draw_figures(
+    results: dict[str, Any],
+    out: str | os.PathLike[str],
+    cells: Sequence[Any] = (),
+    reference: Tensor | None = None,
+) -> list[Path]:
+    """All figures: :func:`draw_result_figures`, plus, from the cells, sample scatter plots
+    or image grids per cell and the x-vs-y trajectories of a few 2-D cells."""
+    out = Path(out)
+    written = draw_result_figures(results, out)
+    ev = results["config"]["evaluation"]
+    for cell in cells:
+        panels: dict[str, Tensor] = {}
+        for stage, kept in cell.samples.items():
+            for solve, sample in kept.items():
+                panels[f"{stage} {solve}"] = sample
+        if panels:
+            ref = None if reference is None else reference[: len(next(iter(panels.values())))]
+            written += plots.plot_samples(panels, out / f"samples_{cell.name}", reference=ref)
+    two_d = [c for c in cells if c.trajectories and next(iter(c.trajectories.values())).x.shape[-1] == 2
+             and next(iter(c.trajectories.values())).x.ndim == 3]  # fmt: skip
+    if two_d:
+        chosen = ev.get("trajectory_forms") or [f for f in ("vp", "fm") if any(c.label == f for c in two_d)]
+        chosen = chosen or list(dict.fromkeys(c.label for c in two_d))[:2]
+        first_prediction = two_d[0].prediction
+        trajs = {}
+        for cell in two_d:
+            if cell.label in chosen and cell.prediction == first_prediction:
+                for stage, traj in cell.trajectories.items():
+                    trajs[f"{cell.label} {cell.prediction} {stage}"] = traj
+        if trajs:
+            written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
+    return written
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The one-step summary table of a comparison, as Markdown (what the CLI prints)."""
+    return "\n".join(_summary_table(results))
+
+
+#: the columns ``rectdiff diagnose`` prints
+DIAGNOSE_COLUMNS = (
+    "straightness_t",
+    "straightness_y",
+    "first_order_deviation",
+    "crossing_rate",
+    "one_step_gap",
+)
+
+
+def diagnose_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """``rectdiff diagnose`` records as a Markdown table, one row per model folder."""
+    columns = [c for c in DIAGNOSE_COLUMNS if any(c in r for r in records)]
+    rows = [
+        [r["model"], r["form"].get("family", "?"), r["prediction"], *(r.get(c) for c in columns)]
+        for r in records
+    ]
+    return "\n".join(_table(["model", "form", "prediction", *columns], rows, "lll" + "r" * len(columns)))

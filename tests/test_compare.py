@@ -1,0 +1,245 @@
+"""`rectdiff compare`: config validation, equal-in-logsnr training, determinism, outputs."""
+
+import json
+import tomllib
+
+import pytest
+import torch
+
+from rectdiff import forms, metrics, samplers, timesteps
+from rectdiff.checkpoints import load_model_dir
+from rectdiff.compare import (
+    cell_train_config,
+    evaluate_model,
+    implied_weightings,
+    run_compare,
+    sampling_grid,
+    standard_noise,
+)
+from rectdiff.compare_config import (
+    DEFAULT_CONFIG,
+    config_from_dict,
+    load_config,
+    quick_config,
+)
+from rectdiff.data import load_data
+
+TINY = """
+seed = 3
+equal = "logsnr"
+[data]
+name = "8gaussians"
+n_train = 2000
+n_eval = 400
+[grid]
+forms = ["vp", "fm"]
+predictions = ["eps", "v"]
+[network]
+options = { hidden = 32, depth = 2 }
+[train]
+steps = 60
+batch_size = 128
+lr = 2e-3
+[rectify]
+num_pairs = 256
+steps = 8
+shard_size = 256
+pair_batch_size = 256
+train = { steps = 30 }
+[evaluation]
+steps = [1, 2]
+rtol = 1e-3
+atol = 1e-3
+metrics = ["sliced_w2", "energy"]
+metric_options = { sliced_w2 = { n_projections = 32 } }
+n_diagnostic = 64
+diagnostic_steps = 12
+figures = false
+"""
+
+
+def tiny(**changes):
+    values = tomllib.loads(TINY)
+    for key, value in changes.items():
+        table, _, name = key.rpartition(".")
+        (values.setdefault(table, {}) if table else values)[name] = value
+    return config_from_dict(values, source="tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return out, run_compare(tiny(), out, progress=False)
+
+
+# --- validation -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "values, pattern",
+    [
+        ({"colour": 1}, r"unknown key 'colour' at the top level; allowed: seed, equal, "),
+        ({"train": {"stpes": 5}}, r"unknown training option 'stpes'; allowed: steps, batch_size"),
+        ({"evaluation": {"nfe": [1]}}, r"unknown key 'nfe' in \[evaluation\]; allowed: solvers, steps"),
+        ({"grid": {"forms": ["vp", "edm"]}}, r"unknown form 'edm'; allowed: .*fm.*subvp.*ve.*vp"),
+        ({"grid": {"predictions": ["eps", "score"]}}, r"unknown prediction 'score'; allowed: eps, x0, v, flow"),
+        ({"evaluation": {"metrics": ["fid"]}}, r"unknown metric 'fid'; allowed: sliced_w2, w2, mmd, energy"),
+        ({"evaluation": {"solvers": ["rk45"]}}, r"unknown solver 'rk45'; allowed: euler, heun, ddim, dpmpp_2m, dopri5"),
+        ({"rectify": {"solver": "rk4"}}, r"unknown solver 'rk4'; allowed: euler, heun, ddim"),
+        ({"evaluation": {"diagnostics": ["curl"]}}, r"unknown diagnostic 'curl'; allowed: straightness, "),
+        ({"equal": "sigma"}, r"unknown equal mode 'sigma'; allowed: t, logsnr"),
+        ({"rectify": {"pairs": 10}}, r"unknown key 'pairs' in \[rectify\]; allowed: rounds, num_pairs"),
+        ({"train": {"time_sampler": "logit_normal"}}, r"with equal = 'logsnr' every cell's time sampler"),
+    ],
+    ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
+         "diagnostic", "equal", "rectify", "sampler-in-logsnr"],
+)  # fmt: skip
+def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        config_from_dict(values)
+
+
+def test_shipped_configs_load_and_quick_shrinks_them():
+    paths = [DEFAULT_CONFIG, *DEFAULT_CONFIG.parent.glob("compare_*.toml"),
+             DEFAULT_CONFIG.parent / "rectify_toy.toml"]  # fmt: skip
+    for path in paths:
+        config = load_config(path)
+        assert len(config.cells()) >= 4, path
+    config = load_config(DEFAULT_CONFIG)
+    assert [c[0] for c in config.cells()[::3]] == ["vp", "subvp", "ve", "fm"]
+    assert config.data.n_eval >= 5000 and config.rectify.enabled
+    quick = quick_config(config)
+    assert quick.train.steps == -(-config.train.steps // 5)
+    assert quick.data.n_eval <= 2000 and max(quick.evaluation.steps) <= 4
+
+
+def test_load_config_reports_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[grid]\nforms = ["vp", "nope"]\n')
+    with pytest.raises(ValueError, match=r"bad.toml: unknown form 'nope'"):
+        load_config(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+# --- equal hyperparameters ------------------------------------------------------------------
+def test_equal_in_logsnr_gives_every_cell_the_reference_weighting():
+    config = tiny(**{"grid.forms": ["vp", "subvp", "ve", "fm"], "grid.predictions": ["eps", "x0", "v"]})
+    lo, hi = config.logsnr_range()
+    assert (lo, hi) == pytest.approx((-2 * torch.log(torch.tensor(50.0)).item(), 9.1154), abs=1e-3)
+    lam = torch.linspace(lo, hi, 801, dtype=torch.float64)[1:-1]
+    reference = config.reference.weight(lam)  # VP / eps / uniform t / none (DDPM's L_simple)
+    assert float(reference.min()) > 0
+    first = None
+    for label, form, prediction in config.cells():
+        assert form.logsnr_range() == pytest.approx((lo, hi), rel=1e-9)
+        train = cell_train_config(config, form, prediction)
+        w = timesteps.implied_weighting(form, prediction, train.time_sampler, train.weighting, lam)
+        first = w if first is None else first
+        # every cell has the same weighting (one interpolant of w_ref on the same nodes) ...
+        assert float(((w - first).abs() / first).max()) < 1e-6, (label, prediction)
+        # ... which is the reference's, up to linear interpolation on 4097 logsnr nodes
+        # (h^2 / 8 |w''| / w ~ 1e-6 for h = 17 / 4096)
+        assert float(((w - reference).abs() / reference).max()) < 1e-5, (label, prediction)
+    curves = implied_weightings(config)
+    assert len(curves) == 1 + 12
+
+
+def test_equal_in_t_keeps_each_form_native():
+    config = tiny(equal="t", **{"train.time_sampler": "uniform"})
+    cells = config.cells()
+    vp = next(form for label, form, _ in cells if label == "vp")
+    assert (vp.t_min, vp.t_max) == (forms.VP().t_min, forms.VP().t_max)
+    train = cell_train_config(config, vp, "eps")
+    assert train.time_sampler == "uniform" and train.weighting == "none"
+
+
+def test_logsnr_mode_samples_every_form_on_one_logsnr_grid():
+    config = tiny(**{"grid.forms": ["vp", "subvp", "ve", "fm"]})
+    grids = {label: sampling_grid(form, 4, config) for label, form, _ in config.cells()[::2]}
+    forms_ = {label: form for label, form, _ in config.cells()}
+    logsnr = {k: forms_[k].logsnr(g[:-1]) for k, g in grids.items()}
+    for label in logsnr:
+        assert float(grids[label][-1]) == 0.0
+        torch.testing.assert_close(logsnr[label], logsnr["vp"], rtol=0, atol=1e-9)
+    # the VP grid is the reference's uniform-t grid: t = t_max, 3/4 t_max, ...
+    vp = forms_["vp"]
+    torch.testing.assert_close(grids["vp"][:-1], torch.linspace(vp.t_max, 0, 5, dtype=torch.float64)[:-1])
+
+
+# --- a whole (tiny) run ----------------------------------------------------------------------
+def test_run_writes_report_results_and_models(tiny_run):
+    out, results = tiny_run
+    assert json.loads((out / "results.json").read_text())["records"] == results["records"]
+    report = (out / "report.md").read_text()
+    for setting in ("train.steps | `60`", "train.lr | `0.002`", "network.options.hidden | `32`",
+                    "reference.prediction | `eps`", "rectify.num_pairs | `256`"):  # fmt: skip
+        assert setting in report, setting
+    assert report.index("## Shared hyperparameters") < report.index("## Rectification")
+    # 4 cells x 2 stages x (ddim 1, ddim 2, dopri5)
+    assert len(results["records"]) == 4 * 2 * 3
+    keys = {"form", "prediction", "stage", "solver", "steps", "nfe", "sliced_w2", "energy",
+            "straightness_t", "straightness_y", "first_order_deviation", "crossing_rate",
+            "one_step_gap", "transport_cost"}  # fmt: skip
+    assert all(keys <= set(r) for r in results["records"])
+    assert all(isinstance(r["energy"], float) for r in results["records"])
+    assert {(r["form"], r["metric"]) for r in results["summary"]} == {
+        (f, m) for f in ("vp", "fm") for m in ("sliced_w2", "energy")
+    }
+    for cell in ("vp_eps", "vp_v", "fm_eps", "fm_v"):
+        for stage in ("teacher", "rectified"):
+            assert (out / "models" / cell / stage / "model.safetensors").is_file()
+        assert (out / "pairs" / cell / "round_1" / "manifest.json").is_file()
+
+
+def test_recorded_numbers_are_the_library_functions_results(tiny_run):
+    out, results = tiny_run
+    config = tiny()
+    model, form, prediction = load_model_dir(out / "models" / "fm_v" / "rectified")
+    noise = standard_noise((2,), config.data.n_eval, config.seed, "evaluation")
+    reference = load_data("8gaussians", config.data.n_eval, config.seed + 1)
+    sample = samplers.sample(model, noise, form=form, prediction=prediction, solver="ddim",
+                             steps=2, t_grid=sampling_grid(form, 2, config))  # fmt: skip
+    direct = metrics.compute_metrics(["sliced_w2", "energy"], sample, reference, seed=config.seed,
+                                     sliced_w2={"n_projections": 32})  # fmt: skip
+    record = next(r for r in results["records"] if (r["form"], r["prediction"], r["stage"],
+                  r["solver"], r["steps"]) == ("fm", "v", "rectified", "ddim", 2))  # fmt: skip
+    assert record["sliced_w2"] == direct["sliced_w2"] and record["energy"] == direct["energy"]
+    row = next(r for r in results["summary"] if (r["form"], r["prediction"], r["metric"])
+               == ("fm", "v", "energy"))  # fmt: skip
+    one = {(r["stage"]): r["energy"] for r in results["records"] if (r["form"], r["prediction"],
+           r["solver"], r["steps"]) == ("fm", "v", "ddim", 1)}  # fmt: skip
+    assert row["ratio_1step"] == one["rectified"] / one["teacher"]
+
+
+def test_evaluate_model_scores_the_solver_it_names():
+    """A model that returns the data's mean as x0 gives the mean after one DDIM step."""
+    form = forms.FlowMatching()
+
+    class Mean(torch.nn.Module):
+        def forward(self, x, model_time):
+            return torch.full_like(x, 0.5)
+
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    reference = torch.full((300, 2), 0.5)
+    config = tiny(**{"evaluation.metrics": ["energy"], "evaluation.metric_options": {}})
+    records, kept = evaluate_model(
+        Mean(), form=form, prediction="x0", noise=noise, reference_data=reference,
+        evaluation=config.evaluation, grid=lambda f, k: "uniform",
+    )  # fmt: skip
+    one_step = next(r for r in records if r["steps"] == 1)
+    assert one_step["nfe"] == 1 and one_step["energy"] == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(kept["ddim@1"], reference)
+
+
+def test_same_config_and_seed_give_the_same_numbers(tiny_run, tmp_path):
+    _, first = tiny_run
+    second = run_compare(tiny(), tmp_path, progress=False)
+    assert second["records"] == first["records"]
+    assert second["summary"] == first["summary"]
+
+
+def test_another_seed_gives_other_numbers(tmp_path):
+    config = tiny(seed=4, **{"grid.forms": ["fm"], "grid.predictions": ["v"]})
+    results = run_compare(config, tmp_path, progress=False)
+    first = run_compare(tiny(**{"grid.forms": ["fm"], "grid.predictions": ["v"]}), tmp_path / "b",
+                        progress=False)  # fmt: skip
+    assert results["records"][0]["energy"] != first["records"][0]["energy"]
