@@ -17,10 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests
 
 demo: $(STAMP)
-	$(BIN)/rectdiff schedules --out $(OUT)
+	$(BIN)/rectdiff compare --out $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests experiments

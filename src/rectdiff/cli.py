@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=_cmd_schedules)
     _add_compare_commands(sub)
+    from .stable_diffusion.cli import add_sd_parser  # light: loads no torch or diffusers
+
+    add_sd_parser(sub)
     return parser
 
 

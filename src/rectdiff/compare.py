@@ -60,7 +60,7 @@ from .compare_report import draw_figures, draw_result_figures, summarize, write_
 from .couplings import generate_pairs
 from .data import TOYS, load_data
 from .forms import Form
-from .rectify import rectify
+from .rectify import load_pairs, rectify
 from .train import TrainConfig, train
 
 __all__ = [
@@ -288,6 +288,10 @@ def diagnose_model(
       ``relative_transport_cost``: of the model's coupling (noise, sample);
     * ``one_step_gap``: RMS distance of one DDIM step to a ``reference_solver`` solve.
 
+    ``rectdiff compare`` adds ``train_coupling_crossing_rate``: the crossing rate of the
+    coupling the model was trained on (the teacher: noise and data drawn independently, as
+    the diffusion loss pairs them; a rectified model: its pairs), Liu et al. 2023, Fig. 2.
+
     Returns:
         A :class:`Diagnosis`; its curves are ``curvature_t``, ``curvature_y``
         (``diagnostics.curvature_profile``, relative) and ``x0_drift``
@@ -391,7 +395,12 @@ def _weights_digest(model: nn.Module) -> str:
 
 
 def _measure(
-    result: CellResult, stage: str, model: nn.Module, task: CellTask, grid: Any
+    result: CellResult,
+    stage: str,
+    model: nn.Module,
+    task: CellTask,
+    grid: Any,
+    coupling: tuple[Tensor, Tensor],
 ) -> None:
     config, ev = task.config, task.config.evaluation
     shape = tuple(task.x_train.shape[1:])
@@ -407,6 +416,11 @@ def _measure(
         reference_solver=ev.reference_solver or "dopri5", rtol=ev.rtol, atol=ev.atol,
         seed=config.seed,
     )  # fmt: skip
+    if "crossing_rate" in ev.diagnostics:
+        eps, x0 = (c[: ev.n_diagnostic] for c in coupling)
+        diagnosis.numbers["train_coupling_crossing_rate"] = float(
+            diagnostics.crossing_rate(eps, x0, seed=config.seed)
+        )
     for record in records:
         result.records.append(
             {"form": task.label, "prediction": task.prediction, "stage": stage, **record,
@@ -456,7 +470,11 @@ def run_cell(task: CellTask) -> CellResult:
         models_dir / "teacher", teacher, form=form, prediction=prediction,
         net_config=net_config, info=_model_info(task, "teacher", trained.losses, {}),
     )  # fmt: skip
-    _measure(result, "teacher", teacher, task, grid)
+    independent = (
+        standard_noise(tuple(task.x_train.shape[1:]), ev_n(config), config.seed, "diagnostics"),
+        task.x_train,
+    )  # the coupling a diffusion loss samples: noise and data drawn independently
+    _measure(result, "teacher", teacher, task, grid, independent)
 
     stage_cfg = config.rectify
     current, current_name = teacher, "teacher"
@@ -492,10 +510,15 @@ def run_cell(task: CellTask) -> CellResult:
                 net_config=net_config,
                 info=_model_info(task, stage, fitted.losses, {"pairs": str(pairs_dir)}),
             )  # fmt: skip
-            _measure(result, stage, student, task, grid)
+            _measure(result, stage, student, task, grid, load_pairs(pairs))
             current, current_name = student, stage
     result.seconds = time.perf_counter() - start
     return result
+
+
+def ev_n(config: CompareConfig) -> int:
+    """Trajectories (and coupling pairs) the diagnostics read."""
+    return config.evaluation.n_diagnostic
 
 
 def _json_grid(grid: str | Tensor) -> str | list[float]:

@@ -40,11 +40,18 @@ DIAGNOSTIC_COLUMNS = (
     "straightness_t",
     "first_order_deviation",
     "crossing_rate",
+    "train_coupling_crossing_rate",
     "one_step_gap",
     "transport_cost",
     "relative_transport_cost",
 )
-_LOWERED = ("straightness_y", "first_order_deviation", "crossing_rate")
+_LOWERED = (
+    "straightness_y",
+    "first_order_deviation",
+    "crossing_rate",
+    "train_coupling_crossing_rate",
+    "one_step_gap",
+)
 
 
 def _distance_metrics(config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:

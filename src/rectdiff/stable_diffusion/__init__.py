@@ -4,33 +4,40 @@
     generate_sd_pairs(pipeline, prompts, num, out) (noise, latent, prompt) pairs in a pair store
     rectify_sd(pipeline, pairs, out)               retrain the UNet; save a diffusers pipeline
     evaluate(student, teacher, prompts, out)       few-step latent MSE vs the teacher, a grid
+    run_demo(out)                                  all of it on the tiny pipeline
 
-The modules import diffusers and transformers lazily where they can; the command line is
-``rectdiff sd tiny|pairs|rectify|eval|demo``.
+The command line is ``rectdiff sd tiny|pairs|rectify|eval|demo``. Names are imported on
+first use, so importing this package (or its ``cli``) does not load diffusers.
 """
 
-from .demo import run_demo
-from .eval import evaluate
-from .load import load_pipeline, pipeline_fingerprint, pipeline_form
-from .model import TextConditionedUNet, tokenize
-from .pairs import generate_sd_pairs, sd_time_grid
-from .prompts import read_prompts
-from .rectify import RectifyResult, rectify_sd
-from .tiny import build_tiny_pipeline, tiny_prompts
+from __future__ import annotations
 
-__all__ = [
-    "RectifyResult",
-    "TextConditionedUNet",
-    "build_tiny_pipeline",
-    "evaluate",
-    "generate_sd_pairs",
-    "load_pipeline",
-    "pipeline_fingerprint",
-    "pipeline_form",
-    "read_prompts",
-    "rectify_sd",
-    "run_demo",
-    "sd_time_grid",
-    "tiny_prompts",
-    "tokenize",
-]
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it
+_NAMES = {
+    "ClipScorer": "clip_score",
+    "RectifyResult": "rectify",
+    "TextConditionedUNet": "model",
+    "build_tiny_pipeline": "tiny",
+    "clip_score": "clip_score",
+    "evaluate": "eval",
+    "generate_sd_pairs": "pairs",
+    "load_pipeline": "load",
+    "pipeline_fingerprint": "load",
+    "pipeline_form": "load",
+    "read_prompts": "prompts",
+    "rectify_sd": "rectify",
+    "run_demo": "demo",
+    "sd_time_grid": "pairs",
+    "tiny_prompts": "tiny",
+    "tokenize": "model",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'rectdiff.stable_diffusion' has no attribute {name!r}")

@@ -37,7 +37,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         dtype=args.dtype, caption_column=args.caption_column, store_eps=not args.no_store_eps,
     )  # fmt: skip
     if _is_main_process():
-        print(f"{store!r}")
+        print(f"wrote {len(store)} pairs to {store.root} ({store.num_shards} shards)")
     return 0
 
 

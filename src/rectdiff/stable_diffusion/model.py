@@ -64,8 +64,14 @@ class TextConditionedUNet(nn.Module):
     @torch.no_grad()
     def encode(self, input_ids: Tensor) -> Tensor:
         """``text_encoder(input_ids)[0]``, cached for the last id batch seen."""
-        if self._cache is not None and torch.equal(self._cache[0], input_ids):
-            return self._cache[1]
+        cached = self._cache
+        if (
+            cached is not None
+            and cached[0].device == input_ids.device
+            and cached[0].shape == input_ids.shape
+            and torch.equal(cached[0], input_ids)
+        ):
+            return cached[1]
         device = next(self.text_encoder.parameters()).device
         hidden = self.text_encoder(input_ids.to(device))[0]
         self._cache = (input_ids.clone(), hidden)

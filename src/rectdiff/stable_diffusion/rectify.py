@@ -40,6 +40,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +236,18 @@ def _record(
     }
 
 
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def _save(
     tmp: Path,
     unet: Any,
@@ -253,7 +267,8 @@ def _save(
         StableDiffusionPipeline.save_lora_weights(
             lora_dir, unet_lora_layers=state, safe_serialization=True
         )
-        teacher.load_lora_weights(lora_dir)  # the stock loader, as users will call it
+        with _quiet_diffusers():  # it notes that the LoRA has no text-encoder part
+            teacher.load_lora_weights(lora_dir)  # the stock loader, as users will call it
         teacher.fuse_lora()
         teacher.unload_lora_weights()
     else:
