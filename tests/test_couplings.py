@@ -199,7 +199,7 @@ def test_resume_after_a_kill_mid_shard_loses_and_duplicates_nothing(tmp_path, re
     # What a kill during a write would leave: a half-written temporary file, and (from a
     # writer without the rename) a truncated shard file with no record.
     half = (reference / "shard_00003.safetensors").read_bytes()
-    (out / "shard_00002.safetensors.99999.tmp").write_bytes(half[: len(half) // 2])
+    (out / ".shard_00002.safetensors.99999.tmp").write_bytes(half[: len(half) // 2])
     (out / "shard_00003.safetensors").write_bytes(half[: len(half) // 2])
 
     pairs, nfe = worker.run(str(out))

@@ -154,29 +154,49 @@ def cell_train_config(
 def implied_weightings(
     config: CompareConfig, points: int = 400
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """Every cell's implied eps-MSE weighting over logsnr (``timesteps.implied_weighting``
-    of its time sampler and weighting), plus the reference's with ``equal = "logsnr"``.
+    """The implied eps-MSE weightings over logsnr (``timesteps.implied_weighting``) of a
+    comparison, for ``figures/implied_weighting``.
+
+    ``equal = "t"``: every cell's (its time sampler and weighting in its own t).
+    ``equal = "logsnr"``: the one weighting every cell trains with (the reference's; every
+    cell's equals it, see ``tests/test_compare.py``), the rectification stage's when it has
+    its own reference, and, for contrast, what uniform t without weighting would give each
+    form with the grid's first prediction (the cells' weightings under ``equal = "t"``).
 
     Returns:
-        ``"<form> <prediction>" -> (logsnr, weight)`` on ``points`` logsnr values spanning the
-        forms' ranges (the common range in logsnr mode).
+        ``label -> (logsnr, weight)`` on ``points`` logsnr values spanning the forms' ranges.
     """
-    cells = config.cells()
-    ranges = [form.logsnr_range() for _, form, _ in cells]
+    native = config.grid.resolved()
+    ranges = [form.logsnr_range() for _, form in native]
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     logsnr = torch.linspace(lo, hi, points, dtype=torch.float64)
-    curves = {}
-    if config.equal == "logsnr":
-        curves["reference: " + config.reference.describe()] = config.reference.weight(logsnr)
-    for label, form, prediction in cells:
-        train_config = cell_train_config(config, form, prediction)
-        sampler = timesteps.time_sampler(
-            train_config.time_sampler, form, **train_config.time_sampler_params
-        )
-        weighting = timesteps.loss_weighting(train_config.weighting, **train_config.weighting_params)
-        curves[f"{label} {prediction}"] = timesteps.implied_weighting(
-            form, prediction, sampler, weighting, logsnr
-        )
+    curves: dict[str, Tensor] = {}
+    if config.equal == "t":
+        for label, form, prediction in config.cells():
+            train_config = cell_train_config(config, form, prediction)
+            sampler = timesteps.time_sampler(
+                train_config.time_sampler, form, **train_config.time_sampler_params
+            )
+            weighting = timesteps.loss_weighting(
+                train_config.weighting, **train_config.weighting_params
+            )
+            curves[f"{label} {prediction}"] = timesteps.implied_weighting(
+                form, prediction, sampler, weighting, logsnr
+            )
+    else:
+        common_lo, common_hi = config.logsnr_range()
+        inside = (logsnr >= common_lo) & (logsnr <= common_hi)
+        stages = [("every cell, teacher", config.reference)]
+        if config.rectify.enabled and config.rectify.reference is not None:
+            stages.append(("every cell, rectification", config.rectify.reference))
+        for name, reference in stages:
+            weight = torch.where(inside, reference.weight(logsnr), torch.zeros_like(logsnr))
+            curves[f"{name}: {reference.describe()}"] = weight
+        prediction = config.grid.predictions[0]
+        for label, form in native:
+            curves[f"{label} {prediction}, uniform t (equal = 't')"] = (
+                timesteps.implied_weighting(form, prediction, "uniform", "none", logsnr)
+            )
     return {name: (logsnr.tolist(), weight.tolist()) for name, weight in curves.items()}
 
 
@@ -470,10 +490,9 @@ def run_cell(task: CellTask) -> CellResult:
         models_dir / "teacher", teacher, form=form, prediction=prediction,
         net_config=net_config, info=_model_info(task, "teacher", trained.losses, {}),
     )  # fmt: skip
-    independent = (
-        standard_noise(tuple(task.x_train.shape[1:]), ev_n(config), config.seed, "diagnostics"),
-        task.x_train,
-    )  # the coupling a diffusion loss samples: noise and data drawn independently
+    shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
+    # the coupling a diffusion loss samples: noise and data drawn independently
+    independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
     _measure(result, "teacher", teacher, task, grid, independent)
 
     stage_cfg = config.rectify
@@ -514,11 +533,6 @@ def run_cell(task: CellTask) -> CellResult:
             current, current_name = student, stage
     result.seconds = time.perf_counter() - start
     return result
-
-
-def ev_n(config: CompareConfig) -> int:
-    """Trajectories (and coupling pairs) the diagnostics read."""
-    return config.evaluation.n_diagnostic
 
 
 def _json_grid(grid: str | Tensor) -> str | list[float]:

@@ -277,7 +277,9 @@ def write_report(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         "Relative straightness (Liu et al. 2023, eq. 4, divided by E||Z1 - Z0||^2) in t and in "
         "y = x / alpha against s = sigma / alpha (where every first-order path is straight), "
         "first-order deviation of the x0-prediction, crossing rate and transport cost of the "
-        "model's (noise, sample) coupling, one-step gap to an adaptive solve.",
+        "model's own (noise, sample) coupling, crossing rate of the coupling it was trained on "
+        "(teacher: noise and data drawn independently; rectified: its pairs), one-step gap to "
+        "an adaptive solve.",
         "",
         *_diagnostic_table(results),
     ]

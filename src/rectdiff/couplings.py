@@ -57,6 +57,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ._files import write_bytes_atomic, write_json_atomic
 from .forms import Form
 from .predictions import check_prediction
 
@@ -182,20 +183,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -410,7 +397,7 @@ def _make_shard(
     entry: dict[str, Any] = {"file": f"{name}.safetensors", "count": count, "seed": seed_k}
     if texts:
         text_bytes = (json.dumps(texts, ensure_ascii=False) + "\n").encode()
-        _atomic_write(root / f"{name}.json", text_bytes)
+        write_bytes_atomic(root / f"{name}.json", text_bytes)
         entry |= {
             "text_file": f"{name}.json",
             "text_sha256": hashlib.sha256(text_bytes).hexdigest(),
@@ -420,7 +407,7 @@ def _make_shard(
     # between processes and would make identical shards differ byte-wise.
     meta = {_FORMAT_NAME: json.dumps({"shard": k, "count": count, "seed": seed_k})}
     data = safetensors_save({key: v.contiguous() for key, v in tensors.items()}, metadata=meta)
-    _atomic_write(root / entry["file"], data)
+    write_bytes_atomic(root / entry["file"], data)
     entry["sha256"] = hashlib.sha256(data).hexdigest()
     entry["tensors"] = {
         key: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -588,10 +575,12 @@ def generate_pairs(
     manifest = _check_settings(root, settings)  # every process checks, before anyone writes
     state.wait_for_everyone()
     if state.is_main_process:  # record the settings first, so an interrupted run is resumable
-        for stale in root.glob(f"{MANIFEST}.*.tmp"):
+        for stale in root.glob(f".{MANIFEST}.*.tmp"):
             stale.unlink(missing_ok=True)
         shards = manifest["shards"] if manifest else []
-        _atomic_write_json(root / MANIFEST, _new_manifest(settings, shards, complete=False))
+        write_json_atomic(
+            root / MANIFEST, _new_manifest(settings, shards, complete=False), indent=1
+        )
 
     mine = range(state.process_index, settings.num_shards, state.num_processes)
     device = torch.device(state.device)
@@ -605,7 +594,7 @@ def generate_pairs(
     try:
         with torch.no_grad():
             for k in mine:
-                for stale in root.glob(f"{_shard_name(k)}.*.tmp"):  # left by a killed run
+                for stale in root.glob(f".{_shard_name(k)}.*.tmp"):  # left by a killed run
                     stale.unlink(missing_ok=True)
                 entry = _known_entry(root, manifest, k)
                 if entry is None or _entry_problem(
@@ -616,7 +605,7 @@ def generate_pairs(
                     )
                 else:
                     bar.update(settings.shard_count(k))
-                _atomic_write_json(root / f"{_shard_name(k)}.done.json", entry)
+                write_json_atomic(root / f"{_shard_name(k)}.done.json", entry, indent=1)
     finally:
         bar.close()
         if was_training:
@@ -639,7 +628,7 @@ def _merge_sidecars(root: Path, settings: PairSettings) -> None:
             f"shards without a record after every process finished: {', '.join(missing[:10])}. "
             "A process failed; run generate_pairs again to resume."
         )
-    _atomic_write_json(root / MANIFEST, _new_manifest(settings, shards, complete=True))
+    write_json_atomic(root / MANIFEST, _new_manifest(settings, shards, complete=True), indent=1)
     for path in sidecars:
         path.unlink(missing_ok=True)
 

@@ -7,6 +7,7 @@ colour per form, the teacher dashed and the rectified model solid (``rectified_l
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -21,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from ._files import write_text_atomic  # noqa: E402
 from .forms import Form  # noqa: E402
 
 __all__ = [
@@ -42,15 +44,11 @@ Curves = Mapping[str, tuple[Any, Any]]
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     """Write rows to ``path`` atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def save_figure(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
+from ._files import write_json_atomic
 from .couplings import PairDataset, generate_pairs
 from .diffusion import Diffusion
 from .forms import Form
@@ -217,9 +217,7 @@ def _save_round(model: nn.Module, path: Path, info: dict[str, Any]) -> Path:
     tmp = path / ".model.safetensors.tmp"
     save_model(model, str(tmp))
     os.replace(tmp, path / "model.safetensors")
-    tmp_json = path / ".round.json.tmp"
-    tmp_json.write_text(json.dumps(info, indent=2, default=repr))
-    os.replace(tmp_json, path / "round.json")
+    write_json_atomic(path / "round.json", info, default=repr)
     return path / "model.safetensors"
 
 

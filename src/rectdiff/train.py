@@ -42,6 +42,7 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._files import write_text_atomic
 from .forms import Form
 from .losses import LOSSES, diffusion_loss
 from .predictions import check_prediction
@@ -461,7 +462,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(root / "latest", name + "\n")
+            write_text_atomic(root / "latest", name + "\n")
             self._prune(root)
         acc.wait_for_everyone()
         self.last_checkpoint = final
@@ -497,7 +498,7 @@ class Trainer:
             self.resume()
         if config.out_dir is not None and acc.is_main_process:
             config_json = json.dumps(config.to_dict(), indent=2, default=repr)
-            _write_atomic(Path(config.out_dir) / "train_config.json", config_json)
+            write_text_atomic(Path(config.out_dir) / "train_config.json", config_json)
         bar = tqdm(
             total=config.steps, initial=self.step_count, desc="train", dynamic_ncols=True,
             disable=not (progress and acc.is_local_main_process),
@@ -545,13 +546,6 @@ def _new_accelerator(config: TrainConfig) -> Accelerator:
             "already set up with accelerate, which allows one per process. Use the same "
             "mixed_precision for every train() in a process, or pass accelerator=."
         ) from err
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def train(

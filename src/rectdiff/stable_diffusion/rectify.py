@@ -50,11 +50,11 @@ import torch
 from torch import Tensor
 
 from .. import forms
+from .._files import publish_folder, temporary_sibling, write_json_atomic
 from ..couplings import PairDataset, PairStoreError
 from ..predictions import check_prediction
 from ..reparametrize import reparametrize
 from ..train import TrainConfig, train
-from ._files import publish_folder, temporary_sibling, write_json_atomic
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint, pipeline_form
 from .model import TextConditionedUNet
 from .pairs import _pipeline_differences, store_description

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._files import publish_folder, temporary_sibling
+from .._files import publish_folder, temporary_sibling
 
 __all__ = [
     "SD15_SCHEDULER_CONFIG",

@@ -8,7 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json_atomic", "write_bytes_atomic", "publish_folder", "temporary_sibling"]
+__all__ = [
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_json_atomic",
+    "publish_folder",
+    "temporary_sibling",
+]
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -24,9 +30,16 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``obj`` as indented JSON, written atomically."""
-    return write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """``text`` (UTF-8), written atomically."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(
+    path: str | os.PathLike[str], obj: Any, indent: int = 2, **dumps: Any
+) -> Path:
+    """``obj`` as indented JSON, written atomically (``dumps`` go to ``json.dumps``)."""
+    return write_bytes_atomic(path, (json.dumps(obj, indent=indent, **dumps) + "\n").encode())
 
 
 def temporary_sibling(final: str | os.PathLike[str]) -> Path:
