@@ -79,7 +79,7 @@ def test_diagnose_matches_compare_and_the_library(run, capsys):
     cell = next(c for c in results["cells"] if (c["form"], c["prediction"]) == ("fm", "v"))
     for record, stage in zip(written, ("teacher", "rectified"), strict=True):
         for key in ("straightness_t", "straightness_y", "first_order_deviation",
-                    "crossing_rate", "one_step_gap"):  # fmt: skip
+                    "crossing_rate", "train_coupling_crossing_rate", "one_step_gap"):  # fmt: skip
             assert record[key] == cell["diagnostics"][stage][key], (stage, key)
 
 

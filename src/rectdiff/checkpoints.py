@@ -163,7 +163,10 @@ def save_model_dir(
     json.dumps(record)  # fail before writing anything if something is not JSON-able
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
-    tmp, old = path.with_name(f".{path.name}.tmp-{token}"), path.with_name(f".{path.name}.old-{token}")
+    tmp, old = (
+        path.with_name(f".{path.name}.tmp-{token}"),
+        path.with_name(f".{path.name}.old-{token}"),
+    )
     try:
         _write_folder(tmp, model, record)
         if path.exists():
@@ -182,7 +185,9 @@ def is_model_dir(path: str | os.PathLike[str]) -> bool:
         record = json.loads((path / INFO).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("format") == FORMAT and (path / WEIGHTS).is_file()
+    return (
+        isinstance(record, dict) and record.get("format") == FORMAT and (path / WEIGHTS).is_file()
+    )
 
 
 def read_model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -193,7 +198,9 @@ def read_model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path} is not a folder; expected a rectdiff model folder ({INFO} + {WEIGHTS}).")
+        raise ValueError(
+            f"{path} is not a folder; expected a rectdiff model folder ({INFO} + {WEIGHTS})."
+        )
     if not (path / INFO).is_file():
         raise ValueError(
             f"{path} has no {INFO}, so it is not a rectdiff model folder; make one with "
@@ -231,7 +238,9 @@ def load_model_dir(path: str | os.PathLike[str]) -> tuple[nn.Module, Form, str]:
     try:
         load_model(model, str(Path(path) / WEIGHTS))
     except RuntimeError as err:
-        raise ValueError(f"{Path(path) / WEIGHTS} does not fit the network in {INFO}: {err}") from None
+        raise ValueError(
+            f"{Path(path) / WEIGHTS} does not fit the network in {INFO}: {err}"
+        ) from None
     return model.eval(), form, prediction
 
 

@@ -108,7 +108,9 @@ def _add_compare_commands(sub: Any) -> None:
         "compare", help="train, rectify and evaluate a grid of forms x predictions",
         description="Compare diffusion forms under equal hyperparameters (see experiments/README.md).",
     )  # fmt: skip
-    p.add_argument("--config", default=None, help="TOML file (default: experiments/compare_forms.toml)")
+    p.add_argument(
+        "--config", default=None, help="TOML file (default: experiments/compare_forms.toml)"
+    )
     p.add_argument("--out", default="out/compare", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smoke test: fewer steps and samples")
     p.add_argument("--workers", type=int, default=None, help="override the config's workers")
@@ -116,15 +118,21 @@ def _add_compare_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("pairs", help="generate (noise, sample) pairs from a saved model")
-    p.add_argument("--model", required=True, help="model folder (e.g. out/compare/models/vp_eps/teacher)")
+    p.add_argument(
+        "--model", required=True, help="model folder (e.g. out/compare/models/vp_eps/teacher)"
+    )
     p.add_argument("--out", required=True, help="pair store folder (resumed if it exists)")
     p.add_argument("--num", type=int, required=True, help="number of pairs")
     p.add_argument("--solver", default="dpmpp_2m", help="sampler (default: %(default)s)")
     p.add_argument("--steps", type=int, default=32, help="solver steps (default: %(default)s)")
     p.add_argument("--t-grid", default="uniform", help="time grid kind (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=4096, help="pairs per shard (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=2048, help="pairs per solve (default: %(default)s)")
+    p.add_argument(
+        "--shard-size", type=int, default=4096, help="pairs per shard (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=2048, help="pairs per solve (default: %(default)s)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pairs)
 
@@ -142,7 +150,9 @@ def _add_compare_commands(sub: Any) -> None:
     p.add_argument("--weighting", default=None, help="loss weighting (timesteps)")
     p.add_argument("--seed", type=int, default=None, help="training seed")
     p.add_argument("--distill", action="store_true", help="train only at t = t_max (one step)")
-    p.add_argument("--form", default=None, help="train in this form (preset or TOML; classic Reflow: fm)")
+    p.add_argument(
+        "--form", default=None, help="train in this form (preset or TOML; classic Reflow: fm)"
+    )
     p.add_argument("--prediction", default=None, help="train with this prediction (Reflow: flow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_rectify)
@@ -153,8 +163,18 @@ def _add_compare_commands(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=32, help="trajectory steps (default: %(default)s)")
     p.add_argument("--num", type=int, default=1000, help="trajectories (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="one-step gap reference rtol (default: %(default)s)")
-    p.add_argument("--atol", type=float, default=1e-5, help="one-step gap reference atol (default: %(default)s)")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-5,
+        help="one-step gap reference rtol (default: %(default)s)",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="one-step gap reference atol (default: %(default)s)",
+    )
     p.add_argument("--out", default="out/diagnose.json", help="JSON file (default: %(default)s)")
     p.set_defaults(func=_cmd_diagnose)
 

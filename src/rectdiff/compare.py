@@ -73,6 +73,7 @@ __all__ = [
     "evaluate_model",
     "diagnose_model",
     "diagnose_dirs",
+    "training_coupling",
     "standard_noise",
 ]
 
@@ -158,9 +159,9 @@ def implied_weightings(
     comparison, for ``figures/implied_weighting``.
 
     ``equal = "t"``: every cell's (its time sampler and weighting in its own t).
-    ``equal = "logsnr"``: the one weighting every cell trains with (the reference's; every
-    cell's equals it, see ``tests/test_compare.py``), the rectification stage's when it has
-    its own reference, and, for contrast, what uniform t without weighting would give each
+    ``equal = "logsnr"``: the one weighting every teacher trains with (the reference's;
+    every cell's equals it, see ``tests/test_compare.py``), the rectification stage's when
+    it has its own reference, and, for contrast, what uniform t without weighting gives each
     form with the grid's first prediction (the cells' weightings under ``equal = "t"``).
 
     Returns:
@@ -186,23 +187,25 @@ def implied_weightings(
     else:
         common_lo, common_hi = config.logsnr_range()
         inside = (logsnr >= common_lo) & (logsnr <= common_hi)
-        stages = [("every cell, teacher", config.reference)]
+        stages = [("all teachers", config.reference)]
         if config.rectify.enabled and config.rectify.reference is not None:
-            stages.append(("every cell, rectification", config.rectify.reference))
+            stages.append(("all rectifications", config.rectify.reference))
         for name, reference in stages:
             weight = torch.where(inside, reference.weight(logsnr), torch.zeros_like(logsnr))
-            curves[f"{name}: {reference.describe()}"] = weight
+            curves[f"{name}: {reference.short()}"] = weight
         prediction = config.grid.predictions[0]
+        ref = config.reference
         for label, form in native:
-            curves[f"{label} {prediction}, uniform t (equal = 't')"] = (
-                timesteps.implied_weighting(form, prediction, "uniform", "none", logsnr)
+            same = (form, prediction) == (ref.resolved_form(), ref.prediction)
+            if same and ref.time_sampler == "uniform" and ref.weighting == "none":
+                continue  # that is the teachers' curve
+            curves[f"{label} {prediction}, uniform t"] = timesteps.implied_weighting(
+                form, prediction, "uniform", "none", logsnr
             )
     return {name: (logsnr.tolist(), weight.tolist()) for name, weight in curves.items()}
 
 
-def network_config(
-    config: CompareConfig, x_train: Tensor, prediction: str
-) -> dict[str, Any]:
+def network_config(config: CompareConfig, x_train: Tensor, prediction: str) -> dict[str, Any]:
     """The model-folder network config of a cell (see ``checkpoints.build_model``)."""
     net = config.network
     kwargs = dict(net.options)
@@ -250,7 +253,9 @@ def evaluate_model(
         solve (the adaptive reference with ``steps = None``), and the first samples of the
         one-step and reference solves for the figures (``"ddim@1"``, ``"dopri5"``, ...).
     """
-    runs: list[tuple[str, int | None]] = [(s, k) for s in evaluation.solvers for k in evaluation.steps]
+    runs: list[tuple[str, int | None]] = [
+        (s, k) for s in evaluation.solvers for k in evaluation.steps
+    ]
     if evaluation.reference_solver:
         runs.append((evaluation.reference_solver, None))
     records, kept = [], {}
@@ -287,7 +292,12 @@ def diagnose_model(
     form: Form,
     prediction: str,
     noise: Tensor,
-    which: Sequence[str] = ("straightness", "first_order_deviation", "crossing_rate", "one_step_gap"),
+    which: Sequence[str] = (
+        "straightness",
+        "first_order_deviation",
+        "crossing_rate",
+        "one_step_gap",
+    ),
     solver: str = "dpmpp_2m",
     steps: int = 32,
     reference_solver: str = "dopri5",
@@ -348,8 +358,13 @@ def diagnose_model(
     if "one_step_gap" in which:
         numbers["one_step_gap"] = float(
             diagnostics.one_step_gap(
-                model, noise, form=form, prediction=prediction,
-                reference_solver=reference_solver, rtol=rtol, atol=atol,
+                model,
+                noise,
+                form=form,
+                prediction=prediction,
+                reference_solver=reference_solver,
+                rtol=rtol,
+                atol=atol,
             )  # fmt: skip
         )
     keep = slice(0, FIGURE_PATHS)
@@ -458,6 +473,8 @@ def _model_info(task: CellTask, stage: str, losses: list[float], extra: dict) ->
         "stage": stage,
         "cell": {"form": task.label, "prediction": task.prediction},
         "data": config.data.name,
+        "data_params": config.data.params,
+        "n_train": config.data.n_train,
         "equal": config.equal,
         "seed": config.seed,
         "final_loss": losses[-1] if losses else None,
@@ -527,7 +544,9 @@ def run_cell(task: CellTask) -> CellResult:
             save_model_dir(
                 models_dir / stage, student, form=form, prediction=prediction,
                 net_config=net_config,
-                info=_model_info(task, stage, fitted.losses, {"pairs": str(pairs_dir)}),
+                info=_model_info(
+                    task, stage, fitted.losses, {"pairs": str(pairs_dir.relative_to(task.out))}
+                ),
             )  # fmt: skip
             _measure(result, stage, student, task, grid, load_pairs(pairs))
             current, current_name = student, stage
@@ -634,7 +653,8 @@ def run_compare(
     }
     if config.evaluation.figures:
         results["figures"] = [
-            str(p.relative_to(out)) for p in draw_figures(results, out / "figures", cells, reference)
+            str(p.relative_to(out))
+            for p in draw_figures(results, out / "figures", cells, reference)
         ]
     _write_json(out / "results.json", results)
     write_report(results, out / "report.md")
@@ -655,7 +675,12 @@ def diagnose_dirs(
     steps: int = 32,
     num: int = 1000,
     seed: int = 0,
-    which: Sequence[str] = ("straightness", "first_order_deviation", "crossing_rate", "one_step_gap"),
+    which: Sequence[str] = (
+        "straightness",
+        "first_order_deviation",
+        "crossing_rate",
+        "one_step_gap",
+    ),
     reference_solver: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -685,6 +710,12 @@ def diagnose_dirs(
             model, form=form, prediction=prediction, noise=noise, which=which, solver=solver,
             steps=steps, reference_solver=reference_solver, rtol=rtol, atol=atol, seed=seed,
         )  # fmt: skip
+        if "crossing_rate" in which:
+            coupling = training_coupling(path, num, seed)
+            if coupling is not None:
+                diagnosis.numbers["train_coupling_crossing_rate"] = float(
+                    diagnostics.crossing_rate(*coupling, seed=seed)
+                )
         records.append(
             {"model": str(path), "form": form.config(), "prediction": prediction,
              **diagnosis.numbers}
@@ -695,9 +726,28 @@ def diagnose_dirs(
     return records
 
 
-def plot_results(
-    results_path: str | os.PathLike[str], out: str | os.PathLike[str]
-) -> list[Path]:
+def training_coupling(
+    model_dir: str | os.PathLike[str], num: int, seed: int
+) -> tuple[Tensor, Tensor] | None:
+    """The first ``num`` pairs of the coupling a ``rectdiff compare`` model was trained on,
+    as that run measured them: a rectified model's pairs, or, for a teacher of a 2-D toy,
+    the diagnostics noise beside the training data (drawn independently). None when the
+    folder does not say (another origin, or a finite data set)."""
+    info = read_model_info(model_dir).get("info", {})
+    pairs = Path(info.get("pairs") or "")
+    if info.get("pairs") and not pairs.is_absolute():  # relative to the run's output folder
+        pairs = Path(model_dir).resolve().parents[2] / pairs
+    if info.get("pairs") and pairs.is_dir():
+        eps, x0 = load_pairs(pairs)
+        return eps[:num], x0[:num]
+    if info.get("stage") == "teacher" and info.get("data") in TOYS and "n_train" in info:
+        data_seed, params = info.get("seed", 0), info.get("data_params", {})
+        x_train = load_data(info["data"], info["n_train"], data_seed, **params)
+        return standard_noise(tuple(x_train.shape[1:]), num, seed, "diagnostics"), x_train[:num]
+    return None
+
+
+def plot_results(results_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[Path]:
     """Redraw the line figures of a comparison from its results.json (quality against
     NFE, curvature in t and y, x0-prediction drift, implied weighting)."""
     path = Path(results_path)
@@ -743,7 +793,10 @@ def plot_model_dirs(
     out = Path(out)
     labels = [_model_label(p) for p in model_dirs]
     if len(set(labels)) != len(labels):
-        labels = [f"{label} ({Path(p).parent.name}/{Path(p).name})" for label, p in zip(labels, model_dirs, strict=True)]
+        labels = [
+            f"{label} ({Path(p).parent.name}/{Path(p).name})"
+            for label, p in zip(labels, model_dirs, strict=True)
+        ]
     curves: dict[str, dict[str, Any]] = {"curvature_t": {}, "curvature_y": {}, "x0_drift": {}}
     panels: dict[str, Tensor] = {}
     trajs = {}
@@ -756,7 +809,9 @@ def plot_model_dirs(
         )  # fmt: skip
         for name, value in diagnosis.curves.items():
             curves[name][label] = value
-        panels[f"{label} ddim@1"] = samplers.sample(model, noise, form=form, prediction=prediction, steps=1)
+        panels[f"{label} ddim@1"] = samplers.sample(
+            model, noise, form=form, prediction=prediction, steps=1
+        )
         panels[f"{label} {solver}@{steps}"] = diagnosis.sample
         if diagnosis.trajectory.x.ndim == 3 and diagnosis.trajectory.x.shape[-1] == 2:
             trajs[label] = diagnosis.trajectory
@@ -776,4 +831,3 @@ def plot_model_dirs(
     if trajs:
         written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
     return written
-

@@ -91,9 +91,7 @@ def _reject_unknown(values: dict[str, Any], cls: type, where: str, extra: tuple 
     allowed += list(extra)
     unknown = [k for k in values if k not in allowed]
     if unknown:
-        raise ValueError(
-            f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(allowed)}."
-        )
+        raise ValueError(f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(allowed)}.")
 
 
 def _check_names(values: list[str], allowed: Any, what: str) -> None:
@@ -129,7 +127,9 @@ class DataConfig:
             if int(getattr(self, key)) < 2:
                 raise ValueError(f"[data] {key} must be >= 2, got {getattr(self, key)}.")
         if self.n_train is not None and self.n_train < 2:
-            raise ValueError(f"[data] n_train must be >= 2 (or absent for all), got {self.n_train}.")
+            raise ValueError(
+                f"[data] n_train must be >= 2 (or absent for all), got {self.n_train}."
+            )
 
 
 @dataclass
@@ -226,6 +226,12 @@ class ReferenceConfig:
         weighting = timesteps.loss_weighting(self.weighting, **self.weighting_params)
         return timesteps.implied_weighting(form, self.prediction, sampler, weighting, logsnr)
 
+    def short(self) -> str:
+        """``"vp, eps, uniform t"`` (plus the weighting unless it is none)."""
+        form = self.form if isinstance(self.form, str) else self.resolved_form().family
+        text = f"{form}, {self.prediction}, {self.time_sampler.replace('_', '-')} t"
+        return text if self.weighting == "none" else f"{text}, {self.weighting} weighting"
+
     def describe(self) -> str:
         form = self.form if isinstance(self.form, str) else self.resolved_form()
         return (
@@ -274,6 +280,8 @@ class EvaluationConfig:
         figures: draw the figures.
         trajectory_forms: forms drawn in the x-vs-y trajectory figure (default: vp and fm
             when in the grid, else the first two).
+        trajectory_prediction: their prediction (default: v when in the grid, else the
+            first).
     """
 
     solvers: list[str] = field(default_factory=lambda: ["ddim"])
@@ -298,6 +306,7 @@ class EvaluationConfig:
     n_diagnostic: int = 1000
     figures: bool = True
     trajectory_forms: list[str] = field(default_factory=list)
+    trajectory_prediction: str = ""
 
     def __post_init__(self) -> None:
         _check_names(self.solvers, SOLVERS, "solver")
@@ -459,7 +468,11 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     config = RectifyConfig.from_dict({**values, "train": train, "seed": seed})
     _check_names([config.solver], SOLVERS, "solver")
     _check_names([config.t_grid], TIME_GRIDS, "t_grid")
-    ref = None if reference is None else _build(ReferenceConfig, dict(reference), "[rectify.reference]")
+    ref = (
+        None
+        if reference is None
+        else _build(ReferenceConfig, dict(reference), "[rectify.reference]")
+    )
     return RectifyStage(enabled, config, ref, overrides)
 
 
@@ -473,7 +486,9 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareC
     values = copy.deepcopy(values)
     unknown = [k for k in values if k not in _TOP_KEYS]
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} at the top level; allowed: {', '.join(_TOP_KEYS)}.")
+        raise ValueError(
+            f"unknown key {unknown[0]!r} at the top level; allowed: {', '.join(_TOP_KEYS)}."
+        )
     seed = int(values.get("seed", 0))
     equal = values.get("equal", "logsnr")
     shared = _table(values, "train")

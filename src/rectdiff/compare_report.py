@@ -181,7 +181,9 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     records = results["records"]
     metric_names = [k for k in results["config"]["evaluation"]["metrics"]]
-    keys = [k for k in (records[0] if records else {}) if any(k.startswith(m) for m in metric_names)]
+    keys = [
+        k for k in (records[0] if records else {}) if any(k.startswith(m) for m in metric_names)
+    ]
     solves = _solves(results)
     for key in keys:
         header = ["form", "prediction", "stage"]
@@ -202,7 +204,15 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
                                 stage=stage, solver=solver, steps=steps)  # fmt: skip
                     row.append(None if rec is None else rec[key])
                 rows.append(row)
-        lines += [f"### {key} to held-out data (lower is better" + (")" if not key.startswith("classifier") else "; classifier scores: higher is better)"), ""]
+        lines += [
+            f"### {key} to held-out data (lower is better"
+            + (
+                ")"
+                if not key.startswith("classifier")
+                else "; classifier scores: higher is better)"
+            ),
+            "",
+        ]
         lines += _table(header, rows, "lll" + "r" * len(solves)) + [""]
     return lines
 
@@ -232,17 +242,25 @@ def _summary_table(results: dict[str, Any]) -> list[str]:
 
 def _diagnostic_table(results: dict[str, Any]) -> list[str]:
     records = results["cells"]
-    present = [c for c in DIAGNOSTIC_COLUMNS if any(c in d for cell in records for d in cell["diagnostics"].values())]
+    present = [
+        c
+        for c in DIAGNOSTIC_COLUMNS
+        if any(c in d for cell in records for d in cell["diagnostics"].values())
+    ]
     rows = []
     for cell in records:
         for stage, numbers in cell["diagnostics"].items():
-            rows.append([cell["form"], cell["prediction"], stage, *(numbers.get(c) for c in present)])
+            rows.append(
+                [cell["form"], cell["prediction"], stage, *(numbers.get(c) for c in present)]
+            )
     lines = _table(["form", "prediction", "stage", *present], rows, "lll" + "r" * len(present))
     changes = results["diagnostic_changes"]
     checked = [c for c in _LOWERED if c in present]
     if changes and checked:
         lines += ["", "Lowered by rectification:", ""]
-        body = [[ch["form"], ch["prediction"], *(ch[c]["lowered"] for c in checked)] for ch in changes]
+        body = [
+            [ch["form"], ch["prediction"], *(ch[c]["lowered"] for c in checked)] for ch in changes
+        ]
         lines += _table(["form", "prediction", *checked], body)
         total = sum(ch[c]["lowered"] for ch in changes for c in checked)
         lines += ["", f"{total} of {len(changes) * len(checked)} lowered.", ""]
@@ -258,7 +276,8 @@ def write_report(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         f"# rectdiff compare: {data['name']}",
         "",
         f"Config `{config['source']}`, rectdiff {results['rectdiff_version']}"
-        + (f", wall time {seconds:.0f} s" if seconds is not None else "") + ".",
+        + (f", wall time {seconds:.0f} s" if seconds is not None else "")
+        + ".",
         "",
         _equal_sentence(config),
         "",
@@ -343,7 +362,8 @@ def draw_result_figures(results: dict[str, Any], out: str | os.PathLike[str]) ->
                               and r["prediction"] == prediction and r["stage"] == stage
                               and r["solver"] == solver]  # fmt: skip
                     curves[f"{cell['form']} {stage}"] = (
-                        [r["nfe"] for r in points], [r[metric] for r in points]
+                        [r["nfe"] for r in points],
+                        [r[metric] for r in points],
                     )
             written += plots.plot_quality_vs_nfe(
                 curves, out / f"quality_vs_nfe_{prediction}", f"{metric} to held-out data "
@@ -398,12 +418,17 @@ def draw_figures(
     two_d = [c for c in cells if c.trajectories and next(iter(c.trajectories.values())).x.shape[-1] == 2
              and next(iter(c.trajectories.values())).x.ndim == 3]  # fmt: skip
     if two_d:
-        chosen = ev.get("trajectory_forms") or [f for f in ("vp", "fm") if any(c.label == f for c in two_d)]
+        chosen = ev.get("trajectory_forms") or [
+            f for f in ("vp", "fm") if any(c.label == f for c in two_d)
+        ]
         chosen = chosen or list(dict.fromkeys(c.label for c in two_d))[:2]
-        first_prediction = two_d[0].prediction
+        predictions = [c.prediction for c in two_d]
+        prediction = ev.get("trajectory_prediction") or (
+            "v" if "v" in predictions else predictions[0]
+        )
         trajs = {}
         for cell in two_d:
-            if cell.label in chosen and cell.prediction == first_prediction:
+            if cell.label in chosen and cell.prediction == prediction:
                 for stage, traj in cell.trajectories.items():
                     trajs[f"{cell.label} {cell.prediction} {stage}"] = traj
         if trajs:
@@ -422,6 +447,7 @@ DIAGNOSE_COLUMNS = (
     "straightness_y",
     "first_order_deviation",
     "crossing_rate",
+    "train_coupling_crossing_rate",
     "one_step_gap",
 )
 
@@ -433,4 +459,6 @@ def diagnose_markdown(records: Sequence[dict[str, Any]]) -> str:
         [r["model"], r["form"].get("family", "?"), r["prediction"], *(r.get(c) for c in columns)]
         for r in records
     ]
-    return "\n".join(_table(["model", "form", "prediction", *columns], rows, "lll" + "r" * len(columns)))
+    return "\n".join(
+        _table(["model", "form", "prediction", *columns], rows, "lll" + "r" * len(columns))
+    )
