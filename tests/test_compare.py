@@ -108,7 +108,7 @@ def test_shipped_configs_load_and_quick_shrinks_them():
     assert config.data.n_eval >= 5000 and config.rectify.enabled
     quick = quick_config(config)
     assert quick.train.steps == -(-config.train.steps // 5)
-    assert quick.data.n_eval <= 2000 and max(quick.evaluation.steps) <= 4
+    assert quick.data.n_eval <= 1000 and max(quick.evaluation.steps) <= 4
 
 
 def test_load_config_reports_the_file(tmp_path):

@@ -55,7 +55,12 @@ from .checkpoints import (
     sample_shape,
     save_model_dir,
 )
-from .compare_config import CompareConfig, EvaluationConfig, ReferenceConfig, quick_config
+from .compare_config import (
+    CompareConfig,
+    EvaluationConfig,
+    quick_config,
+    restrict_form,
+)
 from .compare_report import draw_figures, draw_result_figures, summarize, write_report
 from .couplings import generate_pairs
 from .data import TOYS, load_data
@@ -101,8 +106,6 @@ def sampling_grid(form: Form, steps: int, config: CompareConfig) -> str | Tensor
     kind = config.evaluation.t_grid
     if config.equal == "t":
         return kind
-    from .compare_config import restrict_form
-
     lo, hi = config.logsnr_range()
     ref = restrict_form(config.reference.resolved_form(), lo, hi)
     t_ref = samplers.time_grid(ref, steps, kind)
@@ -116,13 +119,6 @@ def sampling_grid(form: Form, steps: int, config: CompareConfig) -> str | Tensor
             f"[{lo:.4g}, {hi:.4g}]; use fewer steps or another t_grid."
         )
     return grid
-
-
-def _reference_weight(reference: ReferenceConfig) -> Any:
-    def weight(logsnr: Tensor) -> Tensor:
-        return reference.weight(logsnr)
-
-    return weight
 
 
 def cell_train_config(
@@ -144,7 +140,7 @@ def cell_train_config(
         return base
     reference = (config.rectify.reference or config.reference) if rect else config.reference
     sampler, weighting = timesteps.equalize(
-        form, prediction, _reference_weight(reference), logsnr_range=form.logsnr_range()
+        form, prediction, reference.weight, logsnr_range=form.logsnr_range()
     )
     return dataclasses.replace(
         base, time_sampler=sampler, weighting=weighting, time_sampler_params={},
@@ -647,15 +643,15 @@ def run_compare(
         torch.set_num_threads(threads)
     results = summarize(config, cells, __version__)
     results["curves"]["implied_weighting"] = implied_weightings(config)
-    results["timing"] = {
-        "seconds": round(time.perf_counter() - start, 1),
-        "cells": {cell.name: round(cell.seconds, 1) for cell in cells},
-    }
     if config.evaluation.figures:
         results["figures"] = [
             str(p.relative_to(out))
             for p in draw_figures(results, out / "figures", cells, reference)
         ]
+    results["timing"] = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "cells": {cell.name: round(cell.seconds, 1) for cell in cells},
+    }
     _write_json(out / "results.json", results)
     write_report(results, out / "report.md")
     return results

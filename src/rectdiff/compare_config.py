@@ -539,7 +539,7 @@ def load_config(path: str | Path | None = None) -> CompareConfig:
 
 def quick_config(config: CompareConfig) -> CompareConfig:
     """A smoke-test version of ``config`` (``--quick``): a fifth of the training steps,
-    at most 2000 evaluation samples, 4000 pairs, 500 diagnostic trajectories, steps <= 4,
+    at most 1000 evaluation samples, 2000 pairs, 256 diagnostic trajectories, steps <= 4,
     and a looser adaptive reference (rtol = atol = 1e-4)."""
     quick = copy.deepcopy(config)
 
@@ -552,11 +552,11 @@ def quick_config(config: CompareConfig) -> CompareConfig:
     quick.train = shrink(quick.train)
     rect = quick.rectify.config
     rect.train = shrink(rect.train)
-    rect.num_pairs = min(rect.num_pairs, 4000)
-    quick.data.n_eval = min(quick.data.n_eval, 2000)
+    rect.num_pairs = min(rect.num_pairs, 2000)
+    quick.data.n_eval = min(quick.data.n_eval, 1000)
     ev = quick.evaluation
     ev.steps = [k for k in ev.steps if k <= 4] or ev.steps[:1]
-    ev.n_diagnostic = min(ev.n_diagnostic, 500)
+    ev.n_diagnostic = min(ev.n_diagnostic, 256)
     ev.rtol, ev.atol = max(ev.rtol, 1e-4), max(ev.atol, 1e-4)
     quick.source = f"{config.source} (--quick)"
     return quick

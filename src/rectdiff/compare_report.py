@@ -323,12 +323,20 @@ def _equal_sentence(config: dict[str, Any]) -> str:
         )
     ref = config["reference"]
     lo, hi = config["logsnr_range"]
+    rect = config["rectify"].get("reference")
+    rect_text = (
+        f" The rectification stage trains every cell with the implied weighting of "
+        f"`{rect['form']}` / `{rect['prediction']}` / `{rect['time_sampler']}` / "
+        f"`{rect['weighting']}` instead."
+        if rect
+        else ""
+    )
     return (
         f"**Equal in logsnr**: every form is restricted to logsnr in [{lo:.3f}, {hi:.3f}] and "
         f"trains with the implied logsnr weighting of the reference `{ref['form']}` / "
         f"`{ref['prediction']}` / `{ref['time_sampler']}` / `{ref['weighting']}` "
         "(timesteps.equalize); fixed-step solvers use one grid in logsnr "
-        f"(`{config['evaluation']['t_grid']}` in the reference's t)."
+        f"(`{config['evaluation']['t_grid']}` in the reference's t).{rect_text}"
     )
 
 

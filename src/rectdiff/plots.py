@@ -225,7 +225,8 @@ def _line_figure(
     ax.grid(alpha=0.3, which="major")
     if logy:
         ax.grid(alpha=0.08, which="minor")
-    ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1)
+    # long handles so that dashed (teacher) and solid (rectified) lines differ in the legend
+    ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1, handlelength=4)
     fig.tight_layout()
     return save_figure(fig, stem, ["label", "rectified", *header], rows)
 
