@@ -18,7 +18,9 @@ from rectdiff import forms
 from rectdiff._form_io import ddpm_betas
 
 F64 = torch.float64
-SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+SD15 = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+)
 T_GRID = [0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]
 
 
@@ -196,9 +198,11 @@ def test_add_noise_formula_and_time_shapes():
     form = forms.VE()
     x0, eps = torch.ones(3, 2), torch.ones(3, 2)
     t = torch.tensor([0.0, 0.5, 1.0])
-    expected = 1.0 + 0.01 * (5000.0 ** t)
+    expected = 1.0 + 0.01 * (5000.0**t)
     torch.testing.assert_close(form.add_noise(x0, eps, t), expected[:, None].expand(3, 2))
-    torch.testing.assert_close(form.add_noise(x0, eps, 0.5), torch.full((3, 2), 1 + 0.01 * 5000**0.5))
+    torch.testing.assert_close(
+        form.add_noise(x0, eps, 0.5), torch.full((3, 2), 1 + 0.01 * 5000**0.5)
+    )
     with pytest.raises(ValueError, match=r"shape \(B,\) = \(3,\)"):
         form.add_noise(x0, eps, torch.zeros(2))
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
@@ -224,7 +228,9 @@ def test_user_toml_with_expressions(tmp_path):
     t = torch.tensor([0.2, 0.6], dtype=F64)
     torch.testing.assert_close(form.alpha(t), torch.exp(-t))
     torch.testing.assert_close(form.d_alpha(t), -torch.exp(-t))
-    torch.testing.assert_close(form.d_sigma(t), torch.exp(-2 * t) / torch.sqrt(1 - torch.exp(-2 * t)))
+    torch.testing.assert_close(
+        form.d_sigma(t), torch.exp(-2 * t) / torch.sqrt(1 - torch.exp(-2 * t))
+    )
 
 
 @pytest.mark.parametrize(
@@ -257,8 +263,14 @@ def test_expression_whitelist_names_the_offending_token(expr, token):
         (lambda: forms.Custom(alpha="1 - 2 * t", sigma="t"), "alpha"),
         (lambda: forms.load("nope"), "known presets: .*sd15"),
         (lambda: forms.from_config({"family": "vpp"}), "allowed: vp, vp-cosine"),
-        (lambda: forms.from_config({"family": "vp", "beta_mni": 1.0}), "'beta_mni'.*allowed: beta_min"),
-        (lambda: forms.from_diffusers({"_class_name": "KarrasVeScheduler"}), "unsupported scheduler"),
+        (
+            lambda: forms.from_config({"family": "vp", "beta_mni": 1.0}),
+            "'beta_mni'.*allowed: beta_min",
+        ),
+        (
+            lambda: forms.from_diffusers({"_class_name": "KarrasVeScheduler"}),
+            "unsupported scheduler",
+        ),
     ],
 )
 def test_bad_input_errors_name_the_value(build, match):

@@ -63,7 +63,9 @@ def test_targets_have_their_closed_forms(name):
 def test_flow_target_of_rectified_flow_is_eps_minus_x0():
     form = forms.FlowMatching()
     x0, eps, t, _ = batch(form)
-    torch.testing.assert_close(predictions.target(x0, eps, t, prediction="flow", form=form), eps - x0)
+    torch.testing.assert_close(
+        predictions.target(x0, eps, t, prediction="flow", form=form), eps - x0
+    )
 
 
 def test_flow_is_the_time_derivative_of_x_t():

@@ -61,16 +61,30 @@ FORMS = {"VP": forms.VP(), "sub-VP": forms.SubVP(), "VE": forms.VE(), "FM": form
 teachers, students = {}, {}
 for name, form in FORMS.items():
     oracle = MixtureOracle(form, means, 0.2)
-    traj = samplers.sample(oracle, eps, form=form, prediction="x0", solver="dopri5", steps=200,
-                           t_grid="logsnr", rtol=1e-7, atol=1e-7, return_trajectory=True)
+    traj = samplers.sample(
+        oracle,
+        eps,
+        form=form,
+        prediction="x0",
+        solver="dopri5",
+        steps=200,
+        t_grid="logsnr",
+        rtol=1e-7,
+        atol=1e-7,
+        return_trajectory=True,
+    )
     teachers[name] = traj
     students[name] = rectified_trajectory(traj, eps)
-    print(name, "teacher S_t %.4f S_y %.4f dev %.4f | rectified S_t %.4f S_y %.2e dev %.1e" % (
-        diagnostics.straightness(traj, relative=True), diagnostics.straightness(traj, coords="y", relative=True),
-        diagnostics.first_order_deviation(traj),
-        diagnostics.straightness(students[name], relative=True),
-        diagnostics.straightness(students[name], coords="y", relative=True),
-        diagnostics.first_order_deviation(students[name])))
+    s_t = diagnostics.straightness(traj, relative=True)
+    s_y = diagnostics.straightness(traj, coords="y", relative=True)
+    dev = diagnostics.first_order_deviation(traj)
+    r_t = diagnostics.straightness(students[name], relative=True)
+    r_y = diagnostics.straightness(students[name], coords="y", relative=True)
+    r_dev = diagnostics.first_order_deviation(students[name])
+    print(
+        f"{name} teacher S_t {s_t:.4f} S_y {s_y:.4f} dev {dev:.4f} | "
+        f"rectified S_t {r_t:.4f} S_y {r_y:.2e} dev {r_dev:.1e}"
+    )
 
 written = []
 xy = {}
@@ -82,17 +96,29 @@ written += plots.plot_trajectories_xy(xy, OUT / "trajectories_xy", max_paths=24)
 for coords in ("t", "y"):
     profiles = {}
     for name in FORMS:
-        profiles[f"{name} teacher"] = diagnostics.curvature_profile(teachers[name], coords=coords, relative=True)
-        profiles[f"{name} rectified"] = diagnostics.curvature_profile(students[name], coords=coords, relative=True)
+        profiles[f"{name} teacher"] = diagnostics.curvature_profile(
+            teachers[name], coords=coords, relative=True
+        )
+        profiles[f"{name} rectified"] = diagnostics.curvature_profile(
+            students[name], coords=coords, relative=True
+        )
     rect = {f"{name} rectified": f"{name} teacher" for name in FORMS}
-    written += plots.plot_curvature(profiles, OUT / f"curvature_{coords}", rect, coords=coords, logy=True,
-                                    ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$")
+    written += plots.plot_curvature(
+        profiles,
+        OUT / f"curvature_{coords}",
+        rect,
+        coords=coords,
+        logy=True,
+        ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$",
+    )
 
 drift = {}
 for name in FORMS:
     drift[f"{name} teacher"] = diagnostics.first_order_deviation(teachers[name], per_step=True)
     drift[f"{name} rectified"] = diagnostics.first_order_deviation(students[name], per_step=True)
-written += plots.plot_x0_drift(drift, OUT / "x0_drift", {f"{n} rectified": f"{n} teacher" for n in FORMS})
+written += plots.plot_x0_drift(
+    drift, OUT / "x0_drift", {f"{n} rectified": f"{n} teacher" for n in FORMS}
+)
 
 # quality vs NFE: Gaussian teacher (VP) vs its exact rectified model (a CouplingOracle)
 from rectdiff import metrics  # noqa: E402
@@ -108,27 +134,58 @@ data = m + c * torch.randn(2000, 2, generator=torch.Generator().manual_seed(2), 
 nfes = [1, 2, 4, 8, 16, 32, 64]
 results = {}
 for label, model in (("VP ddim", teacher), ("VP ddim rectified", student)):
-    w2 = [metrics.wasserstein2(samplers.sample(model, noise, form=form, prediction="eps", steps=k), data) for k in nfes]
+    w2 = [
+        metrics.wasserstein2(
+            samplers.sample(model, noise, form=form, prediction="eps", steps=k), data
+        )
+        for k in nfes
+    ]
     results[label] = (nfes, w2)
-written += plots.plot_quality_vs_nfe(results, OUT / "quality_vs_nfe", "exact W2 to data (lower is better)",
-                                     ["VP ddim rectified"], logy=True)
+written += plots.plot_quality_vs_nfe(
+    results,
+    OUT / "quality_vs_nfe",
+    "exact W2 to data (lower is better)",
+    ["VP ddim rectified"],
+    logy=True,
+)
 
 lam = torch.linspace(-12, 12, 400, dtype=F64)
 curves = {
-    "VP eps, uniform t": (lam, timesteps.implied_weighting(forms.VP(), "eps", "uniform", "none", lam)),
+    "VP eps, uniform t": (
+        lam,
+        timesteps.implied_weighting(forms.VP(), "eps", "uniform", "none", lam),
+    ),
     "VP v, uniform t": (lam, timesteps.implied_weighting(forms.VP(), "v", "uniform", "none", lam)),
-    "FM flow, uniform t": (lam, timesteps.implied_weighting(forms.FlowMatching(), "flow", "uniform", "none", lam)),
-    "FM flow, logit-normal": (lam, timesteps.implied_weighting(forms.FlowMatching(), "flow", "logit_normal", "none", lam)),
-    "VE eps, uniform t": (lam, timesteps.implied_weighting(forms.VE(), "eps", "uniform", "none", lam)),
+    "FM flow, uniform t": (
+        lam,
+        timesteps.implied_weighting(forms.FlowMatching(), "flow", "uniform", "none", lam),
+    ),
+    "FM flow, logit-normal": (
+        lam,
+        timesteps.implied_weighting(forms.FlowMatching(), "flow", "logit_normal", "none", lam),
+    ),
+    "VE eps, uniform t": (
+        lam,
+        timesteps.implied_weighting(forms.VE(), "eps", "uniform", "none", lam),
+    ),
 }
 written += plots.plot_implied_weighting(curves, OUT / "implied_weighting")
 
-mixture_data = means[torch.randint(6, (1000,), generator=torch.Generator().manual_seed(3))] + 0.2 * torch.randn(1000, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
-written += plots.plot_samples({"VP teacher (dopri5)": teachers["VP"].sample, "FM teacher (dopri5)": teachers["FM"].sample}, OUT / "samples_2d", reference=mixture_data)
+mixture_data = means[
+    torch.randint(6, (1000,), generator=torch.Generator().manual_seed(3))
+] + 0.2 * torch.randn(1000, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+written += plots.plot_samples(
+    {"VP teacher (dopri5)": teachers["VP"].sample, "FM teacher (dopri5)": teachers["FM"].sample},
+    OUT / "samples_2d",
+    reference=mixture_data,
+)
 from sklearn.datasets import load_digits  # noqa: E402
 
 digits = torch.as_tensor(load_digits().images[:36], dtype=F64)[:, None] / 16.0
-written += plots.plot_samples({"digits": digits, "digits + noise": digits + 0.3 * torch.randn_like(digits)}, OUT / "samples_images")
+written += plots.plot_samples(
+    {"digits": digits, "digits + noise": digits + 0.3 * torch.randn_like(digits)},
+    OUT / "samples_images",
+)
 for p in written:
     print(p)
 if DOCS is not None:
@@ -138,6 +195,8 @@ if DOCS is not None:
     for stem in ("trajectories_xy", "curvature_t", "curvature_y", "x0_drift"):
         # a 128-colour palette PNG: a third of the size, indistinguishable for line art
         image = Image.open(OUT / f"{stem}.png").convert("RGB")
-        image = image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        image = image.quantize(
+            colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        )
         image.save(DOCS / f".{stem}.tmp.png", optimize=True)
         shutil.move(DOCS / f".{stem}.tmp.png", DOCS / f"{stem}.png")

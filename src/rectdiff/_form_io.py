@@ -19,7 +19,12 @@ _META_KEYS = ("name", "description")
 _DIFFUSERS_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 #: diffusers' prediction_type -> rectdiff's prediction name
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+DIFFUSERS_PREDICTIONS = {
+    "epsilon": "eps",
+    "sample": "x0",
+    "v_prediction": "v",
+    "flow_prediction": "flow",
+}
 #: diffusers schedulers that share the DDPM discrete VP schedule
 DDPM_FAMILY = (
     "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler",
@@ -198,7 +203,9 @@ def from_diffusers(scheduler_or_config: Any) -> tuple[_forms.Form, str]:
         f"{cls_name or 'scheduler'} {config.get('beta_schedule', 'custom')} "
         f"{config.get('beta_start', '')}-{config.get('beta_end', '')}, {n} steps"
     )
-    return _forms.DiscreteVP(alphas_cumprod=acp, label=label), DIFFUSERS_PREDICTIONS[prediction_type]
+    return _forms.DiscreteVP(alphas_cumprod=acp, label=label), DIFFUSERS_PREDICTIONS[
+        prediction_type
+    ]
 
 
 def preset_table(

@@ -198,7 +198,11 @@ class Form:
         return f"{type(self).__name__}({params})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Form) and type(self) is type(other) and self.config() == other.config()
+        return (
+            isinstance(other, Form)
+            and type(self) is type(other)
+            and self.config() == other.config()
+        )
 
     def __hash__(self) -> int:
         return hash(repr(self.config()))
@@ -347,7 +351,11 @@ class VE(Form):
     family = "ve"
 
     def __init__(
-        self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0, t_max: float = 1.0
+        self,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
     ) -> None:
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(

@@ -27,7 +27,15 @@ from torch import Tensor
 
 from .forms import Form, as_time, broadcast
 
-__all__ = ["PREDICTIONS", "DERIVED", "check_prediction", "to_x0_eps", "from_x0_eps", "convert", "target"]
+__all__ = [
+    "PREDICTIONS",
+    "DERIVED",
+    "check_prediction",
+    "to_x0_eps",
+    "from_x0_eps",
+    "convert",
+    "target",
+]
 
 #: quantities a network can be trained to predict
 PREDICTIONS = ("eps", "x0", "v", "flow")
