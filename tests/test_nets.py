@@ -145,3 +145,12 @@ def test_unet_wrapper_matches_diffusers():
     torch.testing.assert_close(unet(x, t), null, rtol=0, atol=0)  # no labels = the null class
     wrapped = UNet(unet=unet.unet, time_scale=1.0, num_classes=10)
     torch.testing.assert_close(wrapped(x, t * 1000, class_labels=labels), direct, rtol=0, atol=0)
+
+
+def test_sample_shape_is_what_pair_generation_infers():
+    from rectdiff.couplings import _infer_shape
+
+    form = forms.VP()
+    assert _infer_shape(Preconditioned(MLP(dim=3, hidden=8), form), None) == [3]
+    unet = UNet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+    assert _infer_shape(Preconditioned(unet, form), None) == [1, 8, 8]

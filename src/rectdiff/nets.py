@@ -84,6 +84,8 @@ class MLP(nn.Module):
                 f"dim={dim}, hidden={hidden}, depth={depth}, time_embed_dim={time_embed_dim}."
             )
         self.dim, self.time_embed_dim, self.time_scale = dim, time_embed_dim, float(time_scale)
+        #: one sample's shape, read by pair generation; set it for flattened images, e.g. (1, 8, 8)
+        self.sample_shape: tuple[int, ...] = (dim,)
         self.num_classes = num_classes
         self.register_buffer("freqs", embedding_frequencies(time_embed_dim), persistent=False)
         self.inp = nn.Linear(dim + 2 * (time_embed_dim // 2), hidden)
@@ -166,6 +168,13 @@ class UNet(nn.Module):
             )
         self.unet = unet
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape ``(C, H, W)``, read by pair generation."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.unet.config.in_channels), *map(int, size))
+
     def forward(self, x: Tensor, model_time: Any, class_labels: Tensor | None = None) -> Tensor:
         time = _time_vector(model_time, x) * self.time_scale
         if self.num_classes is not None and class_labels is None:
@@ -213,6 +222,11 @@ class Preconditioned(nn.Module):
         self.net, self.form = net, form
         self.sigma_data, self.scale_input = float(sigma_data), bool(scale_input)
         self.output_prediction = output_prediction
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The wrapped network's ``sample_shape`` (AttributeError when it has none)."""
+        return tuple(self.net.sample_shape)
 
     def c_in(self, t: Any) -> Tensor:
         """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2), float64."""
