@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "forms", "predictions", "timesteps", "losses", "samplers", "reparametrize", "oracles",
-    "couplings", "rectify", "diagnostics", "metrics", "plots", "nets", "data", "train",
+    "couplings", "pair_store", "rectify", "diagnostics", "metrics", "plots", "nets", "data", "train",
     "diffusion", "checkpoints", "compare", "stable_diffusion",
 )  # fmt: skip
 __all__ = [*_SUBMODULES, "Diffusion", "Reflow", "__version__"]
