@@ -75,6 +75,7 @@ __all__ = [
     "PairStoreError",
     "PairDataset",
     "generate_pairs",
+    "process_state",
     "load_manifest",
     "verify_store",
     "shard_seed",
@@ -237,7 +238,7 @@ def _make_shard(
     return entry
 
 
-def _default_state() -> Any:
+def process_state() -> Any:
     """accelerate's process state; honours ACCELERATE_USE_CPU as ``Accelerator`` does.
 
     (``PartialState()`` alone ignores that variable and would make every process of
@@ -332,7 +333,7 @@ def generate_pairs(
     from tqdm.auto import tqdm
 
     _validate(num_pairs, shard_size, batch_size, steps, solver, dtype)
-    state = accelerator if accelerator is not None else _default_state()
+    state = accelerator if accelerator is not None else process_state()
     settings = PairSettings(
         form=form.config(),
         prediction=check_prediction(prediction),

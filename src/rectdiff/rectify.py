@@ -39,7 +39,7 @@ from .diffusion import Diffusion
 from .forms import Form
 from .predictions import check_prediction
 from .reparametrize import reparametrize
-from .timesteps import TimeSampler
+from .timesteps import AtTime
 from .train import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -53,25 +53,6 @@ __all__ = [
 ]
 
 INITS = ("teacher", "scratch")
-
-
-class AtTime(TimeSampler):
-    """Every training time at one value ``t`` (``form.t_max`` by default): distillation."""
-
-    name = "at_time"
-
-    def __init__(self, form: Form, t: float | None = None) -> None:
-        super().__init__(form)
-        self.t = form.t_max if t is None else float(t)
-
-    def sample(self, batch, generator=None, device=None) -> Tensor:  # noqa: ANN001
-        return torch.full((batch,), self.t, dtype=torch.float64, device=device)
-
-    def density(self, t: Any) -> Tensor:  # a point mass has no density in t
-        raise ValueError("AtTime is a point mass at one t; it has no implied logsnr weighting.")
-
-    def params(self) -> dict[str, Any]:
-        return {"t": self.t}
 
 
 @dataclass

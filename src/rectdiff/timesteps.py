@@ -24,6 +24,7 @@ Time samplers (``t`` restricted to ``[form.t_min, form.t_max]`` and renormalised
     u_shaped         p(t) ∝ cosh(a (t - 1/2)) (Lee, Lin & Fanti 2024, sec. 3.2)
     uniform_logsnr   lambda ~ U(form.logsnr_range())
     discrete         uniform over the N integer timesteps of a ``DiscreteVP``
+    AtTime           every t at one value (t_max by default): one-step distillation
 Weightings (multipliers on the prediction's MSE):
     none             1
     snr              exp(lambda)
@@ -53,6 +54,7 @@ __all__ = [
     "UniformLogSNR",
     "Discrete",
     "Equalized",
+    "AtTime",
     "TIME_SAMPLERS",
     "time_sampler",
     "Weighting",
@@ -388,6 +390,30 @@ class Equalized(TimeSampler):
 
     def params(self) -> dict[str, Any]:
         return {"lo": self.lo, "hi": self.hi, "grid_size": len(self.weights)}
+
+
+class AtTime(TimeSampler):
+    """Every training time at one value ``t`` (``form.t_max`` by default): distillation."""
+
+    name = "at_time"
+
+    def __init__(self, form: Form, t: float | None = None) -> None:
+        super().__init__(form)
+        self.t = form.t_max if t is None else float(t)
+
+    def sample(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        return torch.full((batch,), self.t, dtype=torch.float64, device=device)
+
+    def density(self, t: Any) -> Tensor:  # a point mass has no density in t
+        raise ValueError("AtTime is a point mass at one t; it has no implied logsnr weighting.")
+
+    def params(self) -> dict[str, Any]:
+        return {"t": self.t}
 
 
 TIME_SAMPLERS: dict[str, type[TimeSampler]] = {

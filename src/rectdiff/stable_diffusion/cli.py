@@ -12,10 +12,9 @@ __all__ = ["add_sd_parser", "main"]
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from ..couplings import process_state
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
+    return process_state().is_main_process
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
