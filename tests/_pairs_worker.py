@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rectdiff import couplings, forms
+from rectdiff import forms
+from rectdiff.rectify import pairs as couplings
 from rectdiff.oracles import GaussianOracle
 
 #: the settings every run of this worker uses (the tests compare stores byte for byte)

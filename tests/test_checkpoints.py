@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from rectdiff import forms
-from rectdiff.checkpoints import (
+from rectdiff.io.model_dir import (
     build_model,
     is_model_dir,
     load_model_dir,
     read_model_info,
     save_model_dir,
 )
-from rectdiff.nets import Preconditioned
+from rectdiff.models import Preconditioned
 from rectdiff.reparametrize import Reparametrized
 
 MLP_CONFIG = {

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from rectdiff import forms, samplers
-from rectdiff.checkpoints import load_model_dir
+from rectdiff.io.model_dir import load_model_dir
 from rectdiff.cli import main
-from rectdiff.compare import diagnose_dirs, standard_noise
-from rectdiff.couplings import PairDataset
+from rectdiff.apps.compare.run import diagnose_dirs, standard_noise
+from rectdiff.rectify.pairs import PairDataset
 from rectdiff.rectify import rectify
 from rectdiff.reparametrize import Reparametrized
-from rectdiff.train import TrainConfig
+from rectdiff.training import TrainConfig
 
 CONFIG = """
 seed = 5

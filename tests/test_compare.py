@@ -6,9 +6,10 @@ import tomllib
 import pytest
 import torch
 
-from rectdiff import forms, metrics, samplers, timesteps
-from rectdiff.checkpoints import load_model_dir
-from rectdiff.compare import (
+from rectdiff import forms, metrics, samplers
+from rectdiff import training as timesteps
+from rectdiff.io.model_dir import load_model_dir
+from rectdiff.apps.compare.run import (
     cell_train_config,
     evaluate_model,
     implied_weightings,
@@ -16,7 +17,7 @@ from rectdiff.compare import (
     sampling_grid,
     standard_noise,
 )
-from rectdiff.compare_config import (
+from rectdiff.apps.compare.config import (
     DEFAULT_CONFIG,
     config_from_dict,
     load_config,

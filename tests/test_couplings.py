@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rectdiff import couplings, forms
-from rectdiff.couplings import PairDataset, PairStoreError, generate_pairs, verify_store
+from rectdiff import forms
+from rectdiff.rectify import pairs as couplings
+from rectdiff.rectify.pairs import PairDataset, PairStoreError, generate_pairs, verify_store
 from rectdiff.oracles import CouplingOracle
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from rectdiff import forms
-from rectdiff._form_io import ddpm_betas
+from rectdiff.forms.io import ddpm_betas
 
 F64 = torch.float64
 SD15 = dict(

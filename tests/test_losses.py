@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from rectdiff import forms, predictions
-from rectdiff import timesteps as ts
-from rectdiff.losses import diffusion_loss
+from rectdiff import training as ts
+from rectdiff.training.losses import diffusion_loss
 from rectdiff.oracles import GaussianOracle
 
 F64 = torch.float64

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rectdiff import forms, predictions
-from rectdiff.nets import MLP, Preconditioned, UNet, embedding_frequencies, sinusoidal_embedding
+from rectdiff.models import MLP, Preconditioned, UNet, embedding_frequencies, sinusoidal_embedding
 
 F64 = torch.float64
 FORMS = {
@@ -148,9 +148,9 @@ def test_unet_wrapper_matches_diffusers():
 
 
 def test_sample_shape_is_what_pair_generation_infers():
-    from rectdiff.couplings import _infer_shape
+    from rectdiff.rectify.pairs import infer_shape
 
     form = forms.VP()
-    assert _infer_shape(Preconditioned(MLP(dim=3, hidden=8), form), None) == [3]
+    assert infer_shape(Preconditioned(MLP(dim=3, hidden=8), form), None) == [3]
     unet = UNet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
-    assert _infer_shape(Preconditioned(unet, form), None) == [1, 8, 8]
+    assert infer_shape(Preconditioned(unet, form), None) == [1, 8, 8]

@@ -138,7 +138,7 @@ def test_samples_points_and_images(tmp_path: Path) -> None:
 def test_image_grid_layout() -> None:
     # 5 images of 2x3 pixels in 3 columns: 2 rows, 1-pixel white gaps, values mapped to [0, 1]
     images = np.arange(5 * 6, dtype=np.float64).reshape(5, 1, 2, 3)
-    grid = plots._image_grid(images, 3, lo=0.0, hi=29.0)
+    grid = plots.image_grid(images, 3, lo=0.0, hi=29.0)
     assert grid.shape == (2 * 3 - 1, 3 * 4 - 1, 1)
     np.testing.assert_allclose(grid[3:5, 4:7, 0], images[4, 0] / 29.0)  # image 4: row 1, column 1
     np.testing.assert_array_equal(grid[2, :, 0], 1.0)  # the gap between rows

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from rectdiff import forms, samplers
-from rectdiff.couplings import PairDataset, generate_pairs, load_manifest
-from rectdiff.diffusion import Diffusion
-from rectdiff.nets import MLP, Preconditioned
+from rectdiff.rectify.pairs import PairDataset, generate_pairs, load_manifest
+from rectdiff.rectify.online import Diffusion
+from rectdiff.models import MLP, Preconditioned
 from rectdiff.oracles import GaussianOracle
 from rectdiff.rectify import AtTime, RectifyConfig, Reflow, load_pairs, rectify, rectify_rounds
-from rectdiff.train import TrainConfig
+from rectdiff.training import TrainConfig
 
 MEAN, STD = torch.tensor([1.0, -0.5]), 0.5
 

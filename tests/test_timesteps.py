@@ -9,7 +9,7 @@ import torch
 from scipy import integrate, stats
 
 from rectdiff import forms
-from rectdiff import timesteps as ts
+from rectdiff import training as ts
 
 F64 = torch.float64
 FORMS = {
@@ -118,7 +118,7 @@ def test_min_snr_matches_the_paper_per_prediction_in_vp():
 # --- implied weighting --------------------------------------------------------------------------
 def fm_closed_form(lam, prediction):
     """Flow matching alpha = 1 - t, sigma = t: t = sigmoid(-lam/2), |dt/dlam| = t(1-t)/2 and the
-    prediction factors c^2 written out by hand (module docstring of rectdiff.timesteps)."""
+    prediction factors c^2 written out by hand (module docstring of rectdiff.training)."""
     t = torch.sigmoid(-lam / 2)
     alpha, sigma = 1 - t, t
     factor = {

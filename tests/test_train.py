@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from rectdiff import forms, samplers
 from rectdiff.data import load_data
-from rectdiff.nets import MLP, Preconditioned
-from rectdiff.train import NonFiniteLossError, TrainConfig, train
+from rectdiff.models import MLP, Preconditioned
+from rectdiff.training import NonFiniteLossError, TrainConfig, train
 
 FORMS = {"vp": forms.VP(), "subvp": forms.SubVP(), "ve": forms.VE(), "fm": forms.FlowMatching()}
 RADIUS, STD = 2.0, 0.25

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from rectdiff import forms, samplers
 from rectdiff.data import load_data
-from rectdiff.train import TrainConfig, Trainer
+from rectdiff.training import TrainConfig, Trainer
 
 
 class TutorialMLP(nn.Module):

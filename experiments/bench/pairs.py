@@ -28,8 +28,8 @@ from torchdiffeq import odeint
 
 from rectdiff import forms, samplers
 from rectdiff.data import load_data
-from rectdiff.nets import MLP, Preconditioned
-from rectdiff.train import TrainConfig, train
+from rectdiff.models import MLP, Preconditioned
+from rectdiff.training import TrainConfig, train
 
 STEP_LADDER = (4, 6, 8, 10, 12, 16, 20, 25, 32, 40, 50, 64)
 

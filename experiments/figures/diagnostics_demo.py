@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rectdiff import diagnostics, forms, plots, samplers, timesteps
+from rectdiff import diagnostics, forms, plots, samplers
+from rectdiff import training as timesteps
 from rectdiff.forms import broadcast
 from rectdiff.oracles import CouplingOracle, GaussianOracle
 from rectdiff.samplers import Trajectory

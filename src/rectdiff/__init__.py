@@ -5,10 +5,11 @@ t = 1 noise) with a choice of what the network predicts; rectification retrains 
 deterministic (noise, sample) pairs it generates, in any form, making its sampling
 trajectories first-order.
 
-The modules, in the order data flows through them::
+The packages, in the order data flows through them::
 
-    forms -> predictions -> timesteps -> losses / samplers -> couplings -> rectify
-          -> diagnostics -> metrics -> plots            (and train, nets, data, compare)
+    forms -> predictions -> training / samplers -> rectify -> diagnostics -> metrics -> plots
+    (models, oracles, data, reparametrize beside them; io for files; apps and
+    stable_diffusion on top; cli the command)
 
 Submodules are imported on first use, so ``import rectdiff`` stays light.
 """
@@ -21,9 +22,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "forms", "predictions", "timesteps", "losses", "samplers", "reparametrize", "oracles",
-    "couplings", "pair_store", "rectify", "diagnostics", "metrics", "plots", "nets", "data", "train",
-    "diffusion", "checkpoints", "compare", "stable_diffusion",
+    "forms", "predictions", "reparametrize", "training", "samplers", "rectify", "couplings",
+    "diagnostics", "metrics", "models", "oracles", "data", "plots", "io", "apps",
+    "stable_diffusion",
 )  # fmt: skip
 __all__ = [*_SUBMODULES, "Diffusion", "Reflow", "__version__"]
 
@@ -31,8 +32,6 @@ __all__ = [*_SUBMODULES, "Diffusion", "Reflow", "__version__"]
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name == "Diffusion":
-        return importlib.import_module(".diffusion", __name__).Diffusion
-    if name == "Reflow":
-        return importlib.import_module(".rectify", __name__).Reflow
+    if name in ("Diffusion", "Reflow"):
+        return getattr(importlib.import_module(".rectify.online", __name__), name)
     raise AttributeError(f"module 'rectdiff' has no attribute {name!r}")

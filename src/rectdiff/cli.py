@@ -32,9 +32,9 @@ def _cmd_schedules(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
-    from .compare_config import load_config
-    from .compare_report import summary_markdown
+    from .apps.compare.config import load_config
+    from .apps.compare.report import summary_markdown
+    from .apps.compare.run import run_compare
 
     config = load_config(args.config)
     if args.workers is not None:
@@ -47,7 +47,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from .checkpoints import generate_pairs_from_dir
+    from .io.model_dir import generate_pairs_from_dir
 
     store = generate_pairs_from_dir(
         args.model, args.out, num_pairs=args.num, solver=args.solver, steps=args.steps,
@@ -60,8 +60,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 def _cmd_rectify(args: argparse.Namespace) -> int:
     from . import forms
-    from .checkpoints import rectify_from_dir
-    from .train import TrainConfig
+    from .io.model_dir import rectify_from_dir
+    from .training.trainer import TrainConfig
 
     options = {
         "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
@@ -80,8 +80,8 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from .compare import diagnose_dirs
-    from .compare_report import diagnose_markdown
+    from .apps.compare.report import diagnose_markdown
+    from .apps.compare.run import diagnose_dirs
 
     records = diagnose_dirs(
         args.model, solver=args.solver, steps=args.steps, num=args.num, seed=args.seed,
@@ -93,7 +93,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .compare import plot_model_dirs, plot_results
+    from .apps.compare.run import plot_model_dirs, plot_results
 
     if args.results is not None:
         written = plot_results(args.results, args.out)

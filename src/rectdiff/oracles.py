@@ -38,8 +38,8 @@ class _Oracle(nn.Module):
 
     def _coefficients(self, x_t: Tensor, model_time: Any) -> tuple[Tensor, Tensor, Tensor]:
         t = self.form.t_from_model_time(as_time(model_time)).to(x_t.device)
-        alpha = broadcast(self.form._alpha(t), x_t)
-        sigma = broadcast(self.form._sigma(t), x_t)
+        alpha = broadcast(self.form.alpha(t), x_t)
+        sigma = broadcast(self.form.sigma(t), x_t)
         return t, alpha, sigma
 
     def x0_eps(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,7 +69,7 @@ class GaussianOracle(_Oracle):
     def marginal_std(self, t: Any) -> Tensor:
         """s_t = sqrt(alpha_t^2 std^2 + sigma_t^2), float64."""
         t64 = as_time(t)
-        return torch.sqrt(self.form._alpha(t64) ** 2 * self.std**2 + self.form._sigma(t64) ** 2)
+        return torch.sqrt(self.form.alpha(t64) ** 2 * self.std**2 + self.form.sigma(t64) ** 2)
 
     def solve(self, x: Tensor, t_from: float, t_to: float) -> Tensor:
         """Exact probability-flow ODE solution from ``(x, t_from)`` to time ``t_to``."""

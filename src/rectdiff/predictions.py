@@ -65,7 +65,7 @@ def check_time_range(t: Tensor, form: Form, what: str = "t") -> None:
 
 def _coefficients(form: Form, t: Any, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     t64 = as_time(t).to(like.device)
-    values = (form._alpha(t64), form._sigma(t64), form._d_alpha(t64), form._d_sigma(t64))
+    values = (form.alpha(t64), form.sigma(t64), form.d_alpha(t64), form.d_sigma(t64))
     return tuple(broadcast(v, like) for v in values)  # type: ignore[return-value]
 
 
@@ -110,11 +110,11 @@ def from_x0_eps(x0: Tensor, eps: Tensor, dst: str, t: Any, form: Form) -> Tensor
         return eps
     t64 = as_time(t).to(x0.device)  # only the coefficients each quantity needs: hot path
     if dst == "v":
-        return broadcast(form._alpha(t64), x0) * eps - broadcast(form._sigma(t64), x0) * x0
+        return broadcast(form.alpha(t64), x0) * eps - broadcast(form.sigma(t64), x0) * x0
     if dst == "flow":
-        return broadcast(form._d_alpha(t64), x0) * x0 + broadcast(form._d_sigma(t64), x0) * eps
+        return broadcast(form.d_alpha(t64), x0) * x0 + broadcast(form.d_sigma(t64), x0) * eps
     if dst == "score":
-        return -eps / broadcast(form._sigma(t64), x0)
+        return -eps / broadcast(form.sigma(t64), x0)
     check_prediction(dst, allow_derived=True)
     raise AssertionError("unreachable")
 

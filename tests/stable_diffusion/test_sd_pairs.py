@@ -14,7 +14,8 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from rectdiff import couplings, samplers
+from rectdiff import samplers
+from rectdiff.rectify import pairs as couplings
 from rectdiff.stable_diffusion import (
     TextConditionedUNet,
     generate_sd_pairs,

@@ -12,7 +12,7 @@ __all__ = ["add_sd_parser", "main"]
 
 
 def _is_main_process() -> bool:
-    from ..couplings import process_state
+    from ..rectify.pairs import process_state
 
     return process_state().is_main_process
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import samplers
-from .._files import write_bytes_atomic, write_json_atomic
+from ..io.files import write_bytes_atomic, write_json_atomic
 from .clip_score import ClipScorer
 from .load import check_pipeline_dir, load_pipeline, pipeline_form
 from .model import TextConditionedUNet, tokenize

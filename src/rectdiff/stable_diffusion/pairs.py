@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import couplings
 from ..forms import Form
+from ..rectify import pairs as couplings
 from .load import (
     check_pipeline_dir,
     load_pipeline,
@@ -137,7 +137,7 @@ def _short(digest: str) -> str:
     return digest[:12] + "..."
 
 
-def _pipeline_differences(stored: dict[str, str], current: dict[str, str]) -> list[str]:
+def pipeline_differences(stored: dict[str, str], current: dict[str, str]) -> list[str]:
     return [
         f"{part} files sha256 {_short(stored.get(part, '?'))} in the store, "
         f"{_short(current.get(part, '?'))} now"
@@ -163,7 +163,7 @@ def check_store(
             "write the Stable Diffusion pairs into another folder."
         )
     problems = []
-    pipeline_diff = _pipeline_differences(stored["pipeline"], description["pipeline"])
+    pipeline_diff = pipeline_differences(stored["pipeline"], description["pipeline"])
     if pipeline_diff:
         problems.append(
             f"it was made by another pipeline than {str(pipeline_dir)!r} ("

@@ -50,14 +50,14 @@ import torch
 from torch import Tensor
 
 from .. import forms
-from .._files import publish_folder, temporary_sibling, write_json_atomic
-from ..couplings import PairDataset, PairStoreError
+from ..io.files import publish_folder, temporary_sibling, write_json_atomic
 from ..predictions import check_prediction
+from ..rectify.pairs import PairDataset, PairStoreError
 from ..reparametrize import reparametrize
-from ..train import TrainConfig, train
+from ..training.trainer import TrainConfig, train
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint, pipeline_form
 from .model import TextConditionedUNet
-from .pairs import _pipeline_differences, store_description
+from .pairs import pipeline_differences, store_description
 
 __all__ = [
     "TARGET_FORMS",
@@ -134,7 +134,7 @@ def _open_pairs(pairs_dir: str | os.PathLike[str], pipeline_dir: Path) -> PairDa
             f"pair store {str(pairs_dir)!r} was not made by `rectdiff sd pairs` (no prompt "
             "token ids); make Stable Diffusion pairs with `rectdiff sd pairs`."
         )
-    differences = _pipeline_differences(description["pipeline"], pipeline_fingerprint(pipeline_dir))
+    differences = pipeline_differences(description["pipeline"], pipeline_fingerprint(pipeline_dir))
     if differences:
         raise ValueError(
             f"pair store {str(pairs_dir)!r} was made by another pipeline than "

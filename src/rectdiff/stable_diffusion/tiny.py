@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._files import publish_folder, temporary_sibling
+from ..io.files import publish_folder, temporary_sibling
 
 __all__ = [
     "SD15_SCHEDULER_CONFIG",
@@ -201,7 +201,7 @@ def _fit_unet(
 ) -> None:
     """``steps`` AdamW steps of the eps-prediction loss on the synthetic latents."""
     from .. import forms
-    from ..losses import diffusion_loss
+    from ..training.losses import diffusion_loss
     from .model import TextConditionedUNet, tokenize
 
     form, prediction = forms.from_diffusers(scheduler)

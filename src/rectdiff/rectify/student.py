@@ -15,8 +15,7 @@ with :func:`rectdiff.reparametrize.reparametrize`).
   round's pairs, checkpoint and numbers kept under ``out/round_k``.
 * ``distill=True`` — train on the pairs only at ``t = t_max``, so the student maps noise to
   sample in one step (the "+Distill" rows of Liu et al. 2023, Table 1).
-* :class:`Reflow` — the online variant for the one-object API: pairs drawn on the fly from a
-  frozen copy of the teacher (as rectified-flow-pytorch does).
+* :class:`~rectdiff.rectify.online.Reflow` — the online variant for the one-object API.
 """
 
 from __future__ import annotations
@@ -33,14 +32,13 @@ import torch
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from ._files import write_json_atomic
-from .couplings import PairDataset, generate_pairs
-from .diffusion import Diffusion
-from .forms import Form
-from .predictions import check_prediction
-from .reparametrize import reparametrize
-from .timesteps import AtTime
-from .train import TrainConfig, TrainResult, train
+from ..forms import Form
+from ..io.files import write_json_atomic
+from ..predictions import check_prediction
+from ..reparametrize import reparametrize
+from ..training.time_samplers import AtTime
+from ..training.trainer import TrainConfig, TrainResult, train
+from .pairs import PairDataset, generate_pairs
 
 __all__ = [
     "RectifyConfig",
@@ -49,7 +47,6 @@ __all__ = [
     "load_pairs",
     "rectify",
     "rectify_rounds",
-    "Reflow",
 ]
 
 INITS = ("teacher", "scratch")
@@ -266,45 +263,3 @@ def rectify_rounds(
         results.append(RoundResult(k, round_dir / "pairs", result.model, checkpoint, result.losses))
         current, current_form, current_pred = result.model, s_form, s_pred
     return results
-
-
-class Reflow(nn.Module):
-    """Online rectification for the one-object API: ``loss = reflow(batch_size)``.
-
-    Pairs come on the fly from a frozen copy of the teacher, solved with ``solver`` /
-    ``steps`` from fresh standard-normal noise; the loss is the student's diffusion loss on
-    them. This is rectified-flow-pytorch's ``Reflow`` for any form; the offline pair store
-    (:func:`rectify_rounds`) is what scales.
-
-    Args:
-        diffusion: the teacher, as a :class:`~rectdiff.diffusion.Diffusion`; the student is a
-            deep copy (``self.student``) trained in the same form and prediction.
-        solver, steps: how the teacher's pairs are made.
-    """
-
-    def __init__(self, diffusion: Diffusion, *, solver: str = "dpmpp_2m", steps: int = 25) -> None:
-        super().__init__()
-        if diffusion.sample_shape is None:
-            raise ValueError(
-                "Reflow needs the teacher's sample_shape; pass sample_shape= to Diffusion."
-            )
-        self.teacher = copy.deepcopy(diffusion).requires_grad_(False).eval()
-        self.student = copy.deepcopy(diffusion)
-        self.solver, self.steps = solver, steps
-
-    @torch.no_grad()
-    def pairs(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``batch_size`` fresh couplings ``(eps, x0_hat)`` from the frozen teacher."""
-        param = next(self.student.parameters(), None)
-        dtype = param.dtype if param is not None else torch.float32
-        device = param.device if param is not None else torch.device("cpu")
-        shape = (batch_size, *self.teacher.sample_shape)
-        eps = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        return eps, self.teacher.sample(eps=eps, steps=self.steps, solver=self.solver)
-
-    def forward(self, batch_size: int = 256, generator: torch.Generator | None = None) -> Tensor:
-        """The student's diffusion loss on ``batch_size`` fresh teacher pairs."""
-        eps, x0 = self.pairs(batch_size, generator)
-        return self.student(x0, eps=eps)

@@ -231,7 +231,7 @@ class Preconditioned(nn.Module):
     def c_in(self, t: Any) -> Tensor:
         """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2), float64."""
         t64 = as_time(t)
-        alpha, sigma = self.form._alpha(t64), self.form._sigma(t64)
+        alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
         return torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
 
     def c_out(self, t: Any) -> Tensor:

@@ -46,14 +46,15 @@ from typing import Any
 
 import torch
 
-from . import timesteps
-from .checkpoints import NET_KINDS
-from .forms import Form, from_config, load, presets
-from .metrics import METRICS
-from .predictions import PREDICTIONS
-from .rectify import RectifyConfig
-from .samplers import SOLVERS, TIME_GRIDS
-from .train import TrainConfig
+from ... import training as timesteps
+from ...forms import Form, from_config, load, presets
+from ...io.model_dir import NET_KINDS
+from ...io.resources import data_dir
+from ...metrics import METRICS
+from ...predictions import PREDICTIONS
+from ...rectify.student import RectifyConfig
+from ...samplers import SOLVERS, TIME_GRIDS
+from ...training.trainer import TrainConfig
 
 __all__ = [
     "EQUAL_MODES",
@@ -81,9 +82,9 @@ DIAGNOSTICS = (
     "transport_cost",
     "relative_transport_cost",
 )
-ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+ADAPTIVE_SOLVERS = tuple(name for name, entry in SOLVERS.items() if entry.adaptive)
 #: the default configuration file, relative to the repository root
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "compare_forms.toml"
+DEFAULT_CONFIG = data_dir("experiments") / "compare_forms.toml"
 
 
 def _reject_unknown(values: dict[str, Any], cls: type, where: str, extra: tuple = ()) -> None:

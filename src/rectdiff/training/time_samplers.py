@@ -1,22 +1,4 @@
-"""Training time distributions and loss weightings, all seen as one weight over logsnr.
-
-A diffusion loss ``E_t[ weight(t) ||pred - target||^2 ]`` with ``t ~ p_t`` is, in eps-MSE
-terms, ``int w(lambda) E||eps_hat - eps||^2 dlambda`` with (Kingma & Gao 2023,
-"Understanding Diffusion Objectives", sec. 3)
-
-    w(lambda) = p_t(t(lambda)) |dt/dlambda| * c_pred(t)^2 * weight(t),
-
-where ``c_pred`` converts the prediction's error into the eps error at fixed x_t. From
-``x0 = (x_t - sigma eps) / alpha``: ``x0_hat - x0 = -(sigma / alpha)(eps_hat - eps)``, so
-
-    eps   c = 1
-    x0    c = sigma / alpha                           (c^2 = exp(-lambda))
-    v     c = (alpha^2 + sigma^2) / alpha              (v = alpha eps - sigma x0)
-    flow  c = sigma' - sigma alpha' / alpha            (u = alpha' x0 + sigma' eps)
-
-:func:`implied_weighting` computes w(lambda) for any form, prediction, time sampler and
-weighting; :func:`equalize` builds the time sampler and weighting that give a form any
-reference w(lambda), which is what "equal in logsnr" comparisons between forms need.
+"""Training time distributions p(t); see :mod:`.weightings` for how each becomes a weight over logsnr.
 
 Time samplers (``t`` restricted to ``[form.t_min, form.t_max]`` and renormalised):
     uniform          p(t) = const
@@ -24,18 +6,12 @@ Time samplers (``t`` restricted to ``[form.t_min, form.t_max]`` and renormalised
     u_shaped         p(t) ∝ cosh(a (t - 1/2)) (Lee, Lin & Fanti 2024, sec. 3.2)
     uniform_logsnr   lambda ~ U(form.logsnr_range())
     discrete         uniform over the N integer timesteps of a ``DiscreteVP``
+    equalized        lambda drawn from a reference weight over logsnr (see ``weightings.equalize``)
     AtTime           every t at one value (t_max by default): one-step distillation
-Weightings (multipliers on the prediction's MSE):
-    none             1
-    snr              exp(lambda)
-    min_snr          x0-MSE weighted by min(SNR, gamma) (Hang et al. 2023, "Efficient Diffusion
-                     Training via Min-SNR Weighting Strategy"), i.e. eps-MSE weighted by
-                     min(1, gamma / SNR), written for any prediction as min(1, gamma/SNR) / c^2.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -43,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .forms import Form, as_time
-from .predictions import check_prediction
+from ..forms import Form, as_time
+from ..io.configs import parameter_names, reject_unknown
 
 __all__ = [
     "TimeSampler",
@@ -57,18 +33,8 @@ __all__ = [
     "AtTime",
     "TIME_SAMPLERS",
     "time_sampler",
-    "Weighting",
-    "NoWeighting",
-    "SNRWeighting",
-    "MinSNRWeighting",
-    "InverseFactorWeighting",
-    "WEIGHTINGS",
-    "loss_weighting",
+    "check_params",
     "dlogsnr_dt",
-    "prediction_factor",
-    "implied_weighting",
-    "equalize",
-    "common_logsnr_range",
 ]
 
 _F64 = torch.float64
@@ -77,39 +43,15 @@ _F64 = torch.float64
 def dlogsnr_dt(form: Form, t: Any) -> Tensor:
     """d logsnr / dt = 2 (alpha'/alpha - sigma'/sigma), float64 (negative for every form)."""
     t64 = as_time(t)
-    return 2.0 * (form._d_alpha(t64) / form._alpha(t64) - form._d_sigma(t64) / form._sigma(t64))
+    return 2.0 * (form.d_alpha(t64) / form.alpha(t64) - form.d_sigma(t64) / form.sigma(t64))
 
 
-def prediction_factor(form: Form, prediction: str, t: Any) -> Tensor:
-    """c(t)^2 with ``pred_hat - pred = c(t) (eps_hat - eps)`` at fixed x_t, float64.
-
-    See the module docstring for c per prediction; it turns a prediction's MSE into eps-MSE.
-    """
-    check_prediction(prediction)
-    t64 = as_time(t)
-    if prediction == "eps":
-        return torch.ones_like(t64)
-    alpha, sigma = form._alpha(t64), form._sigma(t64)
-    if prediction == "x0":
-        c = sigma / alpha
-    elif prediction == "v":
-        c = (alpha**2 + sigma**2) / alpha
-    else:  # flow
-        c = form._d_sigma(t64) - sigma * form._d_alpha(t64) / alpha
-    return c**2
+def check_params(cls: type, params: dict[str, Any], what: str) -> None:
+    """Reject keyword parameters that ``cls.__init__`` does not take (``form`` is supplied)."""
+    allowed = parameter_names(cls.__init__, skip=("self", "form"))
+    reject_unknown(params, allowed, "parameter", f"for {what} {cls.name!r}")  # type: ignore[attr-defined]
 
 
-def _check_params(cls: type, params: dict[str, Any], what: str) -> None:
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "form")]
-    for key in params:
-        if key not in allowed:
-            raise ValueError(
-                f"unknown parameter {key!r} for {what} {cls.name!r}; allowed: "  # type: ignore[attr-defined]
-                f"{', '.join(allowed) or '(none)'}."
-            )
-
-
-# --- time samplers ------------------------------------------------------------------------
 class TimeSampler:
     """A training time distribution on ``[form.t_min, form.t_max]``.
 
@@ -445,204 +387,5 @@ def time_sampler(name_or_obj: str | TimeSampler, form: Form, **params: Any) -> T
             f"unknown time sampler {name_or_obj!r}; allowed: {', '.join(TIME_SAMPLERS)}."
         )
     cls = TIME_SAMPLERS[name_or_obj]
-    _check_params(cls, params, "time sampler")
+    check_params(cls, params, "time sampler")
     return cls(form, **params)
-
-
-_build_sampler = time_sampler  # for functions whose argument is named time_sampler
-
-
-# --- loss weightings ----------------------------------------------------------------------
-class Weighting:
-    """A per-sample multiplier on the prediction's MSE, as a function of t (through logsnr)."""
-
-    name: ClassVar[str] = "weighting"
-    #: True when the weight is identically 1 (the loss then skips the multiplication)
-    identity: ClassVar[bool] = False
-
-    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
-        """The weight at times ``t``, float64."""
-        raise NotImplementedError
-
-    def params(self) -> dict[str, Any]:
-        """The parameters that rebuild this weighting with :func:`loss_weighting`."""
-        return {}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
-
-
-class NoWeighting(Weighting):
-    """weight = 1: the plain MSE of the prediction."""
-
-    name = "none"
-    identity = True
-
-    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
-        return torch.ones_like(as_time(t))
-
-
-class SNRWeighting(Weighting):
-    """weight = SNR = exp(logsnr) on the prediction's MSE (eps-prediction then equals x0-MSE)."""
-
-    name = "snr"
-
-    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
-        return torch.exp(form._logsnr(as_time(t)))
-
-
-class MinSNRWeighting(Weighting):
-    """Min-SNR-gamma (Hang et al. 2023): x0-MSE weighted by min(SNR, gamma), any prediction.
-
-    As eps-MSE weight this is min(1, gamma / SNR); divided by the prediction factor c^2 it is
-    the paper's min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and
-    min(SNR, gamma) / (SNR + 1) for v in VP forms, and the same rule for every other form.
-    """
-
-    name = "min_snr"
-
-    def __init__(self, gamma: float = 5.0) -> None:
-        if gamma <= 0:
-            raise ValueError(f"min_snr needs gamma > 0, got gamma={gamma} (the paper uses 5).")
-        self.gamma = float(gamma)
-
-    def params(self) -> dict[str, Any]:
-        return {"gamma": self.gamma}
-
-    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
-        t64 = as_time(t)
-        eps_weight = torch.clamp(self.gamma * torch.exp(-form._logsnr(t64)), max=1.0)
-        return eps_weight / prediction_factor(form, prediction, t64)
-
-
-class InverseFactorWeighting(Weighting):
-    """weight = scale / c_pred(t)^2: makes the eps-MSE weight the constant ``scale``."""
-
-    name = "inverse_factor"
-
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = float(scale)
-
-    def params(self) -> dict[str, Any]:
-        return {"scale": self.scale}
-
-    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
-        return self.scale / prediction_factor(form, prediction, t)
-
-
-WEIGHTINGS: dict[str, type[Weighting]] = {
-    "none": NoWeighting,
-    "snr": SNRWeighting,
-    "min_snr": MinSNRWeighting,
-    "inverse_factor": InverseFactorWeighting,
-}
-
-
-def loss_weighting(name_or_obj: str | Weighting, **params: Any) -> Weighting:
-    """A loss weighting by name (with its parameters), or the given one.
-
-    Raises:
-        ValueError: for an unknown name or parameter.
-    """
-    if isinstance(name_or_obj, Weighting):
-        if params:
-            raise ValueError(
-                f"parameters {sorted(params)} go with a weighting name, not an object."
-            )
-        return name_or_obj
-    if name_or_obj not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {name_or_obj!r}; allowed: {', '.join(WEIGHTINGS)}.")
-    cls = WEIGHTINGS[name_or_obj]
-    _check_params(cls, params, "weighting")
-    return cls(**params)
-
-
-# --- weight over logsnr -------------------------------------------------------------------
-def implied_weighting(
-    form: Form,
-    prediction: str,
-    time_sampler: str | TimeSampler,
-    weighting: str | Weighting,
-    logsnr_grid: Any,
-) -> Tensor:
-    """The eps-MSE weight over logsnr that a training set-up amounts to, float64.
-
-    ``w(lambda) = p_t(t(lambda)) |dt/dlambda| c_pred(t)^2 weight(t)`` (Kingma & Gao 2023,
-    sec. 3), so that ``E_t[weight(t) ||pred_hat - pred||^2] = int w(lambda)
-    E||eps_hat - eps||^2 dlambda``. Zero outside the form's logsnr range.
-
-    Args:
-        form: the diffusion form.
-        prediction: what the network predicts.
-        time_sampler: a name (default parameters) or a sampler built for ``form``.
-        weighting: a name (default parameters) or a :class:`Weighting`.
-        logsnr_grid: the logsnr values to evaluate at.
-    """
-    check_prediction(prediction)
-    sampler = _build_sampler(time_sampler, form)
-    weight_fn = loss_weighting(weighting)
-    lam = as_time(logsnr_grid)
-    lo, hi = form.logsnr_range()
-    inside = (lam >= lo) & (lam <= hi)
-    t = form.t_from_logsnr(lam.clamp(lo, hi)).clamp(form.t_min, form.t_max)
-    w = (
-        sampler.density(t)
-        / dlogsnr_dt(form, t).abs()
-        * prediction_factor(form, prediction, t)
-        * weight_fn(t, form=form, prediction=prediction)
-    )
-    return torch.where(inside, w, torch.zeros_like(w))
-
-
-def common_logsnr_range(*forms: Form) -> tuple[float, float]:
-    """The logsnr interval every one of ``forms`` is trained on (the intersection).
-
-    Raises:
-        ValueError: if the ranges do not overlap.
-    """
-    ranges = [f.logsnr_range() for f in forms]
-    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    if not lo < hi:
-        raise ValueError(f"the logsnr ranges {ranges} of {list(forms)} do not overlap.")
-    return lo, hi
-
-
-def equalize(
-    form: Form,
-    prediction: str,
-    reference_weight: Callable[[Tensor], Tensor],
-    *,
-    logsnr_range: tuple[float, float] | None = None,
-    grid_size: int = 4097,
-) -> tuple[Equalized, InverseFactorWeighting]:
-    """The time sampler and weighting that give ``form``/``prediction`` a reference w(lambda).
-
-    logsnr is sampled from ``reference_weight`` restricted to ``logsnr_range`` (normalised,
-    piecewise linear on ``grid_size`` nodes) and mapped to t; the weighting
-    ``total / c_pred(t)^2`` cancels the prediction factor. The implied weighting is then the
-    reference weight itself (its interpolant) on that range, in absolute scale, so losses
-    stay comparable at equal learning rates. To compare forms, pass every form the same
-    reference and ``logsnr_range=common_logsnr_range(*forms)``.
-
-    Args:
-        form: the form to train.
-        prediction: its prediction type.
-        reference_weight: w_ref(lambda) >= 0 on float64 logsnr tensors, e.g.
-            ``lambda lam: implied_weighting(ref_form, "flow", "uniform", "none", lam)``.
-        logsnr_range: ``(lo, hi)`` inside the form's range; the form's range by default.
-        grid_size: interpolation nodes in logsnr.
-
-    Raises:
-        ValueError: if the range leaves the form's range or the weight is invalid.
-    """
-    check_prediction(prediction)
-    range_lo, range_hi = form.logsnr_range()
-    lo, hi = (range_lo, range_hi) if logsnr_range is None else map(float, logsnr_range)
-    if not range_lo - 1e-9 <= lo < hi <= range_hi + 1e-9:
-        raise ValueError(
-            f"logsnr_range ({lo:.6g}, {hi:.6g}) must lie inside the range "
-            f"({range_lo:.6g}, {range_hi:.6g}) of {form!r}; use common_logsnr_range(*forms)."
-        )
-    sampler = Equalized(form, reference_weight, lo, hi, grid_size)
-    return sampler, InverseFactorWeighting(sampler.total)

@@ -35,7 +35,7 @@ import ot
 import torch
 from torch import Tensor
 
-from .forms import Form
+from ..forms import Form
 
 __all__ = [
     "MIN_STEPS",
@@ -492,7 +492,7 @@ def one_step_gap(
     Returns:
         A 0-d float64 tensor (or (B,) with ``per_sample``).
     """
-    from . import samplers  # samplers imports nothing from here; lazy to keep import light
+    from .. import samplers  # samplers imports nothing from here; lazy to keep import light
 
     common = {"form": form, "prediction": prediction, "cond": cond}
     one = samplers.sample(model, eps, solver="ddim", steps=1, **common)

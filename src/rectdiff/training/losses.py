@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .forms import Form, as_time
-from .predictions import check_prediction, check_time_range, target
-from .timesteps import TimeSampler, Weighting, loss_weighting, time_sampler
+from ..forms import Form, as_time
+from ..predictions import check_prediction, check_time_range, target
+from .time_samplers import TimeSampler, time_sampler
+from .weightings import Weighting, loss_weighting
 
 __all__ = ["LOSSES", "diffusion_loss", "default_huber_c"]
 

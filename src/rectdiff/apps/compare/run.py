@@ -47,26 +47,27 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__, diagnostics, metrics, samplers, timesteps
-from .checkpoints import (
+from ... import __version__, diagnostics, metrics, samplers
+from ... import training as timesteps
+from ...data import TOYS, load_data
+from ...forms import Form
+from ...io.model_dir import (
     build_model,
     load_model_dir,
     read_model_info,
     sample_shape,
     save_model_dir,
 )
-from .compare_config import (
+from ...rectify.pairs import generate_pairs
+from ...rectify.student import load_pairs, rectify
+from ...training.trainer import TrainConfig, train
+from .config import (
     CompareConfig,
     EvaluationConfig,
     quick_config,
     restrict_form,
 )
-from .compare_report import draw_figures, draw_result_figures, summarize, write_report
-from .couplings import generate_pairs
-from .data import TOYS, load_data
-from .forms import Form
-from .rectify import load_pairs, rectify
-from .train import TrainConfig, train
+from .report import draw_figures, draw_result_figures, summarize, write_report
 
 __all__ = [
     "CellResult",
@@ -784,7 +785,7 @@ def plot_model_dirs(
             noise stream of ``rectdiff compare``).
         steps, solver: the diagnostic solve.
     """
-    from . import plots
+    from ... import plots
 
     out = Path(out)
     labels = [_model_label(p) for p in model_dirs]

@@ -24,7 +24,7 @@ import torch
 from scipy.spatial.distance import cdist, pdist
 from torch import Tensor
 
-from .digits_classifier import (
+from .digits import (
     DigitsClassifier,
     classifier_scores,
     digits_classifier,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import inspect
 import math
 import tomllib
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import forms as _forms
+from ..io.resources import data_dir
+from .base import Form
+from .custom import Custom
+from .ve_fm import VE, FlowMatching
+from .vp import VP, DiscreteVP, SubVP, VPCosine
 
-__all__ = ["load", "from_config", "from_diffusers", "presets", "schedules_dir", "ddpm_betas"]
+__all__ = ["FORMS", "load", "from_config", "from_diffusers", "presets", "schedules_dir", "ddpm_betas"]
 
 _META_KEYS = ("name", "description")
 _DIFFUSERS_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")
@@ -33,16 +36,22 @@ DDPM_FAMILY = (
     "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
 )  # fmt: skip
 
+#: the registry of form families: ``family = "..."`` in a schedule file -> class.
+#: A new form is one class plus one line here.
+FORMS: dict[str, type[Form]] = {
+    "vp": VP,
+    "vp-cosine": VPCosine,
+    "subvp": SubVP,
+    "ve": VE,
+    "fm": FlowMatching,
+    "discrete-vp": DiscreteVP,
+    "custom": Custom,
+}
+
 
 def schedules_dir() -> Path:
-    """The folder of preset TOML files (``schedules/`` at the repository root)."""
-    try:
-        packaged = Path(str(resources.files("rectdiff.schedules")))
-        if any(packaged.glob("*.toml")):
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "schedules"
+    """The folder of preset TOML files (``schedules/`` at the repository root, or in the wheel)."""
+    return data_dir("schedules")
 
 
 def presets() -> list[str]:
@@ -50,7 +59,7 @@ def presets() -> list[str]:
     return sorted(p.stem for p in schedules_dir().glob("*.toml"))
 
 
-def load(name_or_path: str | Path) -> _forms.Form:
+def load(name_or_path: str | Path) -> Form:
     """A form from a preset name (``"vp"``, ``"sd15"``, ...) or a path to a TOML file.
 
     Raises:
@@ -102,12 +111,12 @@ def ddpm_betas(
 def _allowed_keys(cls: type) -> list[str]:
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",)]
     params = [p for p in params if p not in ("check_points", "label")]
-    if cls is _forms.DiscreteVP:
+    if cls is DiscreteVP:
         params += list(_DIFFUSERS_KEYS)
     return params + list(_META_KEYS)
 
 
-def from_config(config: dict[str, Any], source: str = "config") -> _forms.Form:
+def from_config(config: dict[str, Any], source: str = "config") -> Form:
     """A form from a dict with ``family`` and that family's parameters (as in ``schedules/``).
 
     Raises:
@@ -115,12 +124,12 @@ def from_config(config: dict[str, Any], source: str = "config") -> _forms.Form:
     """
     config = dict(config)
     family = config.pop("family", None)
-    if family not in _forms.FORMS:
+    if family not in FORMS:
         raise ValueError(
             f"{source}: family = {family!r} is not a known form; allowed: "
-            f"{', '.join(_forms.FORMS)}."
+            f"{', '.join(FORMS)}."
         )
-    cls = _forms.FORMS[family]
+    cls = FORMS[family]
     allowed = _allowed_keys(cls)
     unknown = [k for k in config if k not in allowed]
     if unknown:
@@ -130,7 +139,7 @@ def from_config(config: dict[str, Any], source: str = "config") -> _forms.Form:
         )
     name = config.pop("name", None)
     config.pop("description", None)
-    if cls is _forms.DiscreteVP and any(k in config for k in _DIFFUSERS_KEYS):
+    if cls is DiscreteVP and any(k in config for k in _DIFFUSERS_KEYS):
         schedule = {k: config.pop(k) for k in _DIFFUSERS_KEYS if k in config}
         missing = [k for k in _DIFFUSERS_KEYS if k not in schedule]
         if missing:
@@ -156,7 +165,7 @@ def _scheduler_parts(scheduler_or_config: Any) -> tuple[str, dict[str, Any], Any
     )
 
 
-def from_diffusers(scheduler_or_config: Any) -> tuple[_forms.Form, str]:
+def from_diffusers(scheduler_or_config: Any) -> tuple[Form, str]:
     """The form and prediction type of a diffusers scheduler (or its config dict).
 
     DDPM, DDIM, PNDM, DPM-Solver, Euler and the other DDPM-table schedulers give a
@@ -176,7 +185,7 @@ def from_diffusers(scheduler_or_config: Any) -> tuple[_forms.Form, str]:
                 f"{cls_name} with use_dynamic_shifting=True has a resolution-dependent shift; "
                 "build FlowMatching(shift=...) yourself with the shift of your resolution."
             )
-        form = _forms.FlowMatching(shift=float(config.get("shift", 1.0)), time_scale=float(n))
+        form = FlowMatching(shift=float(config.get("shift", 1.0)), time_scale=float(n))
         return form, "flow"
     if cls_name not in DDPM_FAMILY and "beta_schedule" not in config:
         raise ValueError(
@@ -203,7 +212,7 @@ def from_diffusers(scheduler_or_config: Any) -> tuple[_forms.Form, str]:
         f"{cls_name or 'scheduler'} {config.get('beta_schedule', 'custom')} "
         f"{config.get('beta_start', '')}-{config.get('beta_end', '')}, {n} steps"
     )
-    return _forms.DiscreteVP(alphas_cumprod=acp, label=label), DIFFUSERS_PREDICTIONS[
+    return DiscreteVP(alphas_cumprod=acp, label=label), DIFFUSERS_PREDICTIONS[
         prediction_type
     ]
 

@@ -33,11 +33,11 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from . import __version__
-from .forms import Form, from_config
-from .nets import MLP, Preconditioned, UNet
-from .predictions import check_prediction
-from .reparametrize import Reparametrized
+from .. import __version__
+from ..forms import Form, from_config
+from ..models import MLP, Preconditioned, UNet
+from ..predictions import check_prediction
+from ..reparametrize import Reparametrized
 
 __all__ = [
     "FORMAT",
@@ -269,7 +269,7 @@ def generate_pairs_from_dir(
     """
     import hashlib
 
-    from .couplings import generate_pairs
+    from ..rectify.pairs import generate_pairs
 
     model, form, prediction = load_model_dir(model_dir)
     net = read_model_info(model_dir)["net"]
@@ -325,7 +325,7 @@ def rectify_from_dir(
     """
     from accelerate import PartialState
 
-    from .rectify import rectify
+    from ..rectify.student import rectify
 
     teacher, teacher_form, teacher_prediction = load_model_dir(model_dir)
     record = read_model_info(model_dir)

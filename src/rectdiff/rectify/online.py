@@ -1,4 +1,6 @@
-"""The one-object API: a network, a form and a prediction type, trained and sampled together.
+"""The one-object API (:class:`Diffusion`) and online rectification on it (:class:`Reflow`).
+
+A network, a form and a prediction type, trained and sampled together:
 
     diffusion = Diffusion(net, form=forms.VP(), prediction="eps")
     loss = diffusion(x0)                       # the diffusion loss of one batch
@@ -12,15 +14,16 @@ rectified_flow.sample()``), here for any form; it is a thin layer over
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .forms import Form
-from .predictions import check_prediction
+from ..forms import Form
+from ..predictions import check_prediction
 
-__all__ = ["Diffusion"]
+__all__ = ["Diffusion", "Reflow"]
 
 
 class Diffusion(nn.Module):
@@ -66,7 +69,7 @@ class Diffusion(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """The mean diffusion loss of the batch ``x0`` (``eps`` and ``t`` drawn unless given)."""
-        from .losses import diffusion_loss
+        from ..training.losses import diffusion_loss
 
         if self.sample_shape is None:
             self.sample_shape = tuple(x0.shape[1:])
@@ -101,7 +104,7 @@ class Diffusion(nn.Module):
         Keyword arguments go to :func:`rectdiff.samplers.sample` (``t_grid``, ``cond``,
         ``guidance``, ``return_trajectory``, ...).
         """
-        from .samplers import sample
+        from ..samplers import sample
 
         if eps is None:
             if batch_size is None or self.sample_shape is None:
@@ -124,3 +127,45 @@ class Diffusion(nn.Module):
             steps=steps,
             **kwargs,
         )
+
+
+class Reflow(nn.Module):
+    """Online rectification for the one-object API: ``loss = reflow(batch_size)``.
+
+    Pairs come on the fly from a frozen copy of the teacher, solved with ``solver`` /
+    ``steps`` from fresh standard-normal noise; the loss is the student's diffusion loss on
+    them. This is rectified-flow-pytorch's ``Reflow`` for any form; the offline pair store
+    (:func:`rectify_rounds`) is what scales.
+
+    Args:
+        diffusion: the teacher, as a :class:`Diffusion`; the student is a
+            deep copy (``self.student``) trained in the same form and prediction.
+        solver, steps: how the teacher's pairs are made.
+    """
+
+    def __init__(self, diffusion: Diffusion, *, solver: str = "dpmpp_2m", steps: int = 25) -> None:
+        super().__init__()
+        if diffusion.sample_shape is None:
+            raise ValueError(
+                "Reflow needs the teacher's sample_shape; pass sample_shape= to Diffusion."
+            )
+        self.teacher = copy.deepcopy(diffusion).requires_grad_(False).eval()
+        self.student = copy.deepcopy(diffusion)
+        self.solver, self.steps = solver, steps
+
+    @torch.no_grad()
+    def pairs(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``batch_size`` fresh couplings ``(eps, x0_hat)`` from the frozen teacher."""
+        param = next(self.student.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        shape = (batch_size, *self.teacher.sample_shape)
+        eps = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        return eps, self.teacher.sample(eps=eps, steps=self.steps, solver=self.solver)
+
+    def forward(self, batch_size: int = 256, generator: torch.Generator | None = None) -> Tensor:
+        """The student's diffusion loss on ``batch_size`` fresh teacher pairs."""
+        eps, x0 = self.pairs(batch_size, generator)
+        return self.student(x0, eps=eps)

@@ -18,14 +18,12 @@ the end) so that the hot loop never waits on the device.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shutil
-import tomllib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,137 +35,23 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
     set_seed,
 )
-from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._files import write_text_atomic
-from .forms import Form
-from .losses import LOSSES, diffusion_loss
-from .predictions import check_prediction
-from .timesteps import (
-    TIME_SAMPLERS,
-    WEIGHTINGS,
-    TimeSampler,
-    Weighting,
-    loss_weighting,
-    time_sampler,
-)
+from ..forms import Form
+from ..io.files import write_text_atomic
+from ..predictions import check_prediction
+from .batches import LoaderBatches, TensorBatches
+from .config import TrainConfig
+from .losses import diffusion_loss
+from .time_samplers import time_sampler
+from .weightings import loss_weighting
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "Trainer", "train"]
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-LR_SCHEDULES = tuple(s.value for s in SchedulerType)
 CondFn = Callable[[Any], dict[str, Any]]
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of :func:`train`; ``from_toml``/``from_dict`` reject unknown keys.
-
-    Attributes:
-        steps: optimizer steps.
-        batch_size: samples per process per micro-batch.
-        lr, weight_decay: AdamW.
-        warmup_steps: linear warm-up length of ``lr_schedule``.
-        lr_schedule: a diffusers ``get_scheduler`` name (``LR_SCHEDULES``).
-        grad_clip: max gradient norm; 0 turns clipping off.
-        ema_decay: diffusers ``EMAModel`` decay (its warm-up ``(1+n)/(10+n)`` caps it early);
-            0 turns EMA off.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
-        grad_accum: micro-batches per optimizer step.
-        seed: seeds model-independent randomness (t, eps, batches; accelerate ``set_seed``).
-        time_sampler, time_sampler_params: see :mod:`rectdiff.timesteps` (a sampler object is
-            accepted when set in Python, e.g. from ``timesteps.equalize``).
-        weighting, weighting_params: likewise.
-        loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` and its constant.
-        checkpoint_every: save every this many steps and at the end; 0 = never.
-        keep_checkpoints: how many checkpoints to keep; 0 = all.
-        log_every: loss check, tqdm postfix and history flush interval.
-        out_dir: where ``checkpoints/`` and ``train_config.json`` go; None = nowhere.
-    """
-
-    steps: int = 1000
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant_with_warmup"
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0
-    mixed_precision: str = "no"
-    grad_accum: int = 1
-    seed: int = 0
-    time_sampler: str | TimeSampler = "uniform"
-    time_sampler_params: dict[str, Any] = field(default_factory=dict)
-    weighting: str | Weighting = "none"
-    weighting_params: dict[str, Any] = field(default_factory=dict)
-    loss: str = "mse"
-    huber_c: float | None = None
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    out_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every",
-                     "keep_checkpoints"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}.")
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("loss", self.loss, LOSSES)
-        if isinstance(self.time_sampler, str):
-            _check_choice("time_sampler", self.time_sampler, tuple(TIME_SAMPLERS))
-        if isinstance(self.weighting, str):
-            _check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict (e.g. a TOML table).
-
-        Raises:
-            ValueError: for an unknown key (naming it and listing the allowed ones) or value.
-        """
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in allowed:
-                raise ValueError(f"unknown training option {key!r}; allowed: {', '.join(allowed)}.")
-        return cls(**values)
-
-    @classmethod
-    def from_toml(cls, path: str | Path, table: str | None = None) -> TrainConfig:
-        """Build from a TOML file, or from its ``[table]`` when given."""
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-        if table is not None:
-            if table not in values:
-                raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values)}.")
-            values = values[table]
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON/TOML-ready values (sampler and weighting objects by their repr)."""
-        out = dataclasses.asdict(self)
-        for key in ("time_sampler", "weighting"):
-            if not isinstance(out[key], str):
-                out[key] = repr(getattr(self, key))
-        return out
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(
-            f"TrainConfig.{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}."
-        )
-
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or infinite training loss; names the step and the last good checkpoint."""
@@ -204,72 +88,6 @@ class TrainResult:
     ema: EMAModel | None = None
 
 
-class _TensorBatches:
-    """Random batches of in-memory tensors (all indexed alike), resumable.
-
-    Every process draws the same permutation (``data_generator`` is seeded alike, so the
-    main process's saved state is every process's) and takes its own ``batch_size`` slice
-    of each global batch, so processes see disjoint samples.
-    """
-
-    def __init__(
-        self, tensors: tuple[Tensor, ...], batch_size: int, generator: torch.Generator,
-        rank: int, world: int,
-    ) -> None:  # fmt: skip
-        lengths = {len(t) for t in tensors}
-        if len(lengths) != 1:
-            raise ValueError(f"data tensors must have the same length, got {sorted(lengths)}.")
-        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
-        self.rank, self.world, self.n = rank, world, lengths.pop()
-        self.perm = torch.empty(0, dtype=torch.long, device=tensors[0].device)
-        self.pos = 0
-
-    def __next__(self) -> tuple[Tensor, ...]:
-        need = self.batch_size * self.world
-        while self.perm.numel() - self.pos < need:
-            fresh = torch.randperm(self.n, generator=self.generator, device=self.perm.device)
-            self.perm, self.pos = torch.cat([self.perm[self.pos :], fresh]), 0
-        start = self.pos + self.rank * self.batch_size
-        idx = self.perm[start : start + self.batch_size]
-        self.pos += need
-        return tuple(t[idx] for t in self.tensors)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"perm": self.perm.cpu(), "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.perm, self.pos = state["perm"].to(self.perm.device), int(state["pos"])
-
-
-class _LoaderBatches:
-    """Endless batches from an accelerate-prepared DataLoader (epochs re-seeded by number)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader, self.epoch, self.seen = loader, 0, 0
-        self._it: Iterator[Any] = iter(self.loader)
-
-    def __next__(self) -> Any:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch, self.seen = self.epoch + 1, 0
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(self.epoch)
-            self._it = iter(self.loader)
-            batch = next(self._it)
-        self.seen += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "seen": self.seen}
-
-    def load_state_dict(self, state: dict[str, Any], accelerator: Accelerator) -> None:
-        self.epoch, self.seen = int(state["epoch"]), int(state["seen"])
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(self.epoch)
-        self._it = iter(accelerator.skip_first_batches(self.loader, self.seen))
-
-
 class _State:
     """Everything beyond model/optimizer/scheduler/RNG that a checkpoint must restore."""
 
@@ -290,7 +108,7 @@ class _State:
         tr = self.trainer
         tr.step_count, tr.losses = int(state["step"]), list(state["losses"])
         tr.data_generator.set_state(state["data_generator"])
-        if isinstance(tr.batches, _LoaderBatches):
+        if isinstance(tr.batches, LoaderBatches):
             tr.batches.load_state_dict(state["batches"], tr.accelerator)
         else:
             tr.batches.load_state_dict(state["batches"])
@@ -349,7 +167,7 @@ class Trainer:
         device = acc.device
         self.data_generator = torch.Generator(device).manual_seed(config.seed)
         self.noise_generator = torch.Generator(device)
-        self.batches: _TensorBatches | _LoaderBatches = self._batches(data_or_loader)
+        self.batches: TensorBatches | LoaderBatches = self._batches(data_or_loader)
         self.sampler = time_sampler(config.time_sampler, form, **config.time_sampler_params)
         self.weighting = loss_weighting(config.weighting, **config.weighting_params)
         self.step_count, self.losses = 0, []
@@ -357,18 +175,18 @@ class Trainer:
         self._pending: list[Tensor] = []
         acc.register_for_checkpointing(_State(self))
 
-    def _batches(self, data: Any) -> _TensorBatches | _LoaderBatches:
+    def _batches(self, data: Any) -> TensorBatches | LoaderBatches:
         acc = self.accelerator
         if isinstance(data, Tensor):
             data = (data,)
         if isinstance(data, (tuple, list)) and all(isinstance(t, Tensor) for t in data):
             tensors = tuple(t.to(acc.device) for t in data)
-            return _TensorBatches(
+            return TensorBatches(
                 tensors, self.config.batch_size, self.data_generator,
                 acc.process_index, acc.num_processes,
             )  # fmt: skip
         if isinstance(data, torch.utils.data.DataLoader):
-            return _LoaderBatches(acc.prepare(data))
+            return LoaderBatches(acc.prepare(data))
         raise ValueError(
             f"data must be a tensor, a tuple of tensors or a DataLoader, got {type(data).__name__}."
         )

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import plots
+from ... import plots
 
 __all__ = [
     "DIAGNOSTIC_COLUMNS",

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._files import write_json_atomic
+from ..io.files import write_json_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,19 +43,27 @@ __all__ = [
     "verify_store",
     "shard_seed",
     "shard_noise",
+    "shard_name",
+    "new_manifest",
+    "check_settings",
+    "entry_problem",
+    "known_entry",
+    "merge_sidecars",
+    "DTYPES",
+    "FORMAT_NAME",
 ]
 
 #: version of the manifest and shard layout written by this module
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_FORMAT_NAME = "rectdiff-pairs"
+FORMAT_NAME = "rectdiff-pairs"
 _EPS_DERIVATION = (
     "eps of shard k = torch.randn((count, *shape), generator=torch.Generator('cpu')"
     ".manual_seed(shard seed), dtype=float64 if dtype == 'float64' else float32).to(dtype); "
     "shard seed = int.from_bytes(sha256(f'rectdiff.pairs:{seed}:{k}').digest()[:8], 'little')"
     " % 2**63"
 )
-_DTYPES = {
+DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
@@ -145,7 +153,7 @@ def shard_noise(
 
 
 # --- files ------------------------------------------------------------------------------
-def _shard_name(k: int) -> str:
+def shard_name(k: int) -> str:
     return f"shard_{k:05d}"
 
 
@@ -176,7 +184,7 @@ def load_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
             f"no {MANIFEST} in {str(out)!r}: not a pair store (make one with generate_pairs)."
         )
     manifest = _read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT_NAME:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise PairStoreError(
             f"{path} is not a rectdiff pair manifest (unreadable or other format)."
         )
@@ -188,7 +196,7 @@ def load_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def _entry_problem(root: Path, entry: Mapping[str, Any], count: int, seed_k: int) -> str | None:
+def entry_problem(root: Path, entry: Mapping[str, Any], count: int, seed_k: int) -> str | None:
     """Why a shard entry does not match its files, or None when it does."""
     if entry.get("count") != count or entry.get("seed") != seed_k:
         return f"{entry.get('file')}: count/seed differ from the settings"
@@ -222,7 +230,7 @@ def verify_store(out: str | os.PathLike[str]) -> dict[str, Any]:
     if len(shards) != settings.num_shards:
         problems.append(f"{len(shards)} shard entries, expected {settings.num_shards}")
     for k, entry in enumerate(shards):
-        problem = _entry_problem(root, entry, settings.shard_count(k), shard_seed(settings.seed, k))
+        problem = entry_problem(root, entry, settings.shard_count(k), shard_seed(settings.seed, k))
         if problem:
             problems.append(problem)
     if problems:
@@ -234,7 +242,7 @@ def verify_store(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # --- generation -------------------------------------------------------------------------
-def _known_entry(root: Path, manifest: Mapping[str, Any] | None, k: int) -> dict[str, Any] | None:
+def known_entry(root: Path, manifest: Mapping[str, Any] | None, k: int) -> dict[str, Any] | None:
     """The record of shard ``k`` from its ``.done.json`` or the manifest, if any.
 
     Without a manifest nothing is trusted: records are only written once a manifest holds
@@ -242,16 +250,16 @@ def _known_entry(root: Path, manifest: Mapping[str, Any] | None, k: int) -> dict
     """
     if manifest is None:
         return None
-    sidecar = _read_json(root / f"{_shard_name(k)}.done.json")
+    sidecar = _read_json(root / f"{shard_name(k)}.done.json")
     if isinstance(sidecar, dict) and "sha256" in sidecar:
         return sidecar
     shards = (manifest or {}).get("shards", [])
     return shards[k] if k < len(shards) and isinstance(shards[k], dict) else None
 
 
-def _new_manifest(settings: PairSettings, shards: list[dict[str, Any]], complete: bool) -> dict:
+def new_manifest(settings: PairSettings, shards: list[dict[str, Any]], complete: bool) -> dict:
     return {
-        "format": _FORMAT_NAME,
+        "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "complete": complete,
         "settings": settings.to_json(),
@@ -262,7 +270,7 @@ def _new_manifest(settings: PairSettings, shards: list[dict[str, Any]], complete
     }
 
 
-def _check_settings(root: Path, settings: PairSettings) -> dict[str, Any] | None:
+def check_settings(root: Path, settings: PairSettings) -> dict[str, Any] | None:
     """The existing manifest if its settings equal ``settings``; raise ValueError otherwise."""
     if not (root / MANIFEST).exists():
         return None
@@ -276,9 +284,9 @@ def _check_settings(root: Path, settings: PairSettings) -> dict[str, Any] | None
     return manifest
 
 
-def _merge_sidecars(root: Path, settings: PairSettings) -> None:
+def merge_sidecars(root: Path, settings: PairSettings) -> None:
     """Main process: collect every ``.done.json`` into a complete manifest, then remove them."""
-    sidecars = [root / f"{_shard_name(k)}.done.json" for k in range(settings.num_shards)]
+    sidecars = [root / f"{shard_name(k)}.done.json" for k in range(settings.num_shards)]
     shards = [_read_json(path) for path in sidecars]
     missing = [path.name for path, entry in zip(sidecars, shards, strict=True) if entry is None]
     if missing:
@@ -286,7 +294,7 @@ def _merge_sidecars(root: Path, settings: PairSettings) -> None:
             f"shards without a record after every process finished: {', '.join(missing[:10])}. "
             "A process failed; run generate_pairs again to resume."
         )
-    write_json_atomic(root / MANIFEST, _new_manifest(settings, shards, complete=True), indent=1)
+    write_json_atomic(root / MANIFEST, new_manifest(settings, shards, complete=True), indent=1)
     for path in sidecars:
         path.unlink(missing_ok=True)
 
@@ -358,7 +366,7 @@ class PairDataset(Dataset):
                 k,
                 entry["count"],
                 self.settings.shape,
-                _DTYPES[self.settings.dtype],
+                DTYPES[self.settings.dtype],
             )
         texts = (
             json.loads((self.root / entry["text_file"]).read_text())

@@ -1,0 +1,1 @@
+"""Applications built on the core: nothing under ``rectdiff`` outside ``apps`` imports it."""

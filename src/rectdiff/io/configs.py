@@ -1,0 +1,65 @@
+"""Config dataclasses from mappings (TOML tables, keyword dicts): one unknown-key check.
+
+Every config in rectdiff is a dataclass built from a mapping; a key that is not a field is an
+error that names the key, where it was found and the keys allowed there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping", "read_toml"]
+
+T = TypeVar("T")
+
+
+def reject_unknown(
+    keys: Iterable[str], allowed: Sequence[str], what: str = "key", where: str = ""
+) -> None:
+    """Raise ``ValueError("unknown {what} 'k' {where}; allowed: ...")`` for the first key of
+    ``keys`` not in ``allowed``; ``where`` reads like ``"in [evaluation]"``."""
+    for key in keys:
+        if key not in allowed:
+            place = f" {where}" if where else ""
+            raise ValueError(
+                f"unknown {what} {key!r}{place}; allowed: {', '.join(allowed) or '(none)'}."
+            )
+
+
+def check_choice(value: Any, allowed: Sequence[Any], what: str) -> Any:
+    """``value`` if it is one of ``allowed``, else ``ValueError`` naming both."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}.")
+    return value
+
+
+def field_names(cls: type) -> list[str]:
+    """The init fields of a dataclass, in order."""
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def parameter_names(fn: Callable[..., Any], skip: Sequence[str] = ("self",)) -> list[str]:
+    """The named parameters of ``fn`` (e.g. a class's ``__init__``), minus ``skip``."""
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.name not in skip and p.kind is not p.VAR_KEYWORD]
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any], what: str = "key", where: str = "") -> T:
+    """``cls(**values)`` for a dataclass ``cls``, after rejecting keys that are not fields."""
+    reject_unknown(values, field_names(cls), what, where)
+    return cls(**values)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a syntax error names the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err}).") from err

@@ -1,0 +1,20 @@
+"""Matplotlib figures; every one saved as PNG and SVG next to a CSV of the numbers it draws.
+
+    figures        save_figure, write_csv, line styles (teacher dashed, rectified solid)
+    schedules      plot_schedules, plot_implied_weighting
+    trajectories   plot_curvature, plot_x0_drift, plot_quality_vs_nfe, plot_trajectories_xy
+    samples        plot_samples, image_grid
+"""
+
+from __future__ import annotations
+
+from .figures import line_styles, save_figure, write_csv
+from .samples import image_grid, plot_samples
+from .schedules import plot_implied_weighting, plot_schedules
+from .trajectories import plot_curvature, plot_quality_vs_nfe, plot_trajectories_xy, plot_x0_drift
+
+__all__ = [
+    "save_figure", "write_csv", "line_styles", "plot_schedules", "plot_implied_weighting",
+    "plot_curvature", "plot_x0_drift", "plot_quality_vs_nfe", "plot_trajectories_xy",
+    "plot_samples", "image_grid",
+]  # fmt: skip

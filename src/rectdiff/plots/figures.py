@@ -1,0 +1,179 @@
+"""Shared figure machinery: every figure is saved as PNG and SVG next to a CSV of its numbers.
+
+Figures that compare a teacher with its rectified student share one convention: the same
+colour per form, the teacher dashed and the rectified model solid (``rectified_labels``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from ..io.files import write_text_atomic  # noqa: E402
+
+__all__ = ["T_LABEL", "Curves", "write_csv", "save_figure", "numbers", "line_styles", "line_figure"]
+
+T_LABEL = "t   (0 = data, 1 = noise)"
+Curves = Mapping[str, tuple[Any, Any]]
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write rows to ``path`` atomically (temporary name, then rename)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def save_figure(
+    fig: plt.Figure,
+    stem: str | Path,
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Save ``fig`` as ``stem.png``/``stem.svg`` and its numbers as ``stem.csv``; close it.
+
+    Returns:
+        The paths written, figure formats first, CSV last.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        tmp = path.with_name(f".{path.stem}.tmp.{fmt}")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt)
+        os.replace(tmp, path)
+        written.append(path)
+    plt.close(fig)
+    written.append(write_csv(stem.with_suffix(".csv"), header, rows))
+    return written
+
+
+def numbers(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def line_styles(
+    labels: Sequence[str], rectified_labels: Mapping[str, str] | Collection[str] = ()
+) -> dict[str, tuple[Any, str]]:
+    """``label -> (colour, linestyle)``: one colour per form, teacher dashed, rectified solid.
+
+    Args:
+        labels: the curves, in drawing order.
+        rectified_labels: the labels of rectified models. A mapping ``rectified -> teacher``
+            gives each rectified curve its teacher's colour; with a plain collection the
+            teacher is the longest other label that the rectified label starts with (``"vp"``
+            for ``"vp rectified"``). Without rectified labels every curve is solid.
+    """
+    rectified = set(rectified_labels)
+    teachers = [label for label in labels if label not in rectified]
+
+    def group(label: str) -> str:
+        if label not in rectified:
+            return label
+        if isinstance(rectified_labels, Mapping):
+            return rectified_labels[label]
+        prefixes = [t for t in teachers if label.startswith(t)]
+        return max(prefixes, key=len) if prefixes else label
+
+    groups = list(dict.fromkeys(group(label) for label in labels))
+    palette = plt.get_cmap("tab10").colors
+    colour = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
+    dashed = "--" if rectified else "-"
+    return {
+        label: (colour[group(label)], "-" if label in rectified else dashed) for label in labels
+    }
+
+
+def line_figure(
+    curves: Curves,
+    stem: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    header: Sequence[str],
+    rectified_labels: Mapping[str, str] | Collection[str] = (),
+    logx: bool = False,
+    logy: bool = False,
+    log_floor: float | None = None,
+    markers: bool = False,
+) -> list[Path]:
+    """One panel of labelled curves. On a log axis, values <= 0 are not drawn, or, with
+    ``log_floor``, values below ``log_floor * max`` are drawn at that floor (so exact zeros,
+    up to rounding, show as a flat line at the bottom)."""
+    data = {label: (numbers(xs), numbers(ys)) for label, (xs, ys) in curves.items()}
+    for label, (xs, ys) in data.items():
+        if xs.shape != ys.shape:
+            raise ValueError(
+                f"curve {label!r}: x has {xs.size} values but y has {ys.size}; pass arrays of "
+                "equal length."
+            )
+    positive = [float(ys[ys > 0].max()) for _, ys in data.values() if (ys > 0).any()]
+    floor = log_floor * max(positive) if logy and log_floor is not None and positive else None
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    styles = line_styles(list(curves), rectified_labels)
+    rows = []
+    for label, (xs, ys) in data.items():
+        colour, linestyle = styles[label]
+        if floor is not None:
+            shown = np.maximum(ys, floor)
+        else:
+            shown = np.where(ys > 0, ys, np.nan) if logy else ys  # log axes cannot show zeros
+        ax.plot(
+            xs,
+            shown,
+            color=colour,
+            linestyle=linestyle,
+            linewidth=1.8,
+            label=label,
+            marker="o" if markers else None,
+            markersize=4,
+        )
+        rows += [
+            [label, label in set(rectified_labels), f"{x:.10g}", f"{y:.10g}"]
+            for x, y in zip(xs, ys, strict=True)
+        ]
+    if logx:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if logy:
+        ax.set_yscale("log")
+    if floor is not None:
+        ax.set_ylim(bottom=floor / 3)
+        ax.text(
+            0.01,
+            0.01,
+            f"values below {floor:.1e} (= {log_floor:g} x max) drawn at that floor",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="0.35",
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="major")
+    if logy:
+        ax.grid(alpha=0.08, which="minor")
+    # long handles so that dashed (teacher) and solid (rectified) lines differ in the legend
+    ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1, handlelength=4)
+    fig.tight_layout()
+    return save_figure(fig, stem, ["label", "rectified", *header], rows)

@@ -1,0 +1,133 @@
+"""The denoiser: a model of any prediction seen as ``(x, t) -> (x0_pred, eps_pred)``.
+
+Every solver talks to the network only through :class:`Denoiser`: it clamps t into the
+form's safe range, maps t to the network's time input, applies classifier-free guidance,
+counts evaluations and converts the output once with cached float64 coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..forms import Coefficients, Form, as_time
+from ..predictions import check_prediction, to_x0_eps
+
+__all__ = ["Denoiser", "clamp_time"]
+
+
+def clamp_time(form: Form, t: Tensor | float) -> float:
+    """``t`` clamped into the safe range ``[t_min, t_max]``, where the model is evaluated."""
+    return min(max(float(t), form.t_min), form.t_max)
+
+
+class Denoiser:
+    """A model ``model(x_t, model_time, **cond)`` seen as ``(x, t) -> (x0_pred, eps_pred)``.
+
+    The network is evaluated at ``t`` clamped into ``[form.t_min, form.t_max]`` (its safe
+    range; adaptive solvers probe stages past the end time) and its output is converted once
+    with float64 coefficients. With ``guidance = w`` the native prediction is
+    ``uncond + w (cond - uncond)`` (Ho & Salimans 2022, eq. 6), the two evaluations batched into
+    one forward pass when every conditioning tensor has the batch as its first dimension.
+
+    Attributes:
+        nfe: model evaluations so far (2 per guided evaluation).
+        on_evaluation: called after each counted evaluation (a progress bar's ``update``).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        form: Form,
+        prediction: str,
+        *,
+        cond: dict[str, Any] | None = None,
+        guidance: float | None = None,
+        uncond: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        on_evaluation: Callable[[], Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.on_evaluation = on_evaluation
+        self.form = form
+        self.prediction = check_prediction(prediction)
+        self.cond = dict(cond or {})
+        self.uncond = dict(uncond or {})
+        self.guidance = None if guidance is None else float(guidance)
+        if self.guidance is not None and not self.cond:
+            raise ValueError(
+                f"guidance={guidance} needs cond=, the conditional keyword arguments of the model "
+                "(and uncond=, the unconditional ones); pass guidance=None to sample unguided."
+            )
+        self._batched = None
+        if self.guidance is not None and batch_size is not None:
+            self._batched = _concat_kwargs(self.uncond, self.cond, batch_size)
+        self._points: dict[float, tuple[Tensor, Coefficients[float]]] = {}
+        self.nfe = 0
+
+    def coefficients(self, t: Tensor | float) -> Coefficients[float]:
+        """``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` as float64 Python numbers (cached)."""
+        return self._point(float(t))[1]
+
+    def precompute(self, t: Tensor, like: Tensor) -> None:
+        """Cache coefficients and model times of the grid ``t`` (and of its times clamped into
+        the safe range) in one vectorized call, the model times in ``like``'s dtype and device."""
+        times = torch.cat([t, t.clamp(self.form.t_min, self.form.t_max)]).unique()
+        model_times = self.form.model_time(times).to(device=like.device, dtype=like.dtype)
+        alpha, sigma, d_alpha, d_sigma = (c.tolist() for c in self.form.coefficients(times))
+        for i, key in enumerate(times.tolist()):
+            self._points[key] = model_times[i], Coefficients(alpha[i], sigma[i], d_alpha[i], d_sigma[i])
+
+    def _point(self, key: float) -> tuple[Tensor, Coefficients[float]]:
+        if key not in self._points:
+            t64 = as_time(key)
+            alpha, sigma, d_alpha, d_sigma = (float(c) for c in self.form.coefficients(t64))
+            self._points[key] = self.form.model_time(t64), Coefficients(alpha, sigma, d_alpha, d_sigma)
+        return self._points[key]
+
+    def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
+        """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
+        t = clamp_time(self.form, t)
+        model_time = self._point(t)[0].to(device=x.device, dtype=x.dtype)
+        out = self._evaluate(x, model_time.expand(x.shape[0]))
+        if count:
+            self.nfe += 1 if self.guidance is None else 2
+            if self.on_evaluation is not None:
+                self.on_evaluation()
+        return to_x0_eps(out, self.prediction, x, t, self.form, coefficients=self._point(t)[1])
+
+    def _evaluate(self, x: Tensor, model_time: Tensor) -> Tensor:
+        if self.guidance is None:
+            return self.model(x, model_time, **self.cond)
+        if self._batched is not None:
+            both = self.model(
+                torch.cat([x, x]), torch.cat([model_time, model_time]), **self._batched
+            )
+            out_uncond, out_cond = both.chunk(2)
+        else:
+            out_uncond = self.model(x, model_time, **self.uncond)
+            out_cond = self.model(x, model_time, **self.cond)
+        return out_uncond + self.guidance * (out_cond - out_uncond)
+
+
+def _concat_kwargs(
+    uncond: dict[str, Any], cond: dict[str, Any], batch_size: int
+) -> dict[str, Any] | None:
+    """``uncond`` and ``cond`` stacked along the batch for one forward pass, or None if they can't be."""
+    if uncond.keys() != cond.keys():
+        return None
+    merged: dict[str, Any] = {}
+    for key, value in cond.items():
+        other = uncond[key]
+        if isinstance(value, Tensor) and isinstance(other, Tensor):
+            if value.ndim == 0 or value.shape != other.shape or value.shape[0] != batch_size:
+                return None
+            merged[key] = torch.cat([other, value])
+        elif not isinstance(value, Tensor) and not isinstance(other, Tensor) and other is value:
+            merged[key] = value
+        else:
+            return None
+    return merged

@@ -1,0 +1,237 @@
+"""ODE solvers for the probability-flow ODE, all behind one signature, and their registry.
+
+Every solver is one function with the k-diffusion signature
+``solver(denoise, x, t, callback=None, **options) -> x_end`` (``denoise`` a
+:class:`~rectdiff.samplers.denoiser.Denoiser`, ``t`` a decreasing float64 grid); a new solver
+is one function here and one line in :data:`SOLVERS`.
+
+The probability-flow ODE of ``x_t = alpha_t x0 + sigma_t eps`` is, for any form,
+
+    dx/dt = alpha'_t x0_pred(x, t) + sigma'_t eps_pred(x, t)          (the flow)
+
+(Song et al. 2021, eq. 13, written with the denoiser). Solvers ending at a time with
+``sigma = 0`` (t = 0 in every form but VE) finish with the first-order step
+``x = alpha x0_pred + sigma eps_pred``, which there returns the x0-prediction E[x0 | x_t] of
+the last evaluation, not the ODE endpoint; the model is never evaluated at such a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+from ..forms import Coefficients
+from .denoiser import Denoiser, clamp_time
+
+__all__ = ["Callback", "Solver", "SOLVERS", "euler", "heun", "ddim", "dpmpp_2m", "adaptive"]
+
+#: called by a solver at every grid point ``k < K`` with ``(k, x_k, x0_pred_k, eps_pred_k)``
+Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+def _velocity(coefficients: Coefficients[float], x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
+    """The flow ``alpha'_t x0 + sigma'_t eps`` of the probability-flow ODE."""
+    _, _, d_alpha, d_sigma = coefficients
+    return d_alpha * x0_pred + d_sigma * eps_pred
+
+
+def _first_order_step(coefficients: Coefficients[float], x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
+    """``x_s = alpha_s x0_pred + sigma_s eps_pred`` (Song et al. 2021a, DDIM eq. 12 with
+    sigma_t = 0; Lu et al. 2022, DPM-Solver-1): exact when x0_pred is constant along the path."""
+    alpha_next, sigma_next, _, _ = coefficients
+    return alpha_next * x0_pred + sigma_next * eps_pred
+
+
+def _leaves_range(denoise: Denoiser, t_next: Tensor) -> bool:
+    """Whether a step ends where the model must not be evaluated: sigma = 0 or below t_min."""
+    return denoise.coefficients(t_next).sigma == 0.0 or float(t_next) < denoise.form.t_min
+
+
+def _clamped(denoise: Denoiser, t: Tensor) -> Coefficients[float]:
+    """Coefficients at the clamped ``t``, where the model was evaluated."""
+    return denoise.coefficients(clamp_time(denoise.form, t))
+
+
+def euler(
+    denoise: Denoiser, x: Tensor, t: Tensor, callback: Callback | None = None, **_: Any
+) -> Tensor:
+    """Euler's method on the probability-flow ODE in t; first order, one NFE per step.
+
+    Endpoint: the ODE solution at t_end, except that a last step to sigma = 0 or below t_min
+    is the first-order step ``alpha x0_pred + sigma eps_pred`` (EDM's last Euler step in
+    sigma/alpha), returning E[x0 | x_t] at sigma = 0.
+    """
+    for k in range(len(t) - 1):
+        x0_pred, eps_pred = denoise(x, t[k])
+        if callback is not None:
+            callback(k, x, x0_pred, eps_pred)
+        if k == len(t) - 2 and _leaves_range(denoise, t[k + 1]):
+            return _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
+        x = x + float(t[k + 1] - t[k]) * _velocity(_clamped(denoise, t[k]), x0_pred, eps_pred)
+    return x
+
+
+def heun(
+    denoise: Denoiser, x: Tensor, t: Tensor, callback: Callback | None = None, **_: Any
+) -> Tensor:
+    """Heun's second-order method on the probability-flow ODE in t (Karras et al. 2022, Alg. 1).
+
+    Two NFE per step. Endpoint: the ODE solution at t_end; a last step to sigma = 0 or below
+    t_min falls back to the first-order step (EDM's Euler step to sigma = 0), returning
+    E[x0 | x_t] at sigma = 0.
+    """
+    for k in range(len(t) - 1):
+        x0_pred, eps_pred = denoise(x, t[k])
+        if callback is not None:
+            callback(k, x, x0_pred, eps_pred)
+        if k == len(t) - 2 and _leaves_range(denoise, t[k + 1]):
+            return _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
+        h = float(t[k + 1] - t[k])
+        velocity = _velocity(_clamped(denoise, t[k]), x0_pred, eps_pred)
+        x_euler = x + h * velocity
+        velocity_next = _velocity(_clamped(denoise, t[k + 1]), *denoise(x_euler, t[k + 1]))
+        x = x + 0.5 * h * (velocity + velocity_next)
+    return x
+
+
+def ddim(
+    denoise: Denoiser, x: Tensor, t: Tensor, callback: Callback | None = None, **_: Any
+) -> Tensor:
+    """The first-order exponential integrator ``x_s = alpha_s x0_pred + sigma_s eps_pred``.
+
+    DDIM (Song et al. 2021a, eq. 12, eta = 0) = DPM-Solver-1 (Lu et al. 2022, eq. 3.7) = Euler
+    in ``y = x/alpha`` against ``s = sigma/alpha``; exact in any form whenever x0_pred is
+    constant along the trajectory. One NFE per step. Endpoint: at sigma(t_end) = 0 the
+    x0-prediction E[x0 | x_t] of the last evaluation.
+    """
+    for k in range(len(t) - 1):
+        x0_pred, eps_pred = denoise(x, t[k])
+        if callback is not None:
+            callback(k, x, x0_pred, eps_pred)
+        x = _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
+    return x
+
+
+def dpmpp_2m(
+    denoise: Denoiser, x: Tensor, t: Tensor, callback: Callback | None = None, **_: Any
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), in lambda = logsnr/2 for any form.
+
+    With h_i = lambda_i - lambda_{i-1}, r_i = h_{i-1}/h_i,
+    ``D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}`` and
+    ``x_i = (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i``; the first step uses
+    ``D = x0_pred`` (DDIM), as does a last step to sigma = 0 (diffusers' ``lower_order_final``).
+    One NFE per step. Endpoint: the ODE solution at t_end, E[x0 | x_t] when sigma(t_end) = 0.
+    """
+    x0_prev, h_prev = None, 0.0
+    for k in range(len(t) - 1):
+        x0_pred, eps_pred = denoise(x, t[k])
+        if callback is not None:
+            callback(k, x, x0_pred, eps_pred)
+        alpha, sigma, _, _ = denoise.coefficients(t[k])
+        alpha_next, sigma_next, _, _ = denoise.coefficients(t[k + 1])
+        if sigma_next == 0.0:
+            return alpha_next * x0_pred
+        h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)
+        if x0_prev is None:
+            data = x0_pred
+        else:
+            half_inv_r = 0.5 * h / h_prev
+            data = (1.0 + half_inv_r) * x0_pred - half_inv_r * x0_prev
+        x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * data
+        x0_prev, h_prev = x0_pred, h
+    return x
+
+
+def adaptive(
+    denoise: Denoiser,
+    x: Tensor,
+    t: Tensor,
+    callback: Callback | None = None,
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    **_: Any,
+) -> Tensor:
+    """An adaptive Runge-Kutta solve of the probability-flow ODE with ``torchdiffeq.odeint``.
+
+    The ODE is integrated in logsnr, ``dx/dlogsnr = (alpha' x0 + sigma' eps) / (dlogsnr/dt)``:
+    the same solution at the grid times as in t, but smooth for a :class:`DiscreteVP`, whose
+    piecewise-linear log(alpha) makes dx/dt jump at every knot (in t, dopri5 needs ~20x the
+    NFE there and still misses its tolerance). The state is float64; the solver is made to
+    step exactly onto the last time (``step_t``), since it otherwise probes stages far past
+    the end time, and the model time is clamped into ``[t_min, t_max]`` as a safeguard.
+    When t_end has sigma = 0 or lies below t_min, the ODE is solved to ``min(t[-2], t_min)``
+    and a first-order step finishes.
+
+    Endpoint: the ODE solution at t_end to rtol/atol, or E[x0 | x_{t_min}] when
+    sigma(t_end) = 0. nfe counts the solve; recording the predictions at the K grid states
+    (``callback``) costs K evaluations that are not counted.
+    """
+    form = denoise.form
+    final_jump = _leaves_range(denoise, t[-1])
+    ode_t = t[:-1] if final_jump else t
+    if final_jump and float(ode_t[-1]) > form.t_min:
+        ode_t = torch.cat([ode_t, torch.tensor([form.t_min], dtype=torch.float64)])
+    logsnr = form.logsnr(ode_t)
+
+    def flow(lam: Tensor, y: Tensor) -> Tensor:
+        s = form.t_from_logsnr(lam.detach().cpu()).clamp(form.t_min, form.t_max)
+        alpha, sigma, d_alpha, d_sigma = denoise.coefficients(s)
+        x0_pred, eps_pred = denoise(y.to(x.dtype), s)
+        d_logsnr = 2.0 * (d_alpha / alpha - d_sigma / sigma)
+        return ((d_alpha * x0_pred + d_sigma * eps_pred) / d_logsnr).to(torch.float64)
+
+    ys = odeint(
+        flow,
+        x.to(torch.float64),
+        logsnr.to(x.device),
+        rtol=rtol,
+        atol=atol,
+        method=method,
+        options={"step_t": logsnr[-1:]},
+    )
+    states = ys.to(x.dtype)
+    if final_jump:
+        x_end = _first_order_step(denoise.coefficients(t[-1]), *denoise(states[-1], ode_t[-1]))
+    else:
+        x_end = states[-1]
+    if callback is not None:
+        for k in range(len(t) - 1):
+            callback(k, states[k], *denoise(states[k], t[k], count=False))
+    return x_end
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A registry entry: the solver function and whether its step size is adaptive.
+
+    Calling the entry calls the function, so ``SOLVERS[name](denoise, x, t)`` solves.
+    """
+
+    fn: Callable[..., Tensor]
+    adaptive: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.fn(*args, **kwargs)
+
+
+#: solver name -> :class:`Solver`; every function has the signature of :func:`euler`
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(euler),
+    "heun": Solver(heun),
+    "ddim": Solver(ddim),
+    "dpmpp_2m": Solver(dpmpp_2m),
+    "dopri5": Solver(functools.partial(adaptive, method="dopri5"), adaptive=True),
+    "dopri8": Solver(functools.partial(adaptive, method="dopri8"), adaptive=True),
+    "bosh3": Solver(functools.partial(adaptive, method="bosh3"), adaptive=True),
+    "adaptive_heun": Solver(functools.partial(adaptive, method="adaptive_heun"), adaptive=True),
+}

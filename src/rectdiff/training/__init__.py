@@ -1,0 +1,52 @@
+"""Training in any form and prediction: what t to draw, how to weight, the loss, the loop.
+
+    time_samplers   p(t): uniform, logit_normal, u_shaped, uniform_logsnr, discrete,
+                    equalized, AtTime; the TIME_SAMPLERS registry
+    weightings      loss weightings (none, snr, min_snr) and the weight over logsnr any set-up
+                    implies (implied_weighting, equalize; Kingma & Gao 2023)
+    losses          diffusion_loss (MSE or pseudo-Huber on any prediction's target)
+    config          TrainConfig (a dataclass loaded from TOML)
+    batches         resumable in-memory / DataLoader batch streams
+    trainer         Trainer and train(): accelerate, EMA, LR schedule, checkpoints, resume
+"""
+
+from __future__ import annotations
+
+from .config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
+from .losses import LOSSES, default_huber_c, diffusion_loss
+from .time_samplers import (
+    TIME_SAMPLERS,
+    AtTime,
+    Discrete,
+    Equalized,
+    LogitNormal,
+    TimeSampler,
+    Uniform,
+    UniformLogSNR,
+    UShaped,
+    dlogsnr_dt,
+    time_sampler,
+)
+from .trainer import NonFiniteLossError, Trainer, TrainResult, train
+from .weightings import (
+    WEIGHTINGS,
+    InverseFactorWeighting,
+    MinSNRWeighting,
+    NoWeighting,
+    SNRWeighting,
+    Weighting,
+    common_logsnr_range,
+    equalize,
+    implied_weighting,
+    loss_weighting,
+    prediction_factor,
+)
+
+__all__ = [
+    "TrainConfig", "LR_SCHEDULES", "MIXED_PRECISION", "LOSSES", "default_huber_c",
+    "diffusion_loss", "TIME_SAMPLERS", "AtTime", "Discrete", "Equalized", "LogitNormal",
+    "TimeSampler", "Uniform", "UniformLogSNR", "UShaped", "dlogsnr_dt", "time_sampler",
+    "NonFiniteLossError", "Trainer", "TrainResult", "train", "WEIGHTINGS",
+    "InverseFactorWeighting", "MinSNRWeighting", "NoWeighting", "SNRWeighting", "Weighting",
+    "common_logsnr_range", "equalize", "implied_weighting", "loss_weighting", "prediction_factor",
+]  # fmt: skip

@@ -1,0 +1,122 @@
+"""Training hyperparameters: :class:`TrainConfig`, loaded from a TOML table or a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusers.optimization import SchedulerType
+
+from ..io.configs import from_mapping, read_toml
+from .losses import LOSSES
+from .time_samplers import TIME_SAMPLERS, TimeSampler
+from .weightings import WEIGHTINGS, Weighting
+
+__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = tuple(s.value for s in SchedulerType)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`train`; ``from_toml``/``from_dict`` reject unknown keys.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: samples per process per micro-batch.
+        lr, weight_decay: AdamW.
+        warmup_steps: linear warm-up length of ``lr_schedule``.
+        lr_schedule: a diffusers ``get_scheduler`` name (``LR_SCHEDULES``).
+        grad_clip: max gradient norm; 0 turns clipping off.
+        ema_decay: diffusers ``EMAModel`` decay (its warm-up ``(1+n)/(10+n)`` caps it early);
+            0 turns EMA off.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        grad_accum: micro-batches per optimizer step.
+        seed: seeds model-independent randomness (t, eps, batches; accelerate ``set_seed``).
+        time_sampler, time_sampler_params: see :mod:`rectdiff.timesteps` (a sampler object is
+            accepted when set in Python, e.g. from ``timesteps.equalize``).
+        weighting, weighting_params: likewise.
+        loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` and its constant.
+        checkpoint_every: save every this many steps and at the end; 0 = never.
+        keep_checkpoints: how many checkpoints to keep; 0 = all.
+        log_every: loss check, tqdm postfix and history flush interval.
+        out_dir: where ``checkpoints/`` and ``train_config.json`` go; None = nowhere.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant_with_warmup"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    mixed_precision: str = "no"
+    grad_accum: int = 1
+    seed: int = 0
+    time_sampler: str | TimeSampler = "uniform"
+    time_sampler_params: dict[str, Any] = field(default_factory=dict)
+    weighting: str | Weighting = "none"
+    weighting_params: dict[str, Any] = field(default_factory=dict)
+    loss: str = "mse"
+    huber_c: float | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "log_every")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every",
+                     "keep_checkpoints"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("loss", self.loss, LOSSES)
+        if isinstance(self.time_sampler, str):
+            _check_choice("time_sampler", self.time_sampler, tuple(TIME_SAMPLERS))
+        if isinstance(self.weighting, str):
+            _check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. a TOML table).
+
+        Raises:
+            ValueError: for an unknown key (naming it and listing the allowed ones) or value.
+        """
+        return from_mapping(cls, values, what="training option")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str | None = None) -> TrainConfig:
+        """Build from a TOML file, or from its ``[table]`` when given."""
+        values = read_toml(path)
+        if table is not None:
+            if table not in values:
+                raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values)}.")
+            values = values[table]
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/TOML-ready values (sampler and weighting objects by their repr)."""
+        out = dataclasses.asdict(self)
+        for key in ("time_sampler", "weighting"):
+            if not isinstance(out[key], str):
+                out[key] = repr(getattr(self, key))
+        return out
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"TrainConfig.{name} = {value!r} is not allowed; allowed: {', '.join(allowed)}."
+        )
