@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ... import diagnostics
 from ... import training as timesteps
 from ...forms import Form, from_config, load, presets
 from ...io.model_dir import NET_KINDS
@@ -74,6 +75,7 @@ __all__ = [
 
 EQUAL_MODES = ("t", "logsnr")
 #: trajectory and coupling measures ``run_compare`` can report (see rectdiff.diagnostics)
+DIAGNOSTICS = tuple(diagnostics.DIAGNOSTICS)
 DIAGNOSTICS = (
     "straightness",
     "first_order_deviation",

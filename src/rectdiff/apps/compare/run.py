@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from ... import __version__, diagnostics, metrics, samplers
 from ... import training as timesteps
 from ...data import TOYS, load_data
+from ...diagnostics import diagnose_model
 from ...forms import Form
 from ...io.model_dir import (
     build_model,
@@ -77,14 +78,13 @@ __all__ = [
     "implied_weightings",
     "network_config",
     "evaluate_model",
-    "diagnose_model",
     "diagnose_dirs",
     "training_coupling",
     "standard_noise",
 ]
 
 #: how many generated samples / trajectories a cell keeps for the figures
-FIGURE_POINTS, FIGURE_PATHS = 2000, 48
+FIGURE_POINTS = 2000
 
 
 def standard_noise(shape: Sequence[int], n: int, seed: int, stream: str) -> Tensor:
@@ -271,105 +271,6 @@ def evaluate_model(
         if steps in (None, 1):
             kept[solver if steps is None else f"{solver}@1"] = sample[:FIGURE_POINTS].clone()
     return records, kept
-
-
-@dataclass
-class Diagnosis:
-    """What :func:`diagnose_model` measures: numbers, curves and a few trajectories."""
-
-    numbers: dict[str, float]
-    curves: dict[str, tuple[list[float], list[float]]]
-    trajectory: samplers.Trajectory
-    sample: Tensor
-
-
-def diagnose_model(
-    model: nn.Module,
-    *,
-    form: Form,
-    prediction: str,
-    noise: Tensor,
-    which: Sequence[str] = (
-        "straightness",
-        "first_order_deviation",
-        "crossing_rate",
-        "one_step_gap",
-    ),
-    solver: str = "dpmpp_2m",
-    steps: int = 32,
-    reference_solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    seed: int = 0,
-) -> Diagnosis:
-    """First-order and straightness diagnostics of one model's sampling trajectories.
-
-    The trajectories are ``solver`` solves with ``steps`` steps on a grid uniform in logsnr
-    (``samplers.time_grid(kind="logsnr")``) from ``noise``. Numbers:
-
-    * ``straightness_t``, ``straightness_y``: ``diagnostics.straightness`` with
-      ``reduction="mean"``, ``relative=True`` in t and in y = x / alpha against s = sigma /
-      alpha (Liu, Gong & Liu 2023, eq. 4, divided by E||Z_1 - Z_0||^2);
-    * ``first_order_deviation``: of the x0-prediction (Rectified Diffusion, Theorem 1);
-    * ``crossing_rate``, ``transport_cost`` (mean over dimensions, noise end = eps),
-      ``relative_transport_cost``: of the model's coupling (noise, sample);
-    * ``one_step_gap``: RMS distance of one DDIM step to a ``reference_solver`` solve.
-
-    ``rectdiff compare`` adds ``train_coupling_crossing_rate``: the crossing rate of the
-    coupling the model was trained on (the teacher: noise and data drawn independently, as
-    the diffusion loss pairs them; a rectified model: its pairs), Liu et al. 2023, Fig. 2.
-
-    Returns:
-        A :class:`Diagnosis`; its curves are ``curvature_t``, ``curvature_y``
-        (``diagnostics.curvature_profile``, relative) and ``x0_drift``
-        (``first_order_deviation(per_step=True)``), each ``(t, value)`` lists.
-    """
-    traj = samplers.sample(
-        model, noise, form=form, prediction=prediction, solver=solver, steps=steps,
-        t_grid="logsnr", return_trajectory=True,
-    )  # fmt: skip
-    numbers: dict[str, float] = {}
-    curves: dict[str, tuple[list[float], list[float]]] = {}
-    if "straightness" in which:
-        for coords in ("t", "y"):
-            value = diagnostics.straightness(traj, reduction="mean", coords=coords, relative=True)
-            numbers[f"straightness_{coords}"] = float(value)
-            t_mid, profile = diagnostics.curvature_profile(
-                traj, coords=coords, reduction="mean", relative=True
-            )
-            curves[f"curvature_{coords}"] = (t_mid.tolist(), profile.tolist())
-    if "first_order_deviation" in which:
-        numbers["first_order_deviation"] = float(diagnostics.first_order_deviation(traj))
-        t_k, drift = diagnostics.first_order_deviation(traj, per_step=True)
-        curves["x0_drift"] = (t_k.tolist(), drift.tolist())
-    if "crossing_rate" in which:
-        numbers["crossing_rate"] = float(diagnostics.crossing_rate(noise, traj.sample, seed=seed))
-    if "transport_cost" in which:
-        numbers["transport_cost"] = float(
-            diagnostics.transport_cost(noise, traj.sample, reduction="mean")
-        )
-    if "relative_transport_cost" in which:
-        numbers["relative_transport_cost"] = float(
-            diagnostics.relative_transport_cost(noise, traj.sample, reduction="mean", seed=seed)
-        )
-    if "one_step_gap" in which:
-        numbers["one_step_gap"] = float(
-            diagnostics.one_step_gap(
-                model,
-                noise,
-                form=form,
-                prediction=prediction,
-                reference_solver=reference_solver,
-                rtol=rtol,
-                atol=atol,
-            )  # fmt: skip
-        )
-    keep = slice(0, FIGURE_PATHS)
-    small = dataclasses.replace(
-        traj, x=traj.x[:, keep].clone(), x0_pred=traj.x0_pred[:, keep].clone(),
-        eps_pred=traj.eps_pred[:, keep].clone(),
-    )  # fmt: skip
-    return Diagnosis(numbers, curves, small, traj.sample)
 
 
 # --- one cell -------------------------------------------------------------------------------
