@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "atomic_path",
     "write_bytes_atomic",
     "write_text_atomic",
     "write_json_atomic",
@@ -17,16 +20,34 @@ __all__ = [
 ]
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write to; renamed onto ``path`` when the block ends
+    normally, removed when it raises. For writers that take a file name (safetensors,
+    matplotlib): ``with atomic_path(p) as tmp: save_file(tensors, tmp)``.
+
+    The temporary name keeps the suffix (``.<stem>.<pid>.tmp<suffix>``), since some writers
+    choose the format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through ``.<name>.<pid>.tmp`` and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
     return path
 
 

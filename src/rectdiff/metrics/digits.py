@@ -12,7 +12,6 @@ coverage of samples (:func:`classifier_scores`).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
+
+from ..io.files import atomic_path
 
 __all__ = [
     "DigitsClassifier",
@@ -78,14 +79,8 @@ class DigitsClassifier(nn.Module):
             "version": str(_CLASSIFIER_VERSION),
             "heldout_accuracy": repr(self.heldout_accuracy),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> DigitsClassifier:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from ..io.files import write_text_atomic  # noqa: E402
+from ..io.files import atomic_path, write_text_atomic  # noqa: E402
 
 __all__ = ["T_LABEL", "Curves", "write_csv", "save_figure", "numbers", "line_styles", "line_figure"]
 
@@ -55,9 +54,8 @@ def save_figure(
     written = []
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        tmp = path.with_name(f".{path.stem}.tmp.{fmt}")
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt)
         written.append(path)
     plt.close(fig)
     written.append(write_csv(stem.with_suffix(".csv"), header, rows))

@@ -33,7 +33,7 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from ..forms import Form
-from ..io.files import write_json_atomic
+from ..io.files import atomic_path, write_json_atomic
 from ..predictions import check_prediction
 from ..reparametrize import reparametrize
 from ..training.time_samplers import AtTime
@@ -191,10 +191,8 @@ def _initial_student(
 
 
 def _save_round(model: nn.Module, path: Path, info: dict[str, Any]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".model.safetensors.tmp"
-    save_model(model, str(tmp))
-    os.replace(tmp, path / "model.safetensors")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
     write_json_atomic(path / "round.json", info, default=repr)
     return path / "model.safetensors"
 

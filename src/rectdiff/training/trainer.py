@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..forms import Form
-from ..io.files import write_text_atomic
+from ..io.files import publish_folder, write_text_atomic
 from ..predictions import check_prediction
 from .batches import LoaderBatches, TensorBatches
 from .config import TrainConfig
@@ -277,9 +276,7 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            publish_folder(tmp, final)
             write_text_atomic(root / "latest", name + "\n")
             self._prune(root)
         acc.wait_for_everyone()
