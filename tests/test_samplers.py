@@ -66,6 +66,8 @@ ORDERS = {
     "heun": ("uniform", (32, 64, 128), (1.7, 2.4)),
     "ddim": ("logsnr", (32, 64, 128), (0.8, 1.2)),
     "dpmpp_2m": ("logsnr", (32, 64, 128), (1.7, 2.4)),
+    "midpoint": ("uniform", (32, 64, 128), (1.7, 3.1)),  # 3.0 on flow matching's Gaussian
+    "rk4": ("uniform", (8, 16, 32), (3.5, 5.0)),
 }
 
 
@@ -74,7 +76,13 @@ ORDERS = {
 def test_fixed_step_solvers_converge_at_their_order(solver, name, prediction):
     form = FORMS[name]
     grid, steps, (low, high) = ORDERS[solver]
-    if solver == "heun" and name == "sd15":
+    if solver == "rk4" and name == "sd15":
+        pytest.skip("rk4 in t cannot exceed first order across DiscreteVP's 1000 kinks in dx/dt")
+    if solver == "rk4" and name == "fm":
+        # flow matching's Gaussian flow is so smooth that 32 steps hit the 1e-8 floor and the
+        # error falls faster than fourth order (measured 6.2 over 4, 8, 16 steps)
+        steps, high = (4, 8, 16), 6.5
+    if solver in ("heun", "midpoint") and name == "sd15":
         # DiscreteVP's log(alpha) is piecewise linear in t (1000 knots), so dx/dt jumps by
         # ~0.2% at every knot and Heun in t is second order only while a step spans many
         # knots; its error levels off near 1e-5 from ~100 steps on.

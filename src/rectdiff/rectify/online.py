@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..forms import Form
 from ..predictions import check_prediction
+from .coupling import start_noise
 
 __all__ = ["Diffusion", "Reflow"]
 
@@ -155,17 +156,29 @@ class Reflow(nn.Module):
 
     @torch.no_grad()
     def pairs(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        cond: dict[str, Any] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``batch_size`` fresh couplings ``(eps, x0_hat)`` from the frozen teacher."""
+        """``batch_size`` fresh couplings ``(eps, x0_hat)`` from the frozen teacher (given
+        ``cond``, e.g. ``{"class_labels": labels}``, for a conditional teacher)."""
         param = next(self.student.parameters(), None)
         dtype = param.dtype if param is not None else torch.float32
         device = param.device if param is not None else torch.device("cpu")
         shape = (batch_size, *self.teacher.sample_shape)
         eps = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        return eps, self.teacher.sample(eps=eps, steps=self.steps, solver=self.solver)
+        x0 = self.teacher.sample(eps=eps, steps=self.steps, solver=self.solver, cond=cond)
+        return eps, x0
 
-    def forward(self, batch_size: int = 256, generator: torch.Generator | None = None) -> Tensor:
-        """The student's diffusion loss on ``batch_size`` fresh teacher pairs."""
-        eps, x0 = self.pairs(batch_size, generator)
-        return self.student(x0, eps=eps)
+    def forward(
+        self,
+        batch_size: int = 256,
+        generator: torch.Generator | None = None,
+        cond: dict[str, Any] | None = None,
+    ) -> Tensor:
+        """The student's diffusion loss on ``batch_size`` fresh teacher pairs, on the line
+        through the student's own sampling start (:func:`~.coupling.start_noise`)."""
+        eps, x0 = self.pairs(batch_size, generator, cond)
+        noise = start_noise(eps, x0, self.student.form)
+        return self.student(x0, eps=noise, cond=cond)

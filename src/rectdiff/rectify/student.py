@@ -23,21 +23,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_model
-from torch import Tensor, nn
+from torch import nn
 
 from ..forms import Form
+from ..io.configs import from_mapping, read_toml
 from ..io.files import atomic_path, write_json_atomic
 from ..predictions import check_prediction
 from ..reparametrize import reparametrize
 from ..training.time_samplers import AtTime
 from ..training.trainer import TrainConfig, TrainResult, train
+from ..training.weightings import X0Weighting
+from .coupling import Couplings, load_pairs, start_noise
 from .pairs import PairDataset, generate_pairs
 
 __all__ = [
@@ -49,7 +50,7 @@ __all__ = [
     "rectify_rounds",
 ]
 
-INITS = ("teacher", "scratch")
+INITS = ("previous", "teacher", "scratch")
 
 
 @dataclass
@@ -63,7 +64,9 @@ class RectifyConfig:
         shard_size, pair_batch_size: pair store shard length and generation batch.
         seed: pair noise seed (round k uses ``seed + k``).
         distill: train only at ``t = t_max`` (one-step distillation).
-        init: ``"teacher"`` (start from the teacher's weights) or ``"scratch"``.
+        init: where round k's student starts: ``"previous"`` (round k-1's model, the teacher
+            for k = 1: Liu et al. 2023's k-rectified flow), ``"teacher"`` (the teacher's
+            weights every round) or ``"scratch"`` (``fresh``).
         train: the trainer's hyperparameters for each round.
     """
 
@@ -76,7 +79,7 @@ class RectifyConfig:
     pair_batch_size: int = 2048
     seed: int = 0
     distill: bool = False
-    init: str = "teacher"
+    init: str = "previous"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -91,20 +94,12 @@ class RectifyConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RectifyConfig:
         """Build from a dict; an unknown key is an error naming it and the allowed keys."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in allowed]
-        if unknown:
-            raise ValueError(
-                f"unknown rectify setting(s) {', '.join(map(repr, unknown))}; allowed: "
-                f"{', '.join(allowed)}."
-            )
-        return cls(**values)
+        return from_mapping(cls, values, what="rectify setting")
 
     @classmethod
     def from_toml(cls, path: str | Path, table: str = "rectify") -> RectifyConfig:
         """Read the ``[rectify]`` table (with ``[rectify.train]``) of a TOML file."""
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
+        data = read_toml(path)
         if table not in data:
             raise ValueError(f"{path}: no [{table}] table; found {', '.join(data) or 'nothing'}.")
         return cls.from_dict(data[table])
@@ -121,22 +116,25 @@ class RoundResult:
     losses: list[float]
 
 
-def load_pairs(pairs: PairDataset | str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
-    """All ``(eps, x0)`` of a pair store, concatenated in memory (toy and small image sets)."""
-    dataset = pairs if isinstance(pairs, PairDataset) else PairDataset(pairs)
-    shards = [dataset.shard(k) for k in range(dataset.num_shards)]
-    return torch.cat([s["eps"] for s in shards]), torch.cat([s["x0"] for s in shards])
-
-
 def _training_config(config: TrainConfig, form: Form, distill: bool) -> TrainConfig:
     if not distill:
         return config
-    return dataclasses.replace(config, time_sampler=AtTime(form), time_sampler_params={})
+    return dataclasses.replace(
+        config, time_sampler=AtTime(form), time_sampler_params={}, weighting=X0Weighting(),
+        weighting_params={},
+    )  # fmt: skip
+
+
+def _cond_fn(keys: list[str]) -> Any:
+    """Map the trainer's extra batch items back to the model's keyword arguments."""
+    if len(keys) == 1:
+        return lambda extra: {keys[0]: extra}
+    return lambda extra: dict(zip(keys, extra, strict=True))
 
 
 def rectify(
     student: nn.Module,
-    pairs: PairDataset | str | os.PathLike[str] | tuple[Tensor, Tensor],
+    pairs: Couplings | PairDataset | str | os.PathLike[str] | tuple,
     *,
     form: Form,
     prediction: str,
@@ -147,46 +145,51 @@ def rectify(
 ) -> TrainResult:
     """Retrain ``student`` on couplings ``(eps, x0_hat)`` in ``form`` with ``prediction``.
 
-    The loss is the ordinary diffusion loss on ``x_t = form.add_noise(x0_hat, eps, t)`` with
-    the pair's own eps (Liu et al. 2023, Algorithm 1). Pass the teacher's form and prediction
-    for Rectified Diffusion, or ``FlowMatching`` / ``"flow"`` for classic Reflow.
+    The loss is the ordinary diffusion loss on the first-order line through the student's own
+    sampling start, ``x_t = alpha_t x0_hat + sigma_t eps~`` with
+    ``eps~ = eps - (alpha/sigma)(t_max) x0_hat`` (:func:`~.coupling.start_noise`; Liu et al.
+    2023, Algorithm 1, where alpha(t_max) = 0 and eps~ = eps). Pass the teacher's form and
+    prediction for Rectified Diffusion, or ``FlowMatching`` / ``"flow"`` for classic Reflow.
+    Every conditioning tensor the pairs carry (e.g. ``class_labels``) is passed to the student
+    with its pair.
 
     Args:
         student: the network to train (usually a copy of the teacher); trained in place.
-        pairs: a pair store folder, a :class:`PairDataset`, or a tuple ``(eps, x0)``.
+        pairs: a pair store folder, a :class:`PairDataset`, :class:`Couplings`, or a tuple
+            ``(eps, x0)`` / ``(eps, x0, cond)``.
         form, prediction: the form and prediction the student is trained in.
         config: trainer hyperparameters (any time sampler, weighting and loss).
-        distill: train only at ``t = form.t_max`` (one-step distillation).
+        distill: train only at ``t = form.t_max`` on the x0-MSE (one-step distillation).
 
     Returns:
-        The trainer's :class:`~rectdiff.train.TrainResult`.
+        The trainer's :class:`~rectdiff.training.TrainResult`.
     """
     check_prediction(prediction)
-    eps, x0 = pairs if isinstance(pairs, tuple) else load_pairs(pairs)
-    if eps.shape != x0.shape:
-        raise ValueError(
-            f"pairs need eps and x0 of one shape, got {tuple(eps.shape)} and {tuple(x0.shape)}."
-        )
+    couplings = Couplings.of(pairs)
+    eps = start_noise(couplings.eps, couplings.x0, form)
+    keys = sorted(couplings.cond)
     config = _training_config(config or TrainConfig(), form, distill)
     return train(
-        student, (eps, x0), form=form, prediction=prediction, config=config, pairs=True,
-        progress=progress, accelerator=accelerator,
+        student, (eps, couplings.x0, *(couplings.cond[k] for k in keys)), form=form,
+        prediction=prediction, config=config, pairs=True,
+        cond_fn=_cond_fn(keys) if keys else None, progress=progress, accelerator=accelerator,
     )  # fmt: skip
 
 
 def _initial_student(
-    teacher: nn.Module, init: str, teacher_form: Form, teacher_prediction: str,
+    start: nn.Module, init: str, start_form: Form, start_prediction: str,
     form: Form, prediction: str, fresh: nn.Module | None,
 ) -> nn.Module:  # fmt: skip
+    """A copy of ``start`` (the teacher or the previous round) seen in the student's form."""
     if init == "scratch":
         if fresh is None:
             raise ValueError(
                 "init='scratch' needs fresh=, an untrained network of the student's shape."
             )
         return fresh
-    student = copy.deepcopy(teacher)
-    if (teacher_form, teacher_prediction) != (form, prediction):
-        return reparametrize(student, teacher_form, teacher_prediction, form, prediction)
+    student = copy.deepcopy(start)
+    if (start_form, start_prediction) != (form, prediction):
+        return reparametrize(student, start_form, start_prediction, form, prediction)
     return student
 
 
@@ -208,6 +211,7 @@ def rectify_rounds(
     student_prediction: str | None = None,
     fresh: nn.Module | None = None,
     shape: tuple[int, ...] | None = None,
+    cond_fn: Any = None,
     progress: bool = True,
 ) -> list[RoundResult]:
     """k rounds of rectification: pairs from the current model, then retraining on them.
@@ -227,6 +231,9 @@ def rectify_rounds(
             ``FlowMatching()``, ``"flow"``); default the teacher's own (Rectified Diffusion).
         fresh: an untrained network, for ``config.init = "scratch"``.
         shape: one sample's shape (inferred from the model when it has ``sample_shape``).
+        cond_fn: per-pair conditioning for a conditional model, as in
+            :func:`~.pairs.generate_pairs` (e.g. class labels); stored with every round's pairs
+            and passed to the student in training.
 
     Returns:
         One :class:`RoundResult` per round.
@@ -244,9 +251,14 @@ def rectify_rounds(
             shard_size=config.shard_size, seed=config.seed + k - 1,
             batch_size=config.pair_batch_size, solver_options={"t_grid": config.t_grid}, shape=shape,
             model_description=f"round {k - 1} model ({current_form!r}, {current_pred})",
+            cond_fn=cond_fn,
             progress=progress,
         )  # fmt: skip
-        student = _initial_student(teacher, config.init, form, prediction, s_form, s_pred, fresh)
+        if config.init == "previous":
+            start, start_form, start_pred = current, current_form, current_pred
+        else:
+            start, start_form, start_pred = teacher, form, prediction
+        student = _initial_student(start, config.init, start_form, start_pred, s_form, s_pred, fresh)
         train_config = dataclasses.replace(config.train, out_dir=str(round_dir / "train"))
         result = rectify(
             student, pairs, form=s_form, prediction=s_pred, config=train_config,

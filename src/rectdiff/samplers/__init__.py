@@ -8,7 +8,8 @@ one registry line.
 
     denoiser   Denoiser, clamp_time
     grids      time_grid, TIME_GRIDS
-    solvers    euler, heun, ddim, dpmpp_2m, adaptive (torchdiffeq), the SOLVERS registry
+    solvers    euler, heun, ddim, dpmpp_2m, rk4 / midpoint and the adaptive solvers (torchdiffeq),
+               the SOLVERS registry
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..forms import Coefficients, Form
 from ..reparametrize import reparametrize
 from .denoiser import Denoiser, clamp_time
 from .grids import TIME_GRIDS, time_grid
-from .solvers import SOLVERS, Callback, Solver, adaptive, ddim, dpmpp_2m, euler, heun
+from .solvers import SOLVERS, Callback, Solver, adaptive, ddim, dpmpp_2m, euler, fixed_grid, heun
 
 __all__ = [
     "Trajectory",
@@ -43,6 +44,7 @@ __all__ = [
     "ddim",
     "dpmpp_2m",
     "adaptive",
+    "fixed_grid",
     "reparametrize",
 ]
 
@@ -113,7 +115,7 @@ def sample(
         eps: standard-normal noise ``(B, ...)``; its dtype and device are the sample's.
         form, prediction: the model's diffusion form and prediction type.
         solver: a name in :data:`SOLVERS` (euler, heun, ddim, dpmpp_2m, dopri5, dopri8, bosh3,
-            adaptive_heun).
+            adaptive_heun, rk4, midpoint).
         steps: grid intervals K (model evaluations for ddim, euler, dpmpp_2m).
         t_grid: "uniform", "logsnr", "karras" or an explicit decreasing sequence (see
             :func:`time_grid`).

@@ -35,6 +35,7 @@ from .weightings import (
     NoWeighting,
     SNRWeighting,
     Weighting,
+    X0Weighting,
     common_logsnr_range,
     equalize,
     implied_weighting,
@@ -47,6 +48,6 @@ __all__ = [
     "diffusion_loss", "TIME_SAMPLERS", "AtTime", "Discrete", "Equalized", "LogitNormal",
     "TimeSampler", "Uniform", "UniformLogSNR", "UShaped", "dlogsnr_dt", "time_sampler",
     "NonFiniteLossError", "Trainer", "TrainResult", "train", "WEIGHTINGS",
-    "InverseFactorWeighting", "MinSNRWeighting", "NoWeighting", "SNRWeighting", "Weighting",
+    "InverseFactorWeighting", "MinSNRWeighting", "NoWeighting", "SNRWeighting", "Weighting", "X0Weighting",
     "common_logsnr_range", "equalize", "implied_weighting", "loss_weighting", "prediction_factor",
 ]  # fmt: skip

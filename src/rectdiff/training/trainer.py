@@ -199,7 +199,8 @@ class Trainer:
                 f"{'(eps, x0[, cond])' if self.pairs else 'x0[, cond]'}, got {len(items)} item(s)."
             )
         eps, x0 = (items[0], items[1]) if self.pairs else (None, items[0])
-        extra = items[need] if len(items) > need else None
+        rest = items[need:]  # one cond item, or several (then cond_fn gets them as a tuple)
+        extra = None if not rest else rest[0] if len(rest) == 1 else rest
         if self.cond_fn is not None:
             cond = self.cond_fn(extra)
         elif extra is None:

@@ -22,6 +22,7 @@ Time samplers: :mod:`.time_samplers`.
 Weightings (multipliers on the prediction's MSE):
     none             1
     snr              exp(lambda)
+    x0               c_x0^2 / c_pred^2: the x0-MSE for any prediction (one-step distillation)
     min_snr          x0-MSE weighted by min(SNR, gamma) (Hang et al. 2023, "Efficient Diffusion
                      Training via Min-SNR Weighting Strategy"), i.e. eps-MSE weighted by
                      min(1, gamma / SNR), written for any prediction as min(1, gamma/SNR) / c^2.
@@ -46,6 +47,7 @@ __all__ = [
     "SNRWeighting",
     "MinSNRWeighting",
     "InverseFactorWeighting",
+    "X0Weighting",
     "WEIGHTINGS",
     "loss_weighting",
     "prediction_factor",
@@ -152,8 +154,23 @@ class InverseFactorWeighting(Weighting):
         return self.scale / prediction_factor(form, prediction, t)
 
 
+class X0Weighting(Weighting):
+    """weight = c_x0(t)^2 / c_pred(t)^2: the loss is the x0-MSE, whatever the network predicts.
+
+    An eps-prediction's error reaches x0 multiplied by sigma / alpha (150x at VP's t_max), so
+    one-step distillation is trained on this weighting, where the x0 error is what counts.
+    """
+
+    name = "x0"
+
+    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
+        t64 = as_time(t)
+        return prediction_factor(form, "x0", t64) / prediction_factor(form, prediction, t64)
+
+
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,
+    "x0": X0Weighting,
     "snr": SNRWeighting,
     "min_snr": MinSNRWeighting,
     "inverse_factor": InverseFactorWeighting,
