@@ -17,6 +17,7 @@ import torch
 from filelock import FileLock
 
 from rectdiff.stable_diffusion import (
+    SDRectifyConfig,
     build_tiny_pipeline,
     generate_sd_pairs,
     rectify_sd,
@@ -74,10 +75,8 @@ def flow(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Flow:
                     steps=PAIR_STEPS, guidance=PAIR_GUIDANCE, batch_size=32, shard_size=64,
                     progress=False,
                 )  # fmt: skip
-                rectify_sd(
-                    paths.teacher, paths.pairs, paths.student, max_steps=RECTIFY_STEPS,
-                    lr=RECTIFY_LR, batch_size=32, progress=False,
-                )  # fmt: skip
+                config = SDRectifyConfig(max_steps=RECTIFY_STEPS, lr=RECTIFY_LR, batch_size=32)
+                rectify_sd(paths.teacher, paths.pairs, paths.student, config, progress=False)
             finally:
                 torch.set_num_threads(threads)
             (root / "done.json").write_text(json.dumps({"done": True}))

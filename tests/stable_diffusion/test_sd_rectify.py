@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from rectdiff import forms, samplers
 from rectdiff.stable_diffusion import (
+    SDRectifyConfig,
     TextConditionedUNet,
     evaluate,
     pipeline_form,
@@ -19,7 +20,8 @@ from rectdiff.stable_diffusion import (
     tiny_prompts,
     tokenize,
 )
-from rectdiff.stable_diffusion.rectify import flow_matching_form, load_record, student_scheduler
+from rectdiff.stable_diffusion.families import STABLE_DIFFUSION
+from rectdiff.stable_diffusion.rectify import flow_matching_form, load_record
 
 
 def stock(path):
@@ -87,31 +89,30 @@ def test_record_of_the_rectified_folder(flow):
 
 def test_rectify_refuses_bad_inputs_and_writes_nothing(flow, tmp_path):
     out = tmp_path / "student"
+    two = SDRectifyConfig(max_steps=2)
     with pytest.raises(ValueError, match="made by another pipeline") as err:
-        rectify_sd(flow.other, flow.pairs, out, max_steps=2, progress=False)
+        rectify_sd(flow.other, flow.pairs, out, two, progress=False)
     assert "unet files sha256" in str(err.value)
     with pytest.raises(ValueError, match="no manifest.json"):
-        rectify_sd(flow.teacher, tmp_path, out, max_steps=2, progress=False)
+        rectify_sd(flow.teacher, tmp_path, out, two, progress=False)
     with pytest.raises(ValueError, match=r"no model_index\.json"):
-        rectify_sd(tmp_path, flow.pairs, out, max_steps=2, progress=False)
+        rectify_sd(tmp_path, flow.pairs, out, two, progress=False)
     with pytest.raises(ValueError, match="target_form must be None"):
-        rectify_sd(flow.teacher, flow.pairs, out, max_steps=2, target_form="ve")
+        rectify_sd(flow.teacher, flow.pairs, out, SDRectifyConfig(max_steps=2, target_form="ve"))
     assert not out.exists() and not (tmp_path / "student.train").exists()
     (tmp_path / "occupied").mkdir()
     with pytest.raises(ValueError, match="not an earlier `rectdiff sd rectify` output"):
-        rectify_sd(flow.teacher, flow.pairs, tmp_path / "occupied", max_steps=2, progress=False)
+        rectify_sd(flow.teacher, flow.pairs, tmp_path / "occupied", two, progress=False)
 
 
 def test_lora_weights_load_into_the_teacher_and_change_its_output(flow, tmp_path):
-    result = rectify_sd(
-        flow.teacher, flow.pairs, tmp_path / "lora_student", max_steps=30, lr=1e-2,
-        batch_size=32, lora_rank=4, progress=False,
-    )  # fmt: skip
+    config = SDRectifyConfig(max_steps=30, lr=1e-2, batch_size=32, lora_rank=4)
+    result = rectify_sd(flow.teacher, flow.pairs, tmp_path / "lora_student", config, progress=False)
     assert (result.lora_dir / "pytorch_lora_weights.safetensors").is_file()
     lora_keys = load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
     assert lora_keys and all("lora" in key for key in lora_keys)
     teacher = stock(flow.teacher)
-    teacher.scheduler = student_scheduler(teacher.scheduler)
+    teacher.scheduler = STABLE_DIFFUSION.student_scheduler(teacher.scheduler)
     prompts, eps = tiny_prompts("held_out")[:6], held_out_noise()
     call = dict(latents=eps, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
     before = teacher(prompts, **call).images
@@ -124,12 +125,11 @@ def test_lora_weights_load_into_the_teacher_and_change_its_output(flow, tmp_path
 
 
 def test_resumed_training_ends_with_the_same_weights(flow, tmp_path):
-    common = dict(
-        lr=1e-3, batch_size=16, checkpoint_every=2, ema=True, ema_decay=0.9, progress=False
-    )
-    straight = rectify_sd(flow.teacher, flow.pairs, tmp_path / "a", max_steps=4, **common)
-    rectify_sd(flow.teacher, flow.pairs, tmp_path / "b", max_steps=2, **common)
-    resumed = rectify_sd(flow.teacher, flow.pairs, tmp_path / "b", max_steps=4, **common)
+    common = dict(lr=1e-3, batch_size=16, checkpoint_every=2, ema=True, ema_decay=0.9)
+    four, two = SDRectifyConfig(max_steps=4, **common), SDRectifyConfig(max_steps=2, **common)
+    straight = rectify_sd(flow.teacher, flow.pairs, tmp_path / "a", four, progress=False)
+    rectify_sd(flow.teacher, flow.pairs, tmp_path / "b", two, progress=False)
+    resumed = rectify_sd(flow.teacher, flow.pairs, tmp_path / "b", four, progress=False)
     assert resumed.losses == straight.losses and len(resumed.losses) == 4
     weights = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "a" / weights), load_file(tmp_path / "b" / weights)
@@ -151,10 +151,8 @@ def test_flow_matching_form_spans_the_checkpoints_logsnr_range(flow):
 
 
 def test_instaflow_style_target_form_also_rectifies(flow, tmp_path):
-    result = rectify_sd(
-        flow.teacher, flow.pairs, tmp_path / "fm", max_steps=150, lr=1e-3, batch_size=32,
-        target_form="fm", progress=False,
-    )  # fmt: skip
+    config = SDRectifyConfig(max_steps=150, lr=1e-3, batch_size=32, target_form="fm")
+    result = rectify_sd(flow.teacher, flow.pairs, tmp_path / "fm", config, progress=False)
     record = load_record(result.out_dir)
     assert (record["loss_prediction"], record["target_form"]) == ("flow", "fm")
     assert record["training"]["time_sampler"] == "uniform"

@@ -2,9 +2,12 @@
 
     build_tiny_pipeline(dir)                       a tiny offline SD pipeline for trying it out
     generate_sd_pairs(pipeline, prompts, num, out) (noise, latent, prompt) pairs in a pair store
-    rectify_sd(pipeline, pairs, out)               retrain the UNet; save a diffusers pipeline
+    rectify_sd(pipeline, pairs, out, config)       retrain the UNet; save a diffusers pipeline
     evaluate(student, teacher, prompts, out)       few-step latent MSE vs the teacher, a grid
     run_demo(out)                                  all of it on the tiny pipeline
+
+``SDRectifyConfig`` holds rectify_sd's settings; a ``PipelineFamily`` (one per pipeline
+class, in ``FAMILIES``) holds what depends on the kind of pipeline.
 
 The command line is ``rectdiff sd tiny|pairs|rectify|eval|demo``. Names are imported on
 first use, so importing this package (or its ``cli``) does not load diffusers.
@@ -18,11 +21,15 @@ from typing import Any
 #: public name -> the module that defines it
 _NAMES = {
     "ClipScorer": "clip_score",
+    "FAMILIES": "families",
+    "PipelineFamily": "families",
     "RectifyResult": "rectify",
+    "SDRectifyConfig": "config",
     "TextConditionedUNet": "model",
     "build_tiny_pipeline": "tiny",
     "clip_score": "clip_score",
     "evaluate": "eval",
+    "family_for": "families",
     "generate_sd_pairs": "pairs",
     "load_pipeline": "load",
     "pipeline_fingerprint": "load",

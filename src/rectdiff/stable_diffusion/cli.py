@@ -8,6 +8,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..io.configs import field_names
+from .config import SDRectifyConfig
+
 __all__ = ["add_sd_parser", "main"]
 
 
@@ -40,21 +43,19 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rectify_config(args: argparse.Namespace) -> SDRectifyConfig:
+    """The :class:`SDRectifyConfig` of ``sd rectify``'s flags: each field with a flag of the
+    same name takes it, ``resume`` is ``not --no-resume``, the rest (``grad_clip``) keep
+    their defaults."""
+    names = [name for name in field_names(SDRectifyConfig) if name != "resume"]
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return SDRectifyConfig(**values, resume=not args.no_resume)
+
+
 def _cmd_rectify(args: argparse.Namespace) -> int:
     from .rectify import rectify_sd
 
-    result = rectify_sd(
-        args.pipeline, args.pairs, args.out, max_steps=args.max_steps, lr=args.lr,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, loss=args.loss,
-        huber_c=args.huber_c, loss_prediction=args.loss_prediction,
-        target_form=args.target_form, time_sampler=args.time_sampler,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, ema=args.ema,
-        ema_decay=args.ema_decay, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, work_dir=args.work_dir,
-        resume=not args.no_resume, num_workers=args.num_workers,
-    )  # fmt: skip
+    result = rectify_sd(args.pipeline, args.pairs, args.out, _rectify_config(args))
     if _is_main_process():
         last = f", last loss {result.losses[-1]:.5g}" if result.losses else ""
         print(f"wrote the rectified pipeline to {result.out_dir} ({result.steps} steps{last})")
@@ -151,31 +152,40 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", required=True, help="the teacher pipeline folder")
     p.add_argument("--pairs", required=True, help="pair store made with that pipeline")
     p.add_argument("--out", required=True, help="student pipeline folder to write")
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--batch-size", type=int, default=16, help="per process (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--loss", default="pseudo_huber", choices=["mse", "pseudo_huber"])
-    p.add_argument("--huber-c", type=float, default=None)
-    p.add_argument("--loss-prediction", default=None, choices=["eps", "x0", "v", "flow"],
+    d = SDRectifyConfig()  # the defaults
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="per process (default: %(default)s)"
+    )
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--loss", default=d.loss, choices=["mse", "pseudo_huber"])
+    p.add_argument("--huber-c", type=float, default=d.huber_c)
+    p.add_argument("--loss-prediction", default=d.loss_prediction, choices=["eps", "x0", "v", "flow"],
                    help="prediction the loss compares (default: x0; flow with --target-form fm)")  # fmt: skip
-    p.add_argument("--target-form", default=None, choices=["fm"],
+    p.add_argument("--target-form", default=d.target_form, choices=["fm"],
                    help="fm: InstaFlow-style flow-matching loss (default: the checkpoint's form)")  # fmt: skip
-    p.add_argument("--time-sampler", default=None, help="default: discrete (fm: uniform)")
-    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+    p.add_argument("--time-sampler", default=d.time_sampler, help="default: discrete (fm: uniform)")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"],
                    help="default: accelerate launch's --mixed_precision (or no)")  # fmt: skip
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--ema", action="store_true", help="keep and save an EMA of the weights")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--lora-rank", type=int, default=None, help="train a LoRA of this rank")
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="0: no checkpoints")
-    p.add_argument("--work-dir", default=None, help="checkpoints (default: OUT.train)")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", default=d.gradient_checkpointing
+    )
+    p.add_argument(
+        "--ema", action="store_true", default=d.ema, help="keep and save an EMA of the weights"
+    )
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="train a LoRA of this rank")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="0: no checkpoints"
+    )
+    p.add_argument("--work-dir", default=d.work_dir, help="checkpoints (default: OUT.train)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
     p.set_defaults(func=_cmd_rectify)
 
 

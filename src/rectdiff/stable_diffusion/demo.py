@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .config import SDRectifyConfig
 from .eval import evaluate
 from .pairs import generate_sd_pairs
 from .rectify import rectify_sd
@@ -89,10 +90,8 @@ def _run(
     seconds["pairs"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = rectify_sd(
-        teacher, root / "pairs", root / "student", max_steps=max_steps, lr=lr, batch_size=32,
-        progress=progress,
-    )  # fmt: skip
+    config = SDRectifyConfig(max_steps=max_steps, lr=lr, batch_size=32)
+    result = rectify_sd(teacher, root / "pairs", root / "student", config, progress=progress)
     seconds["rectify"] = time.perf_counter() - start
 
     start = time.perf_counter()

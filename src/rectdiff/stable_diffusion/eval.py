@@ -37,11 +37,10 @@ from torch import Tensor
 from .. import samplers
 from ..io.files import write_bytes_atomic, write_json_atomic
 from .clip_score import ClipScorer
-from .load import check_pipeline_dir, load_pipeline, pipeline_form
-from .model import TextConditionedUNet, tokenize
+from .families import family_for
+from .load import check_pipeline_dir, load_pipeline
 from .pairs import resolution, sd_guidance, sd_time_grid
 from .prompts import read_prompts
-from .rectify import student_scheduler
 
 __all__ = ["evaluate", "teacher_reference", "pipeline_latents", "decode", "save_grid"]
 
@@ -56,19 +55,19 @@ def teacher_reference(
     solver: str = "dpmpp_2m",
 ) -> Tensor:
     """The teacher's latents for ``eps`` and ``prompts``, solved as pair generation does."""
-    form, prediction = pipeline_form(pipe)
-    model = TextConditionedUNet(pipe.unet, pipe.text_encoder)
+    family = family_for(pipe)
+    form, prediction = family.form(pipe)
     return samplers.sample(
-        model,
-        eps.to(pipe.unet.device, torch.float32),
+        family.denoiser(pipe),
+        eps.to(family.trained_network(pipe).device, torch.float32),
         form=form,
         prediction=prediction,
         solver=solver,
         steps=steps,
         t_grid=sd_time_grid(pipe.scheduler, steps, form),
-        cond={"input_ids": tokenize(pipe.tokenizer, prompts)},
+        cond=family.conditioning(pipe, prompts),
         guidance=sd_guidance(guidance),
-        uncond={"input_ids": tokenize(pipe.tokenizer, [""])},
+        uncond=family.unconditional(pipe),
     ).cpu()
 
 
@@ -77,12 +76,14 @@ def pipeline_latents(
 ) -> Tensor:
     """``pipe(prompts, latents=sigma(t_0) eps, num_inference_steps=steps, guidance_scale=guidance,
     output_type="latent")`` with t_0 the scheduler's first time step."""
-    form, _ = pipeline_form(pipe)
+    family = family_for(pipe)
+    form, _ = family.form(pipe)
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(steps)
     t_start = form.t_from_model_time(float(scheduler.timesteps[0]))
     scale = float(form.sigma(t_start)) / float(scheduler.init_noise_sigma)
-    latents = (scale * eps).to(pipe.unet.device, pipe.unet.dtype)
+    network = family.trained_network(pipe)
+    latents = (scale * eps).to(network.device, network.dtype)
     out = pipe(
         list(prompts),
         latents=latents,
@@ -226,6 +227,7 @@ def evaluate(
     """
     student_root = check_pipeline_dir(pipeline_dir, need_vae=True)
     teacher_root = check_pipeline_dir(teacher_dir)
+    family = family_for(teacher_root)
     if not isinstance(prompts, (list, tuple)):
         prompts = read_prompts(prompts, caption_column)
     if not prompts:
@@ -237,9 +239,10 @@ def evaluate(
         raise ValueError(f"num must be >= 1, got {num}.")
     student = load_pipeline(student_root, dtype=dtype, device=device)
     teacher = load_pipeline(teacher_root, dtype=dtype, device=device, with_vae=False)
-    height, width = resolution(teacher_root, teacher.unet.config, height, width)
+    network_config = family.trained_network(teacher).config
+    height, width = resolution(teacher_root, network_config, height, width)
     factor = student.vae_scale_factor
-    shape = (num, int(teacher.unet.config.in_channels), height // factor, width // factor)
+    shape = (num, int(network_config.in_channels), height // factor, width // factor)
     eps = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
     chosen = [str(prompts[i % len(prompts)]) for i in range(num)]
 
@@ -249,7 +252,7 @@ def evaluate(
         ),
         eps, chosen, batch_size,
     )  # fmt: skip
-    teacher.scheduler = student_scheduler(teacher.scheduler)
+    teacher.scheduler = family.student_scheduler(teacher.scheduler)
     latents: dict[str, Tensor] = {}
     for who, pipe, scale in (
         ("teacher", teacher, teacher_guidance),

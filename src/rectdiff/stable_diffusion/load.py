@@ -1,10 +1,12 @@
-"""Loading a local Stable Diffusion pipeline folder, its form and its identity.
+"""Loading a local pipeline folder, its form and its identity, through its family.
 
-The loader is diffusers' own ``StableDiffusionPipeline.from_pretrained`` on a local folder
-with ``local_files_only=True``: nothing is fetched by name. The form and prediction type
-come from the checkpoint's own scheduler config through :func:`rectdiff.forms.from_diffusers`
-(for SD 1.5 a :class:`~rectdiff.forms.DiscreteVP` on its ``scaled_linear`` table, predicting
-``"eps"``); the schedule is never switched.
+A folder's :class:`~rectdiff.stable_diffusion.families.PipelineFamily` (from its
+``model_index.json``) says which sub-folders it needs and loads it with diffusers'
+``DiffusionPipeline.from_pretrained`` on the local folder with ``local_files_only=True``:
+nothing is fetched by name. The form and prediction type come from the checkpoint's own
+scheduler config through :func:`rectdiff.forms.from_diffusers` (for SD 1.5 a
+:class:`~rectdiff.forms.DiscreteVP` on its ``scaled_linear`` table, predicting ``"eps"``);
+the schedule is never switched.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import forms
+from .families import family_for
 
 __all__ = [
-    "REQUIRED_PARTS",
     "check_pipeline_dir",
     "load_pipeline",
     "pipeline_form",
@@ -29,17 +30,16 @@ __all__ = [
     "vae_scale_factor",
 ]
 
-#: the sub-folders a pipeline folder needs besides ``model_index.json``
-REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_pipeline_dir(path: str | os.PathLike[str], need_vae: bool = False) -> Path:
-    """``path`` as a Path if it is a diffusers pipeline folder, else a ValueError saying why.
+    """``path`` as a Path if it is a pipeline folder of a supported family, else a
+    ValueError saying why.
 
     Raises:
         ValueError: naming the folder and what is missing (the folder itself,
-            ``model_index.json`` or a component sub-folder).
+            ``model_index.json`` or a component sub-folder) or its unsupported class.
     """
     root = Path(path)
     if not root.is_dir():
@@ -53,12 +53,13 @@ def check_pipeline_dir(path: str | os.PathLike[str], need_vae: bool = False) -> 
             "Give the folder that holds model_index.json, unet/, text_encoder/, tokenizer/, "
             "scheduler/ and vae/ (e.g. a local copy of stable-diffusion-v1-5)."
         )
-    parts = REQUIRED_PARTS + (("vae",) if need_vae else ())
+    family = family_for(root)
+    parts = family.required_parts + (("vae",) if need_vae else ())
     missing = [part for part in parts if not (root / part).is_dir()]
     if missing:
         raise ValueError(
             f"pipeline folder {str(root)!r} lacks the sub-folder(s) {', '.join(missing)}; a "
-            "Stable Diffusion pipeline needs " + ", ".join(REQUIRED_PARTS + ("vae",)) + "."
+            f"{family.title} pipeline needs " + ", ".join(family.required_parts + ("vae",)) + "."
         )
     return root
 
@@ -77,7 +78,8 @@ def load_pipeline(
     device: torch.device | str | None = None,
     with_vae: bool = True,
 ) -> Any:
-    """``StableDiffusionPipeline.from_pretrained(path, local_files_only=True)``.
+    """The folder's pipeline, loaded by its family (``DiffusionPipeline.from_pretrained``
+    with ``local_files_only=True``; for Stable Diffusion without safety checker).
 
     Args:
         path: a local pipeline folder.
@@ -87,32 +89,20 @@ def load_pipeline(
             latents); ``pipe.vae`` is then None.
 
     Returns:
-        The pipeline, without safety checker, progress bars off.
+        The pipeline, progress bars off.
 
     Raises:
-        ValueError: if ``path`` is not a pipeline folder (see :func:`check_pipeline_dir`).
+        ValueError: if ``path`` is not a pipeline folder of a supported family (see
+            :func:`check_pipeline_dir`).
     """
-    from diffusers import StableDiffusionPipeline
-
     root = check_pipeline_dir(path, need_vae=with_vae)
-    extra: dict[str, Any] = {} if with_vae else {"vae": None}
-    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            root,
-            torch_dtype=_dtype(dtype),
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **extra,
-        )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = family_for(root).load(root, _dtype(dtype), with_vae=with_vae)
     return pipe.to(device) if device is not None else pipe
 
 
 def pipeline_form(pipe: Any) -> tuple[forms.Form, str]:
     """The pipeline's form and prediction type from its own scheduler config."""
-    return forms.from_diffusers(pipe.scheduler)
+    return family_for(pipe).form(pipe)
 
 
 def vae_scale_factor(path: str | os.PathLike[str]) -> int:
@@ -138,9 +128,9 @@ def pipeline_fingerprint(path: str | os.PathLike[str]) -> dict[str, str]:
     """sha256 of every file of the parts that determine generated latents.
 
     Returns:
-        ``{"unet": ..., "text_encoder": ..., "tokenizer": ..., "scheduler": ...}``, each the
-        sha256 over the part's files (names and bytes). Reads every weight file once
-        (about 4 GB, a few seconds, for SD 1.5 in float32).
+        ``{part: sha256}`` for the family's identity parts (Stable Diffusion: unet,
+        text_encoder, tokenizer, scheduler), each over the part's files (names and bytes).
+        Reads every weight file once (about 4 GB, a few seconds, for SD 1.5 in float32).
     """
     root = check_pipeline_dir(path)
-    return {part: _sha256_files(root / part) for part in REQUIRED_PARTS}
+    return {part: _sha256_files(root / part) for part in family_for(root).identity_parts}

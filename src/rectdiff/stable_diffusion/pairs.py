@@ -2,14 +2,15 @@
 
 Each pair is the standard-normal latent noise ``eps`` (shape ``(4, h/8, w/8)``), the latent
 ``x0_hat`` the teacher's probability-flow ODE solve ends at (before the VAE decoder), the
-prompt's CLIP token ids (``input_ids``, stored as a tensor and given to the model) and the
-prompt itself (``prompt``, in the shard's side file). Pair ``i`` has prompt
-``prompts[i % len(prompts)]``.
+prompt's conditioning as the pipeline's family defines it (for Stable Diffusion the CLIP
+token ids ``input_ids``, stored as a tensor and given to the model) and the prompt itself
+(``prompt``, in the shard's side file). Pair ``i`` has prompt ``prompts[i % len(prompts)]``.
 
-The solve is :func:`rectdiff.samplers.sample` through :func:`rectdiff.couplings.generate_pairs`
-(sharded, resumable, deterministic noise per shard, checksummed, ``accelerate launch``-ready),
-with the UNet and frozen text encoder wrapped as one model
-(:class:`~rectdiff.stable_diffusion.model.TextConditionedUNet`), classifier-free guidance
+The solve is :func:`rectdiff.samplers.sample` through
+:func:`rectdiff.rectify.pairs.generate_pairs` (sharded, resumable, deterministic noise per
+shard, checksummed, ``accelerate launch``-ready), with the family's denoiser (for SD the UNet
+and frozen text encoder as one model,
+:class:`~rectdiff.stable_diffusion.model.TextConditionedUNet`), classifier-free guidance
 ``uncond + w (cond - uncond)`` against the empty prompt, and the checkpoint's own time steps:
 those ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`` uses for ``steps``
 (t = (timestep + 1) / 1000) and then t = 0. With ``solver="dpmpp_2m"`` this is the
@@ -38,15 +39,10 @@ import torch
 from torch import Tensor
 
 from ..forms import Form
-from ..rectify import pairs as couplings
-from .load import (
-    check_pipeline_dir,
-    load_pipeline,
-    pipeline_fingerprint,
-    pipeline_form,
-    vae_scale_factor,
-)
-from .model import TextConditionedUNet, tokenize
+from ..rectify.pairs import generate_pairs
+from ..rectify.store import MANIFEST, PairDataset, load_manifest
+from .families import family_for
+from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint, vae_scale_factor
 from .prompts import read_prompts
 
 __all__ = [
@@ -56,6 +52,7 @@ __all__ = [
     "pair_description",
     "store_description",
     "check_store",
+    "pipeline_differences",
     "resolution",
 ]
 
@@ -84,15 +81,16 @@ def sd_guidance(guidance: float) -> float | None:
 
 
 def resolution(
-    path: str | os.PathLike[str], unet_config: Any, height: int | None, width: int | None
+    path: str | os.PathLike[str], network_config: Any, height: int | None, width: int | None
 ) -> tuple[int, int]:
-    """``(height, width)`` in pixels, defaulting to the UNet's ``sample_size`` x the VAE factor.
+    """``(height, width)`` in pixels, defaulting to the network's ``sample_size`` (latent
+    cells; the UNet's for SD) x the VAE factor.
 
     Raises:
         ValueError: when a side is not a positive multiple of the VAE factor (8 for SD).
     """
     factor = vae_scale_factor(path)
-    size = unet_config.sample_size
+    size = network_config.sample_size
     default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
     height = default_h * factor if height is None else int(height)
     width = default_w * factor if width is None else int(width)
@@ -138,6 +136,7 @@ def _short(digest: str) -> str:
 
 
 def pipeline_differences(stored: dict[str, str], current: dict[str, str]) -> list[str]:
+    """One line per part whose sha256 differs between two pipeline fingerprints."""
     return [
         f"{part} files sha256 {_short(stored.get(part, '?'))} in the store, "
         f"{_short(current.get(part, '?'))} now"
@@ -154,9 +153,9 @@ def check_store(
     Raises:
         ValueError: naming each differing setting with both values.
     """
-    if not (Path(out) / couplings.MANIFEST).exists():
+    if not (Path(out) / MANIFEST).exists():
         return
-    stored = store_description(couplings.load_manifest(out))
+    stored = store_description(load_manifest(out))
     if stored is None:
         raise ValueError(
             f"{str(out)!r} holds a pair store that was not made by `rectdiff sd pairs`; "
@@ -213,11 +212,11 @@ def generate_sd_pairs(
     store_eps: bool = True,
     accelerator: Any = None,
     progress: bool = True,
-) -> couplings.PairDataset:
+) -> PairDataset:
     """Generate ``num`` (noise, latent, prompt) pairs with a pipeline's UNet into a pair store.
 
     Args:
-        pipeline_dir: a local Stable Diffusion pipeline folder (the teacher).
+        pipeline_dir: a local pipeline folder of a supported family (the teacher).
         prompts: a list of prompts, or a .txt/.jsonl/.csv file of them (see
             :func:`~rectdiff.stable_diffusion.prompts.read_prompts`); pair i gets prompt
             ``i % len(prompts)``.
@@ -230,7 +229,8 @@ def generate_sd_pairs(
         height, width: image size in pixels (default: the UNet's sample size x 8).
         batch_size: pairs per solver call (the pairs do not depend on it).
         shard_size: pairs per shard file.
-        seed: the store's seed (noise of shard k from ``couplings.shard_seed(seed, k)``).
+        seed: the store's seed (noise of shard k from
+            ``rectdiff.rectify.store.shard_seed(seed, k)``).
         dtype: the UNet and text encoder's weights dtype (float16 on GPUs); the noise, the
             solve's state and the stored latents are float32.
         caption_column: the caption column of a .jsonl/.csv prompt file.
@@ -241,7 +241,7 @@ def generate_sd_pairs(
         progress: tqdm bar on the main process.
 
     Returns:
-        The finished store as a :class:`rectdiff.couplings.PairDataset`.
+        The finished store as a :class:`rectdiff.rectify.store.PairDataset`.
 
     Raises:
         ValueError: a folder that is not a pipeline, no prompts, a bad size, or a store at
@@ -249,6 +249,7 @@ def generate_sd_pairs(
             written then).
     """
     root = check_pipeline_dir(pipeline_dir)
+    family = family_for(root)
     if not isinstance(prompts, (list, tuple)):
         prompts = read_prompts(prompts, caption_column)
     prompts = [str(p) for p in prompts]
@@ -257,22 +258,21 @@ def generate_sd_pairs(
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be a positive integer, got {num!r}.")
     pipe = load_pipeline(root, dtype=dtype, with_vae=False)
-    size = resolution(root, pipe.unet.config, height, width)
+    network = family.trained_network(pipe)
+    size = resolution(root, network.config, height, width)
     factor = vae_scale_factor(root)
-    shape = (int(pipe.unet.config.in_channels), size[0] // factor, size[1] // factor)
-    description = pair_description(pipeline_fingerprint(root), prompts, size, pipe.unet.dtype)
+    shape = (int(network.config.in_channels), size[0] // factor, size[1] // factor)
+    description = pair_description(pipeline_fingerprint(root), prompts, size, network.dtype)
     check_store(out, description, root)
 
-    form, prediction = pipeline_form(pipe)
-    model = TextConditionedUNet(pipe.unet, pipe.text_encoder)
-    tokenizer = pipe.tokenizer
+    form, prediction = family.form(pipe)
 
     def cond_fn(shard: int, indices: Tensor) -> dict[str, Any]:
         chosen = [prompts[int(i) % len(prompts)] for i in indices]
-        return {"input_ids": tokenize(tokenizer, chosen), "prompt": chosen}
+        return family.conditioning(pipe, chosen) | {"prompt": chosen}
 
-    return couplings.generate_pairs(
-        model,
+    return generate_pairs(
+        family.denoiser(pipe),
         form=form,
         prediction=prediction,
         num_pairs=num,
@@ -285,7 +285,7 @@ def generate_sd_pairs(
         shape=shape,
         cond_fn=cond_fn,
         guidance=sd_guidance(guidance),
-        uncond={"input_ids": tokenize(tokenizer, [""])},
+        uncond=family.unconditional(pipe),
         solver_options={"t_grid": sd_time_grid(pipe.scheduler, steps, form)},
         model_description=json.dumps(description, sort_keys=True),
         store_eps=store_eps,

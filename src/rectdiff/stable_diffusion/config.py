@@ -1,0 +1,137 @@
+"""The settings of a Stable Diffusion rectification: :class:`SDRectifyConfig`.
+
+Light on purpose (no torch, no diffusers): the ``rectdiff sd rectify`` parser takes its
+defaults from the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..io.configs import from_mapping, read_toml
+
+__all__ = ["MIXED_PRECISION", "SDRectifyConfig", "TARGET_FORMS"]
+
+#: ``target_form`` values: None (the checkpoint's own form) or "fm"
+TARGET_FORMS = (None, "fm")
+#: ``mixed_precision`` values; None takes ``accelerate launch``'s setting
+MIXED_PRECISION = (None, "no", "fp16", "bf16")
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+@dataclass
+class SDRectifyConfig:
+    """How :func:`~rectdiff.stable_diffusion.rectify.rectify_sd` trains; ``from_dict`` and
+    ``from_toml`` reject unknown keys, naming them.
+
+    Attributes:
+        max_steps: optimizer steps.
+        lr, weight_decay, warmup_steps, grad_clip: AdamW, constant schedule after warm-up
+            (paper: lr 5e-6, weight decay 1e-3, clip 1).
+        batch_size, grad_accum: pairs per process per micro-batch, micro-batches per step.
+        loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` (paper) and its constant.
+        loss_prediction: the prediction the loss compares: default ``"x0"`` (paper) for the
+            checkpoint's form, ``"flow"`` for ``target_form="fm"``.
+        target_form: None (Rectified Diffusion, the checkpoint's own form) or ``"fm"``
+            (InstaFlow-style flow matching through the exact reparametrisation).
+        time_sampler: a :mod:`rectdiff.training.time_samplers` name; default ``"discrete"``
+            (uniform over the 1000 training timesteps, as the paper) or ``"uniform"`` for
+            ``"fm"``.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate autocast; the
+            trained weights stay float32); None takes ``accelerate launch``'s setting.
+        gradient_checkpointing: recompute network activations in the backward pass.
+        ema, ema_decay: keep a diffusers ``EMAModel`` of the trained weights (its warm-up caps
+            the decay at ``(1 + n) / (10 + n)`` after n steps) and save the EMA weights.
+        lora_rank, lora_alpha: train a LoRA of this rank (alpha defaults to the rank).
+        seed: training seed (batches, times, LoRA init).
+        checkpoint_every: ``accelerator.save_state`` every this many steps (and at the end);
+            0 = no checkpoints.
+        work_dir: where checkpoints go; default ``<out>.train``.
+        resume: continue from the newest checkpoint in ``work_dir``.
+        num_workers: DataLoader workers.
+
+    Raises:
+        ValueError: on construction, for a bad ``max_steps``, ``lora_rank``, ``target_form``,
+            ``loss_prediction`` or ``mixed_precision`` (the training options are checked
+            by :class:`rectdiff.training.TrainConfig` before anything is written).
+    """
+
+    max_steps: int = 1000
+    lr: float = 5e-6
+    batch_size: int = 16
+    grad_accum: int = 1
+    loss: str = "pseudo_huber"
+    huber_c: float | None = None
+    loss_prediction: str | None = None
+    target_form: str | None = None
+    time_sampler: str | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    weight_decay: float = 1e-3
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    work_dir: str | os.PathLike[str] | None = None
+    resume: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from ..predictions import check_prediction
+
+        if not _positive_int(self.max_steps):
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}.")
+        if self.lora_rank is not None and not _positive_int(self.lora_rank):
+            raise ValueError(
+                f"lora_rank must be a positive integer or None, got {self.lora_rank!r}."
+            )
+        if self.target_form not in TARGET_FORMS:
+            raise ValueError(
+                "target_form must be None (the checkpoint's own form) or 'fm', got "
+                f"{self.target_form!r}."
+            )
+        if self.loss_prediction is not None:
+            check_prediction(self.loss_prediction)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(map(str, MIXED_PRECISION))}, got "
+                f"{self.mixed_precision!r}."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SDRectifyConfig:
+        """Build from a dict (e.g. a TOML table).
+
+        Raises:
+            ValueError: for an unknown key (naming it and listing the allowed ones) or value.
+        """
+        return from_mapping(cls, values, what="rectify option")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str | None = None) -> SDRectifyConfig:
+        """Build from a TOML file, or from its ``[table]`` when given."""
+        values = read_toml(path)
+        if table is not None:
+            if table not in values:
+                raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values)}.")
+            values = values[table]
+        where = f"in {path}" + (f" [{table}]" if table is not None else "")
+        return from_mapping(cls, values, what="rectify option", where=where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/TOML-ready values (``work_dir`` as a string)."""
+        out = dataclasses.asdict(self)
+        if out["work_dir"] is not None:
+            out["work_dir"] = str(out["work_dir"])
+        return out

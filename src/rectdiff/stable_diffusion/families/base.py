@@ -1,0 +1,112 @@
+"""What rectdiff needs to know about one kind of diffusers text-to-image pipeline.
+
+A :class:`PipelineFamily` answers every question pair generation, rectification and
+evaluation ask of a pipeline: which sub-folders it has, how it loads, what conditioning a
+pair stores for a prompt (and for the empty prompt of classifier-free guidance), the
+denoiser rectdiff calls as ``model(x_t, model_time, **cond)``, the form and prediction of
+the checkpoint's own scheduler, the few-step scheduler a rectified student is saved with,
+the LoRA target modules and how LoRA weights are saved. The base class holds what every
+diffusers pipeline shares; a family subclasses it for the rest (see :mod:`.sd`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ... import forms
+
+__all__ = ["PipelineFamily"]
+
+
+class PipelineFamily:
+    """One kind of pipeline, named by its ``model_index.json`` ``_class_name``.
+
+    Attributes:
+        pipeline_class: the diffusers pipeline class name (the registry key).
+        title: how messages name it, e.g. ``"Stable Diffusion"``.
+        network: the pipeline attribute holding the trained network (``"unet"``).
+        required_parts: the sub-folders besides ``vae/`` that pair generation needs.
+        identity_parts: the parts whose files determine the generated latents (their sha256
+            is the pipeline's fingerprint in a pair store).
+        cond_keys: the tensors a pair stores as its conditioning (the denoiser's keywords).
+        lora_targets: the module names a LoRA adapts.
+    """
+
+    pipeline_class: str = ""
+    title: str = ""
+    network: str = "unet"
+    required_parts: tuple[str, ...] = ()
+    identity_parts: tuple[str, ...] = ()
+    cond_keys: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pipeline_class})"
+
+    def load_options(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` keywords of this family (none by default)."""
+        return {}
+
+    def load(self, root: Path, dtype: torch.dtype, with_vae: bool = True) -> Any:
+        """``DiffusionPipeline.from_pretrained(root, torch_dtype=dtype, local_files_only=True)``
+        with :meth:`load_options`, no VAE unless ``with_vae``, progress bars off.
+
+        ``root`` is a checked pipeline folder of this family (see
+        :func:`rectdiff.stable_diffusion.load.check_pipeline_dir`).
+        """
+        from diffusers import DiffusionPipeline
+
+        extra: dict[str, Any] = {} if with_vae else {"vae": None}
+        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(
+                root, torch_dtype=dtype, local_files_only=True, **self.load_options(), **extra
+            )
+        if type(pipe).__name__ != self.pipeline_class:
+            raise ValueError(
+                f"{str(root)!r} loaded as a {type(pipe).__name__}, not a {self.pipeline_class}."
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def trained_network(self, pipe: Any) -> nn.Module:
+        """The network rectification retrains (``pipe.unet`` for a UNet pipeline)."""
+        return getattr(pipe, self.network)
+
+    def form(self, pipe: Any) -> tuple[forms.Form, str]:
+        """The form and prediction type of the checkpoint's own scheduler config."""
+        return forms.from_diffusers(pipe.scheduler)
+
+    def conditioning(self, pipe: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """What a pair stores for each prompt: the denoiser's keyword tensors, batch first."""
+        raise NotImplementedError
+
+    def unconditional(self, pipe: Any) -> dict[str, Tensor]:
+        """The conditioning of classifier-free guidance's empty prompt, a batch of one."""
+        return self.conditioning(pipe, [""])
+
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """``model(x_t, model_time, **conditioning) -> prediction`` around the pipeline's
+        network and its frozen encoders."""
+        raise NotImplementedError
+
+    def student_scheduler(self, teacher_scheduler: Any) -> Any:
+        """``DDIMScheduler`` on the teacher's schedule with trailing spacing (first step at
+        the last training timestep, as one-step sampling needs) and no x0 clipping (latents
+        are unbounded)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(
+            teacher_scheduler.config, timestep_spacing="trailing", clip_sample=False
+        )
+
+    def save_lora_weights(self, pipe: Any, folder: Path, state: dict[str, Tensor]) -> None:
+        """Write the network's LoRA ``state`` (diffusers naming) so that
+        ``pipe.load_lora_weights(folder)`` loads it."""
+        raise NotImplementedError
