@@ -15,7 +15,9 @@ from scipy.optimize import linear_sum_assignment
 from rectdiff import diagnostics, forms, samplers
 from rectdiff.oracles import CouplingOracle, GaussianOracle
 from rectdiff.predictions import PREDICTIONS, to_x0_eps
+from rectdiff.reparametrize import reparametrize
 from rectdiff.samplers import Trajectory
+from rectdiff.training import common_logsnr_range
 
 F64 = torch.float64
 
@@ -187,7 +189,10 @@ def test_gaussian_oracle_vp_first_order_deviation_matches_closed_form() -> None:
     _, curve_eps = diagnostics.first_order_deviation(traj, "eps", per_step=True)
     torch.testing.assert_close(curve_eps, expected_eps, rtol=1e-10, atol=1e-12)
     deviation = float(diagnostics.first_order_deviation(traj, "x0"))
-    assert deviation == pytest.approx(float(expected_x0.mean()), rel=1e-10)
+    # the average uniformly in logsnr over the evaluated span (trapezoid rule)
+    lam = form.logsnr(t_eval).numpy()
+    expected = np.trapezoid(expected_x0.numpy(), lam) / (lam[-1] - lam[0])
+    assert deviation == pytest.approx(float(expected), rel=1e-10)
     assert deviation > 0.5  # x0_pred starts near the data mean 0 and ends at the sample
     # the same curve from a real solve (dopri5 states on the grid)
     sampled = samplers.sample(
@@ -203,6 +208,31 @@ def test_gaussian_oracle_vp_first_order_deviation_matches_closed_form() -> None:
     )
     _, curve_sampled = diagnostics.first_order_deviation(sampled, "x0", per_step=True)
     torch.testing.assert_close(curve_sampled, expected_x0, rtol=1e-6, atol=1e-7)
+
+
+def test_first_order_deviation_is_the_same_for_one_model_seen_in_two_forms() -> None:
+    # One Gaussian-data model, written in VP (eps) and seen in flow matching (flow) through
+    # reparametrize; on grids with equal logsnr its x0-predictions coincide, so must D.
+    vp, fm = forms.VP(), forms.FlowMatching()
+    oracle = GaussianOracle(vp, "eps", mean=0.3, std=0.5)
+    as_fm = reparametrize(oracle, vp, "eps", fm, "flow")
+    lo, hi = common_logsnr_range(vp, fm)
+    lam = torch.linspace(lo, hi, 33, dtype=F64)
+    zero = torch.zeros(1, dtype=F64)
+    grids = {
+        "vp": torch.cat([vp.t_from_logsnr(lam), zero]),
+        "fm": torch.cat([fm.t_from_logsnr(lam), zero]),
+    }
+    eps = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    values = {}
+    for name, form, model, prediction in (("vp", vp, oracle, "eps"), ("fm", fm, as_fm, "flow")):
+        traj = samplers.sample(
+            model, eps, form=form, prediction=prediction, solver="ddim", t_grid=grids[name],
+            return_trajectory=True,
+        )  # fmt: skip
+        values[name] = float(diagnostics.first_order_deviation(traj))
+    assert values["vp"] > 0.1  # Gaussian data: far from first-order
+    assert values["vp"] == pytest.approx(values["fm"], rel=1e-6, abs=1e-9)
 
 
 def _integral(f) -> float:

@@ -235,13 +235,17 @@ def first_order_deviation(
         d_k = sqrt(E_b ||p_k - p_ref||^2) / sqrt(E_b ||p_ref||^2)
 
     (a ratio of batch means, so a sample near the origin cannot blow it up), and the
-    deviation is its time average, each evaluation weighted by the length of the step it
-    drives:
+    deviation is its average uniformly in logsnr over the span where the model was evaluated,
+    by the trapezoid rule on the evaluation points ``lambda_k = logsnr(t_k)``:
 
-        D = sum_k d_k (t_k - t_{k+1}) / (t_0 - t_K).
+        D = sum_k (d_k + d_{k+1}) / 2 (lambda_{k+1} - lambda_k) / (lambda_{K-1} - lambda_0).
 
-    ``D = 0`` exactly when every trajectory is first-order; the weights make it converge
-    under grid refinement (it is the mean over steps on a uniform grid).
+    logsnr is what makes it a property of the model and not of the form it is written in: a
+    network seen in another form through :func:`rectdiff.reparametrize.reparametrize` makes
+    the same predictions at the same logsnr, so on grids with equal logsnr it gets the same D
+    in every form (weights in t would differ). ``D = 0`` exactly when every trajectory is
+    first-order; the trapezoid weights make it converge under grid refinement. With a single
+    evaluation, D is ``d_0`` (zero).
 
     Args:
         traj: the trajectories; reads ``x0_pred`` or ``eps_pred`` of shape (K, B, ...).
@@ -263,5 +267,8 @@ def first_order_deviation(
     drift = (pred - ref).square().sum(-1).mean(-1).sqrt() / ref.square().sum(-1).mean().sqrt()
     if per_step:
         return t[:-1], drift
-    weights = -torch.diff(t) / (t[0] - t[-1])
-    return (weights * drift).sum()
+    if len(drift) == 1:
+        return drift[0]
+    logsnr = traj.form.logsnr(t[:-1]).to(_F64)
+    span = logsnr[-1] - logsnr[0]
+    return (0.5 * (drift[1:] + drift[:-1]) * torch.diff(logsnr)).sum() / span
