@@ -183,15 +183,25 @@ def test_sd15_add_noise_and_velocity_match_diffusers():
     torch.testing.assert_close(v, ddpm.get_velocity(x0, eps, steps), rtol=1e-6, atol=1e-6)
 
 
-def test_flow_match_scheduler_shift_agrees():
+def test_flow_match_scheduler_is_flow_matching_in_sigma_with_the_shift_in_its_grid():
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     form, prediction = forms.from_diffusers(sched)
-    assert prediction == "flow" and form.shift == 3.0 and form.time_scale == 1000.0
-    # diffusers: s = (N..1)/N, sigma = shift s / (1 + (shift - 1) s), timestep = 1000 sigma
-    t = torch.arange(1000, 0, -1, dtype=F64) / 1000
-    torch.testing.assert_close(form.sigma(t), sched.sigmas.to(F64), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(form.model_time(t), sched.timesteps.to(F64), rtol=1e-6, atol=1e-4)
-    torch.testing.assert_close(form.t_from_model_time(form.model_time(t)), t, rtol=0, atol=1e-12)
+    # the network predicts eps - x0 = dx/dsigma at timestep = 1000 sigma: t = sigma, unshifted
+    assert prediction == "flow" and form.shift == 1.0 and form.time_scale == 1000.0
+    assert form.t_max == 1.0  # the stock sampler starts at sigma = 1
+    # diffusers' training sigmas are shift s / (1 + (shift - 1) s), s = (N..1)/N; at t = sigma
+    # the form has sigma(t) = t and sees timestep 1000 t
+    s = torch.arange(1000, 0, -1, dtype=F64) / 1000
+    sigmas = 3.0 * s / (1 + 2.0 * s)
+    torch.testing.assert_close(sched.sigmas.to(F64), sigmas, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(form.sigma(sigmas), sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(
+        form.model_time(sigmas), sched.timesteps.to(F64), rtol=1e-6, atol=1e-4
+    )
+    # and its flow is eps - x0: d_alpha = -1, d_sigma = 1 everywhere
+    torch.testing.assert_close(form.d_sigma(sigmas), torch.ones_like(sigmas))
+    torch.testing.assert_close(form.d_alpha(sigmas), -torch.ones_like(sigmas))
+    assert forms.load("sd3") == form
 
 
 def test_add_noise_formula_and_time_shapes():

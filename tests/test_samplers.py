@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from rectdiff import forms, predictions, samplers
 from rectdiff.oracles import CouplingOracle, GaussianOracle
@@ -373,7 +373,7 @@ class TinyUNet(torch.nn.Module):
 
 def run_diffusers(scheduler, model, latents, steps):
     scheduler.set_timesteps(steps)
-    x = latents * scheduler.init_noise_sigma
+    x = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at eps
     with torch.no_grad():
         for timestep in scheduler.timesteps:
             x = scheduler.step(model(x, timestep), timestep, x).prev_sample
@@ -387,6 +387,40 @@ def run_rectdiff(scheduler, model, latents, solver, t_final):
     grid = [float(form.t_from_model_time(float(k))) for k in scheduler.timesteps] + [t_final]
     eps = latents / form.sigma(torch.tensor(grid[0], dtype=latents.dtype))
     return samplers.sample(model, eps, form=form, prediction=prediction, solver=solver, t_grid=grid)
+
+
+class VelocityModel(torch.nn.Module):
+    """A fixed nonlinear SD3-style network: ``eps - x0`` of N(0, 0.25 I) data at sigma =
+    timestep / 1000, plus a seeded tanh term, so a wrong time or target map shows."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=F64) * 0.3)
+
+    def forward(self, x, timestep):
+        sigma = (torch.as_tensor(timestep, dtype=F64).reshape(-1) / 1000).reshape(-1, 1, 1, 1)
+        var = 0.25 * (1 - sigma) ** 2 + sigma**2
+        x0 = 0.25 * (1 - sigma) / var * x  # E[x0 | x] for N(0, 0.25) data
+        eps = sigma / var * x
+        mix = torch.tanh(torch.einsum("bchw,cd->bdhw", x, self.w.to(x.dtype)))
+        return (eps - x0).to(x.dtype) + 0.05 * sigma.to(x.dtype) * mix
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_euler_reproduces_diffusers_flow_match_euler_with_shift(shift, steps):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    model = VelocityModel()
+    latents = noise(2 * 4 * 4 * 4, 1, seed=2).reshape(2, 4, 4, 4)
+    expected = run_diffusers(scheduler, model, latents, steps)
+    form, prediction = forms.from_diffusers(scheduler)
+    grid = samplers.scheduler_grid(scheduler, form, steps)
+    assert float(grid[0]) == 1.0  # x_start = sigma(1) eps = eps, as diffusers starts
+    out = samplers.sample(
+        model, latents, form=form, prediction=prediction, solver="euler", t_grid=grid
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("steps", [10, 50])

@@ -170,9 +170,11 @@ def from_diffusers(scheduler_or_config: Any) -> tuple[Form, str]:
 
     DDPM, DDIM, PNDM, DPM-Solver, Euler and the other DDPM-table schedulers give a
     :class:`~rectdiff.forms.DiscreteVP` on the scheduler's own ``alphas_cumprod`` (exactly the
-    table diffusers computes); ``FlowMatchEulerDiscreteScheduler`` gives a
-    :class:`~rectdiff.forms.FlowMatching` with its ``shift`` and ``time_scale`` =
-    ``num_train_timesteps``, predicting ``"flow"``.
+    table diffusers computes); ``FlowMatchEulerDiscreteScheduler`` (SD3) gives
+    ``FlowMatching(time_scale=num_train_timesteps, t_max=1)`` predicting ``"flow"``: its network
+    outputs ``eps - x0 = dx/dsigma`` at ``timestep = N sigma``, which is rectdiff's flow in the
+    unshifted form with t = sigma. The scheduler's ``shift`` moves the sampling grid, not the
+    form: sample on ``samplers.scheduler_grid(scheduler, form, steps)`` to visit its sigmas.
 
     Returns:
         ``(form, prediction)`` with prediction one of ``"eps"``, ``"x0"``, ``"v"``, ``"flow"``.
@@ -185,8 +187,10 @@ def from_diffusers(scheduler_or_config: Any) -> tuple[Form, str]:
                 f"{cls_name} with use_dynamic_shifting=True has a resolution-dependent shift; "
                 "build FlowMatching(shift=...) yourself with the shift of your resolution."
             )
-        form = FlowMatching(shift=float(config.get("shift", 1.0)), time_scale=float(n))
-        return form, "flow"
+        # The network predicts eps - x0 = dx/dsigma at timestep = N sigma: the *unshifted* form
+        # in sigma. SD3's shift only chooses which sigmas the sampler visits (its grid; see
+        # samplers.scheduler_grid) and which are trained on; it is not part of the form.
+        return FlowMatching(time_scale=float(n), t_max=1.0), "flow"
     if cls_name not in DDPM_FAMILY and "beta_schedule" not in config:
         raise ValueError(
             f"unsupported scheduler {cls_name or 'config'!r}; supported: "

@@ -7,7 +7,7 @@ solver is one function with one signature (:mod:`.solvers`); a new solver is one
 one registry line.
 
     denoiser   Denoiser, clamp_time
-    grids      time_grid, TIME_GRIDS
+    grids      time_grid, TIME_GRIDS, scheduler_grid (a diffusers scheduler's own steps)
     solvers    euler, heun, ddim, dpmpp_2m, rk4 / midpoint and the adaptive solvers (torchdiffeq),
                the SOLVERS registry
 """
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..forms import Coefficients, Form
 from ..reparametrize import reparametrize
 from .denoiser import Denoiser, clamp_time
-from .grids import TIME_GRIDS, time_grid
+from .grids import TIME_GRIDS, scheduler_grid, time_grid
 from .solvers import SOLVERS, Callback, Solver, adaptive, ddim, dpmpp_2m, euler, fixed_grid, heun
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Solver",
     "sample",
     "time_grid",
+    "scheduler_grid",
     "clamp_time",
     "TIME_GRIDS",
     "SOLVERS",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..forms import Form
 
-__all__ = ["TIME_GRIDS", "time_grid"]
+__all__ = ["TIME_GRIDS", "time_grid", "scheduler_grid"]
 
 #: the named time grids of :func:`time_grid`; an explicit decreasing sequence also works
 TIME_GRIDS = ("uniform", "logsnr", "karras")
@@ -112,3 +113,17 @@ def _checked(grid: Tensor, kind: str) -> Tensor:
             "Reverse it or drop repeated times."
         )
     return grid
+
+
+def scheduler_grid(scheduler: Any, form: Form, steps: int, t_end: float = 0.0) -> Tensor:
+    """The times a diffusers scheduler visits in ``steps`` steps, as an explicit rectdiff grid.
+
+    ``scheduler.set_timesteps(steps)`` is called and its timesteps are mapped to t with
+    ``form.t_from_model_time`` (t = sigma for ``FlowMatchEulerDiscreteScheduler``, whose shift
+    lives in these timesteps; t_n = (n + 1) / N for the DDPM family), followed by ``t_end``.
+    Sampling ``form`` with ``solver="euler"`` (flow matching) or ``"ddim"`` (DDPM family) on
+    this grid steps exactly where the stock scheduler steps.
+    """
+    scheduler.set_timesteps(steps)
+    times = form.t_from_model_time(torch.as_tensor(scheduler.timesteps, dtype=torch.float64))
+    return _checked(torch.cat([times, torch.tensor([t_end], dtype=torch.float64)]), "scheduler")
