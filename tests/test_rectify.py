@@ -39,7 +39,6 @@ def rms(a, b):
     ids=["vp-x0", "fm-v", "ve-x0"],
 )
 def test_rectified_student_one_step_beats_teacher(tmp_path, form, prediction):
-    torch.set_num_threads(1)
     teacher = GaussianOracle(form, prediction, mean=MEAN, std=STD)
     pairs = generate_pairs(
         teacher, form=form, prediction=prediction, num_pairs=2048, out=tmp_path / "pairs",
@@ -72,7 +71,6 @@ def test_distillation_trains_only_at_t_max():
 
 
 def test_rounds_keep_each_rounds_pairs_and_chain_models(tmp_path):
-    torch.set_num_threads(1)
     form, prediction = forms.VP(), "eps"
     teacher = student(form, seed=1)
     config = RectifyConfig(
@@ -103,7 +101,6 @@ def test_rounds_keep_each_rounds_pairs_and_chain_models(tmp_path):
 
 
 def test_reflow_pairs_are_the_teachers_solves_and_training_reduces_one_step_gap():
-    torch.set_num_threads(1)
     form = forms.FlowMatching()
     teacher_net = student(form, seed=2)
     data = MEAN + STD * torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
@@ -200,7 +197,6 @@ def test_first_order_student_of_the_training_coupling_reproduces_its_pairs(name)
 
 def test_rectify_trains_on_the_line_through_the_students_start(tmp_path):
     # VE has alpha = 1 at t_max: a student trained on the raw eps cannot hit its own pairs
-    torch.set_num_threads(1)
     form, prediction = forms.VE(sigma_max=20.0), "x0"
     teacher = GaussianOracle(form, prediction, mean=MEAN, std=STD)
     eps = torch.randn(2048, 2, generator=torch.Generator().manual_seed(0))
@@ -220,7 +216,6 @@ def test_rectify_trains_on_the_line_through_the_students_start(tmp_path):
 )
 def test_distilled_one_step_beats_the_undistilled_student(form, prediction):
     # distill=True spends the whole budget on the one step from t_max, on the x0-MSE
-    torch.set_num_threads(1)
     teacher = GaussianOracle(form, prediction, mean=MEAN, std=STD)
     eps = torch.randn(2048, 2, generator=torch.Generator().manual_seed(1))
     x0_hat = teacher.solve(form.sigma(form.t_max) * eps.double(), form.t_max, 0.0).float()
@@ -240,7 +235,6 @@ def test_distilled_one_step_beats_the_undistilled_student(form, prediction):
 
 @pytest.mark.parametrize("init", ["previous", "teacher"])
 def test_round_k_starts_from_the_model_the_config_names(tmp_path, init):
-    torch.set_num_threads(1)
     form, prediction = forms.FlowMatching(), "flow"
     teacher = student(form, seed=1)
     config = RectifyConfig(
@@ -278,7 +272,6 @@ class TwoClassTeacher(torch.nn.Module):
 
 
 def test_conditional_pair_store_trains_a_conditional_student(tmp_path):
-    torch.set_num_threads(1)
     form = forms.FlowMatching()
     teacher = TwoClassTeacher(form)
     labels = torch.arange(2048) % 2

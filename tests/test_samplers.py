@@ -94,7 +94,8 @@ def test_fixed_step_solvers_converge_at_their_order(solver, name, prediction):
 @pytest.mark.parametrize("name, prediction", FORM_PREDICTIONS)
 def test_dopri5_reaches_the_exact_ode_endpoint(name, prediction):
     assert (
-        endpoint_error(FORMS[name], prediction, "dopri5", 4, "uniform", rtol=1e-8, atol=1e-8) < 1e-6
+        endpoint_error(FORMS[name], prediction, "dopri5", 4, "uniform", rtol=1e-8, atol=1e-8)
+        < 2e-7  # measured <= 1.9e-8
     )
 
 
@@ -420,7 +421,8 @@ def test_euler_reproduces_diffusers_flow_match_euler_with_shift(shift, steps):
     out = samplers.sample(
         model, latents, form=form, prediction=prediction, solver="euler", t_grid=grid
     )
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # float64 states; diffusers' sigmas are float32: measured <= 3.3e-7
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("steps", [10, 50])
@@ -435,7 +437,9 @@ def test_ddim_reproduces_diffusers_ddim_scheduler_sd15(steps, dtype):
     out = run_rectdiff(scheduler, model, latents, "ddim", t_final=1.0 / 1000)
     assert float(scheduler.timesteps[-1]) == 1.0  # steps_offset=1 ("leading" spacing)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # measured <= 2.4e-6 in float32 and <= 2.6e-7 in float64 (diffusers' float32 table)
+    atol = 1e-5 if dtype == torch.float32 else 2e-6
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(

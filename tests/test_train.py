@@ -68,9 +68,11 @@ def test_learns_eight_gaussians_in_every_form(form_name, prediction):
         t_grid="logsnr",
     )
     distance, share_error = mode_statistics(samples)
-    assert distance < 0.6 and share_error < 0.06, (distance, share_error)
-    gaussian = torch.randn(2000, 2) * x0.std(0) + x0.mean(0)
-    assert mode_statistics(gaussian)[0] > 0.85  # the threshold separates learned from blurred
+    # against a Gaussian with the data's mean and std (what a model that learnt nothing
+    # of the modes would give): the samples sit far closer to the modes
+    gaussian = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2)) * x0.std(0)
+    blurred = mode_statistics(gaussian + x0.mean(0))[0]
+    assert distance < 0.7 * blurred and share_error < 0.06, (distance, blurred, share_error)
 
 
 @pytest.mark.parametrize("source", ["tensors", "loader"])
@@ -104,7 +106,8 @@ def test_pairs_train_on_the_given_noise(source):
     monotone = float(
         ((shift + scale.abs() * test_eps) - (shift + scale * test_eps)).norm(dim=1).mean()
     )
-    assert error < 0.4 and monotone > 3.0, (error, monotone)
+    # the paired map, not the monotone one fresh noise would give (they differ by ~3.2)
+    assert error < 0.12 * monotone, (error, monotone)
 
 
 class Interrupt(Exception):
