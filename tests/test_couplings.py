@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rectdiff import forms
+from rectdiff.oracles import CouplingOracle
 from rectdiff.rectify import pairs as couplings
 from rectdiff.rectify.pairs import PairDataset, PairStoreError, generate_pairs, verify_store
-from rectdiff.oracles import CouplingOracle
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -178,15 +178,19 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, reference):
 
 def test_resume_after_a_kill_mid_shard_loses_and_duplicates_nothing(tmp_path, reference):
     out = tmp_path / "pairs"
-    cmd = [PYTHON, str(ROOT / "tests" / "_pairs_worker.py"), str(out), "--delay", "0.1"]
+    calls = tmp_path / "calls.log"
+    cmd = [PYTHON, str(ROOT / "tests" / "_pairs_worker.py"), str(out), "--delay", "0.05",
+           "--calls", str(calls)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # shards 0 and 1 take 2 x 8 calls; kill after the second call of shard 2 (of 8)
+    in_shard_2 = CALLS_PER_BATCH * (BATCHES[0] + BATCHES[1]) + 2
     try:
         deadline = time.monotonic() + 60
-        while not (out / "shard_00001.done.json").exists():
+        while not calls.exists() or len(calls.read_text()) < 2 * in_shard_2:
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the worker never finished shard 1"
-            time.sleep(0.01)
-        time.sleep(0.2)  # shard 2 takes 8 calls x 0.1 s: kill it about a quarter through
+            assert time.monotonic() < deadline, "the worker never reached shard 2"
+            time.sleep(0.005)
+        assert (out / "shard_00001.done.json").exists()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
