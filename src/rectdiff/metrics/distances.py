@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "frechet_digits_distance",
     "classifier_scores",
     "METRICS",
+    "Metric",
     "compute_metrics",
 ]
 
@@ -259,13 +261,33 @@ def _classifier_metric(
     return classifier_scores(samples, digits_classifier(cache_dir, classifier_seed))
 
 
-METRICS: dict[str, Callable[..., float | dict[str, float]]] = {
-    "sliced_w2": sliced_wasserstein,
-    "w2": wasserstein2,
-    "mmd": mmd,
-    "energy": energy_distance,
-    "frechet_digits": _frechet_digits_metric,
-    "classifier": _classifier_metric,
+@dataclass(frozen=True)
+class Metric:
+    """A registry entry: the metric function and what kind of numbers it gives.
+
+    Attributes:
+        fn: ``fn(samples, reference, **options)``.
+        kind: ``"distance"`` (one number, lower is better) or ``"scores"`` (a dict of numbers,
+            e.g. classifier accuracy; reported beside the distances, not ranked with them).
+        data: ``"any"`` or ``"digits"`` (needs 8x8 digit images and the digits classifier).
+    """
+
+    fn: Callable[..., float | dict[str, float]]
+    kind: str = "distance"
+    data: str = "any"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> float | dict[str, float]:
+        return self.fn(*args, **kwargs)
+
+
+#: metric name -> :class:`Metric`; a new metric is one function and one line here
+METRICS: dict[str, Metric] = {
+    "sliced_w2": Metric(sliced_wasserstein),
+    "w2": Metric(wasserstein2),
+    "mmd": Metric(mmd),
+    "energy": Metric(energy_distance),
+    "frechet_digits": Metric(_frechet_digits_metric, data="digits"),
+    "classifier": Metric(_classifier_metric, kind="scores", data="digits"),
 }
 
 
@@ -291,7 +313,7 @@ def compute_metrics(
     for name in names:
         metric = METRICS[name]
         kwargs = dict(opts.get(name, {}))
-        if "seed" in inspect.signature(metric).parameters:
+        if "seed" in inspect.signature(metric.fn).parameters:
             kwargs.setdefault("seed", seed)
         value = metric(samples, reference, **kwargs)
         if isinstance(value, dict):
