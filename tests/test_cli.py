@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from rectdiff import forms, samplers
-from rectdiff.io.model_dir import load_model_dir
+from rectdiff.apps.compare.evaluate import standard_noise
+from rectdiff.apps.compare.saved import diagnose_dirs
 from rectdiff.cli import main
-from rectdiff.apps.compare.run import diagnose_dirs, standard_noise
-from rectdiff.rectify.pairs import PairDataset
+from rectdiff.io.model_dir import load_model_dir
 from rectdiff.rectify import rectify
+from rectdiff.rectify.pairs import PairDataset
 from rectdiff.reparametrize import Reparametrized
 from rectdiff.training import TrainConfig
 

@@ -8,22 +8,21 @@ import torch
 
 from rectdiff import forms, metrics, samplers
 from rectdiff import training as timesteps
-from rectdiff.io.model_dir import load_model_dir
-from rectdiff.apps.compare.run import (
-    cell_train_config,
-    evaluate_model,
-    implied_weightings,
-    run_compare,
-    sampling_grid,
-    standard_noise,
-)
 from rectdiff.apps.compare.config import (
     DEFAULT_CONFIG,
     config_from_dict,
     load_config,
     quick_config,
 )
+from rectdiff.apps.compare.evaluate import evaluate_model, standard_noise
+from rectdiff.apps.compare.hyperparameters import (
+    cell_train_config,
+    implied_weightings,
+    sampling_grid,
+)
+from rectdiff.apps.compare.run import run_compare
 from rectdiff.data import load_data
+from rectdiff.io.model_dir import load_model_dir
 
 TINY = """
 seed = 3
@@ -84,7 +83,7 @@ def tiny_run(tmp_path_factory):
         ({"grid": {"predictions": ["eps", "score"]}}, r"unknown prediction 'score'; allowed: eps, x0, v, flow"),
         ({"evaluation": {"metrics": ["fid"]}}, r"unknown metric 'fid'; allowed: sliced_w2, w2, mmd, energy"),
         ({"evaluation": {"solvers": ["rk45"]}}, r"unknown solver 'rk45'; allowed: euler, heun, ddim, dpmpp_2m, dopri5"),
-        ({"rectify": {"solver": "rk4"}}, r"unknown solver 'rk4'; allowed: euler, heun, ddim"),
+        ({"rectify": {"solver": "rk45"}}, r"unknown solver 'rk45'; allowed: euler, heun, ddim"),
         ({"evaluation": {"diagnostics": ["curl"]}}, r"unknown diagnostic 'curl'; allowed: straightness, "),
         ({"equal": "sigma"}, r"unknown equal mode 'sigma'; allowed: t, logsnr"),
         ({"rectify": {"pairs": 10}}, r"unknown key 'pairs' in \[rectify\]; allowed: rounds, num_pairs"),

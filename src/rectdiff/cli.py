@@ -1,9 +1,18 @@
 """The ``rectdiff`` command: each subcommand parses its arguments, calls one library function
-and prints. No logic lives here."""
+and prints. No logic lives here.
+
+A flag whose default the library defines is left out of the namespace when not given
+(``argparse.SUPPRESS``), so the library's default applies; ``--help`` looks that default up
+in the library (importing it only then) and shows it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import importlib
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,23 +20,64 @@ from typing import Any
 
 __all__ = ["main", "build_parser"]
 
+# where each subcommand's library defaults live ("module:attribute", a function or dataclass)
+_SCHEDULES = "rectdiff.forms:preset_table"
+_PAIRS = "rectdiff.apps.model_dirs:generate_pairs_from_dir"
+_TRAIN = "rectdiff.training.config:TrainConfig"
+_DIAGNOSE = "rectdiff.apps.compare.saved:diagnose_dirs"
+_PLOT = "rectdiff.apps.compare.saved:plot_model_dirs"
+#: TrainConfig fields ``rectdiff rectify`` has flags for
+_TRAIN_FLAGS = ("steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "ema_decay", "seed",
+                "time_sampler", "weighting")  # fmt: skip
+
+
+def _library_default(target: str, name: str) -> Any:
+    """The default of parameter or field ``name`` of ``target``; ``inspect.Parameter.empty``
+    when it has none."""
+    module, _, attr = target.partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    if dataclasses.is_dataclass(obj):
+        fields = {f.name: f.default for f in dataclasses.fields(obj)}
+        default = fields.get(name, dataclasses.MISSING)
+        return inspect.Parameter.empty if default is dataclasses.MISSING else default
+    parameter = inspect.signature(obj).parameters.get(name)
+    return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+class _LibraryDefaults(argparse.HelpFormatter):
+    """Help that shows the library's default of every flag left to the library."""
+
+    def __init__(self, prog: str, *, target: str, **kwargs: Any) -> None:
+        super().__init__(prog, **kwargs)
+        self.target = target
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS and action.option_strings and action.dest != "help":
+            default = _library_default(self.target, action.dest)
+            if default is not inspect.Parameter.empty:
+                text += f" (default: {default})"
+        return text
+
+
+def _library_parser(sub: Any, name: str, target: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose flags with ``default=argparse.SUPPRESS`` take ``target``'s defaults."""
+    return sub.add_parser(
+        name, formatter_class=functools.partial(_LibraryDefaults, target=target), **kwargs
+    )
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The flags among ``names`` that were given (the others keep the library's defaults)."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
 
 def _cmd_schedules(args: argparse.Namespace) -> int:
-    from . import forms, plots
+    from .apps.schedules import write_schedules
 
-    out = Path(args.out)
-    rows = forms.preset_table(tuple(args.t))
-    lines = ["| preset | t | alpha | sigma | logsnr |", "|---|---:|---:|---:|---:|"]
-    lines += [
-        f"| {r['preset']} | {r['t']:.4g} | {r['alpha']:.6g} | {r['sigma']:.6g} | {r['logsnr']:.4f} |"
-        for r in rows
-    ]
-    table = "\n".join(lines)
+    table, written = write_schedules(args.out, **_given(args, ("ts",)))
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "schedules.md").write_text(table + "\n")
-    written = plots.plot_schedules({n: forms.load(n) for n in forms.presets()}, out / "schedules")
-    print("\nwrote " + ", ".join(str(p) for p in [out / "schedules.md", *written]))
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -47,12 +97,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from .io.model_dir import generate_pairs_from_dir
+    from .apps.model_dirs import generate_pairs_from_dir
 
     store = generate_pairs_from_dir(
-        args.model, args.out, num_pairs=args.num, solver=args.solver, steps=args.steps,
-        t_grid=args.t_grid, seed=args.seed, shard_size=args.shard_size,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        args.model, args.out, num_pairs=args.num, progress=not args.no_progress,
+        **_given(args, ("solver", "steps", "t_grid", "seed", "shard_size", "batch_size")),
     )  # fmt: skip
     print(store)
     return 0
@@ -60,20 +109,13 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 def _cmd_rectify(args: argparse.Namespace) -> int:
     from . import forms
-    from .io.model_dir import rectify_from_dir
-    from .training.trainer import TrainConfig
+    from .apps.model_dirs import rectify_from_dir
+    from .training.config import TrainConfig
 
-    options = {
-        "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-        "warmup_steps": args.warmup_steps, "lr_schedule": args.lr_schedule,
-        "ema_decay": args.ema_decay, "seed": args.seed, "time_sampler": args.time_sampler,
-        "weighting": args.weighting,
-    }  # fmt: skip
-    config = TrainConfig.from_dict({k: v for k, v in options.items() if v is not None})
     out = rectify_from_dir(
-        args.model, args.pairs, args.out, config=config, distill=args.distill,
-        form=None if args.form is None else forms.load(args.form), prediction=args.prediction,
-        progress=not args.no_progress,
+        args.model, args.pairs, args.out, config=TrainConfig.from_dict(_given(args, _TRAIN_FLAGS)),
+        distill=args.distill, form=None if args.form is None else forms.load(args.form),
+        prediction=args.prediction, progress=not args.no_progress,
     )  # fmt: skip
     print(f"wrote {out}")
     return 0
@@ -81,11 +123,11 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from .apps.compare.report import diagnose_markdown
-    from .apps.compare.run import diagnose_dirs
+    from .apps.compare.saved import diagnose_dirs
 
     records = diagnose_dirs(
-        args.model, solver=args.solver, steps=args.steps, num=args.num, seed=args.seed,
-        rtol=args.rtol, atol=args.atol, out=args.out,
+        args.model, out=args.out,
+        **_given(args, ("solver", "steps", "num", "seed", "rtol", "atol")),
     )  # fmt: skip
     print(diagnose_markdown(records))
     print(f"\nwrote {args.out}")
@@ -93,17 +135,98 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .apps.compare.run import plot_model_dirs, plot_results
+    from .apps.compare.saved import plot_model_dirs, plot_results
 
     if args.results is not None:
         written = plot_results(args.results, args.out)
     else:
-        written = plot_model_dirs(args.model, args.out, num=args.num, seed=args.seed)
+        written = plot_model_dirs(args.model, args.out, **_given(args, ("num", "seed")))
     print("wrote " + ", ".join(str(p) for p in written if p.suffix == ".png"))
     return 0
 
 
-def _add_compare_commands(sub: Any) -> None:
+def _add_model_dir_commands(sub: Any) -> None:
+    library = argparse.SUPPRESS
+    p = _library_parser(
+        sub, "pairs", _PAIRS, help="generate (noise, sample) pairs from a saved model"
+    )
+    p.add_argument(
+        "--model", required=True, help="model folder (e.g. out/compare/models/vp_eps/teacher)"
+    )
+    p.add_argument("--out", required=True, help="pair store folder (resumed if it exists)")
+    p.add_argument("--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--solver", default=library, help="sampler")
+    p.add_argument("--steps", type=int, default=library, help="solver steps")
+    p.add_argument("--t-grid", default=library, help="time grid kind")
+    p.add_argument("--seed", type=int, default=library, help="noise seed")
+    p.add_argument("--shard-size", type=int, default=library, help="pairs per shard")
+    p.add_argument("--batch-size", type=int, default=library, help="pairs per solve")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pairs)
+
+    p = _library_parser(
+        sub, "rectify", _TRAIN, help="retrain a saved model on its pairs (rectification)"
+    )
+    p.add_argument("--model", required=True, help="teacher model folder")
+    p.add_argument("--pairs", required=True, help="pair store (from `rectdiff pairs`)")
+    p.add_argument("--out", required=True, help="student model folder to write")
+    p.add_argument("--steps", type=int, default=library, help="training steps")
+    p.add_argument("--lr", type=float, default=library, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=library, help="batch size")
+    p.add_argument("--warmup-steps", type=int, default=library, help="learning-rate warm-up steps")
+    p.add_argument("--lr-schedule", default=library, help="diffusers scheduler name")
+    p.add_argument("--ema-decay", type=float, default=library, help="EMA decay (0 = off)")
+    p.add_argument("--time-sampler", default=library, help="training time sampler (timesteps)")
+    p.add_argument("--weighting", default=library, help="loss weighting (timesteps)")
+    p.add_argument("--seed", type=int, default=library, help="training seed")
+    p.add_argument("--distill", action="store_true", help="train only at t = t_max (one step)")
+    p.add_argument(
+        "--form", default=None, help="train in this form (preset or TOML; classic Reflow: fm)"
+    )
+    p.add_argument("--prediction", default=None, help="train with this prediction (Reflow: flow)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_rectify)
+
+    p = _library_parser(
+        sub, "diagnose", _DIAGNOSE, help="straightness and first-order diagnostics of saved models"
+    )
+    p.add_argument("--model", required=True, nargs="+", action="extend", help="model folder(s)")
+    p.add_argument("--solver", default=library, help="trajectory solver")
+    p.add_argument("--steps", type=int, default=library, help="trajectory steps")
+    p.add_argument("--num", type=int, default=library, help="trajectories")
+    p.add_argument("--seed", type=int, default=library, help="noise seed")
+    p.add_argument("--rtol", type=float, default=library, help="one-step gap reference rtol")
+    p.add_argument("--atol", type=float, default=library, help="one-step gap reference atol")
+    p.add_argument("--out", default="out/diagnose.json", help="JSON file (default: %(default)s)")
+    p.set_defaults(func=_cmd_diagnose)
+
+    p = _library_parser(sub, "plot", _PLOT, help="figures from a results.json or from saved models")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--results", default=None, help="results.json of `rectdiff compare`")
+    source.add_argument("--model", nargs="+", action="extend", default=None, help="model folder(s)")
+    p.add_argument("--out", required=True, help="figure folder")
+    p.add_argument("--num", type=int, default=library, help="samples per model")
+    p.add_argument("--seed", type=int, default=library, help="noise seed")
+    p.set_defaults(func=_cmd_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rectdiff",
+        description="Diffusion forms, rectification and first-order trajectory diagnostics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _library_parser(
+        sub, "schedules", _SCHEDULES, help="table and plot of every schedule preset"
+    )
+    p.add_argument("--out", default="out/schedules", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--t", dest="ts", metavar="T", type=float, nargs="+", default=argparse.SUPPRESS,
+        help="times at which to tabulate (clipped to each form's safe range)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_schedules)
+
     p = sub.add_parser(
         "compare", help="train, rectify and evaluate a grid of forms x predictions",
         description="Compare diffusion forms under equal hyperparameters (see experiments/README.md).",
@@ -117,92 +240,7 @@ def _add_compare_commands(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("pairs", help="generate (noise, sample) pairs from a saved model")
-    p.add_argument(
-        "--model", required=True, help="model folder (e.g. out/compare/models/vp_eps/teacher)"
-    )
-    p.add_argument("--out", required=True, help="pair store folder (resumed if it exists)")
-    p.add_argument("--num", type=int, required=True, help="number of pairs")
-    p.add_argument("--solver", default="dpmpp_2m", help="sampler (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=32, help="solver steps (default: %(default)s)")
-    p.add_argument("--t-grid", default="uniform", help="time grid kind (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument(
-        "--shard-size", type=int, default=4096, help="pairs per shard (default: %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=2048, help="pairs per solve (default: %(default)s)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_pairs)
-
-    p = sub.add_parser("rectify", help="retrain a saved model on its pairs (rectification)")
-    p.add_argument("--model", required=True, help="teacher model folder")
-    p.add_argument("--pairs", required=True, help="pair store (from `rectdiff pairs`)")
-    p.add_argument("--out", required=True, help="student model folder to write")
-    p.add_argument("--steps", type=int, default=None, help="training steps")
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size")
-    p.add_argument("--warmup-steps", type=int, default=None, help="learning-rate warm-up steps")
-    p.add_argument("--lr-schedule", default=None, help="diffusers scheduler name")
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 = off)")
-    p.add_argument("--time-sampler", default=None, help="training time sampler (timesteps)")
-    p.add_argument("--weighting", default=None, help="loss weighting (timesteps)")
-    p.add_argument("--seed", type=int, default=None, help="training seed")
-    p.add_argument("--distill", action="store_true", help="train only at t = t_max (one step)")
-    p.add_argument(
-        "--form", default=None, help="train in this form (preset or TOML; classic Reflow: fm)"
-    )
-    p.add_argument("--prediction", default=None, help="train with this prediction (Reflow: flow)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_rectify)
-
-    p = sub.add_parser("diagnose", help="straightness and first-order diagnostics of saved models")
-    p.add_argument("--model", required=True, nargs="+", action="extend", help="model folder(s)")
-    p.add_argument("--solver", default="dpmpp_2m", help="trajectory solver (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=32, help="trajectory steps (default: %(default)s)")
-    p.add_argument("--num", type=int, default=1000, help="trajectories (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument(
-        "--rtol",
-        type=float,
-        default=1e-5,
-        help="one-step gap reference rtol (default: %(default)s)",
-    )
-    p.add_argument(
-        "--atol",
-        type=float,
-        default=1e-5,
-        help="one-step gap reference atol (default: %(default)s)",
-    )
-    p.add_argument("--out", default="out/diagnose.json", help="JSON file (default: %(default)s)")
-    p.set_defaults(func=_cmd_diagnose)
-
-    p = sub.add_parser("plot", help="figures from a results.json or from saved models")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--results", default=None, help="results.json of `rectdiff compare`")
-    source.add_argument("--model", nargs="+", action="extend", default=None, help="model folder(s)")
-    p.add_argument("--out", required=True, help="figure folder")
-    p.add_argument("--num", type=int, default=1000, help="samples per model (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.set_defaults(func=_cmd_plot)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rectdiff",
-        description="Diffusion forms, rectification and first-order trajectory diagnostics.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("schedules", help="table and plot of every schedule preset")
-    p.add_argument("--out", default="out/schedules", help="output folder (default: %(default)s)")
-    p.add_argument(
-        "--t", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
-        help="times at which to tabulate (clipped to each form's safe range)",
-    )  # fmt: skip
-    p.set_defaults(func=_cmd_schedules)
-    _add_compare_commands(sub)
+    _add_model_dir_commands(sub)
     from .stable_diffusion.cli import add_sd_parser  # light: loads no torch or diffusers
 
     add_sd_parser(sub)

@@ -18,7 +18,8 @@ prediction and is wrapped in :class:`rectdiff.reparametrize.Reparametrized`.
 :func:`build_model` turns it into a module, so the network a run trains and the one
 :func:`load_model_dir` rebuilds are made by the same code. Folders are written to a
 temporary folder next to the target and renamed into place, so a folder is never
-half-written; ``rectdiff diagnose``, ``pairs``, ``rectify`` and ``plot`` read them.
+half-written; ``rectdiff diagnose``, ``pairs``, ``rectify`` and ``plot`` read them (the
+workflows on folders live in :mod:`rectdiff.apps.model_dirs`).
 """
 
 from __future__ import annotations
@@ -38,23 +39,24 @@ from ..forms import Form, from_config
 from ..models import MLP, Preconditioned, UNet
 from ..predictions import check_prediction
 from ..reparametrize import Reparametrized
+from .configs import check_choice, reject_unknown
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "WEIGHTS",
+    "INFO",
     "NET_KINDS",
     "build_model",
     "save_model_dir",
     "load_model_dir",
     "read_model_info",
     "is_model_dir",
-    "sample_shape",
-    "generate_pairs_from_dir",
-    "rectify_from_dir",
 ]
 
 FORMAT = "rectdiff-model"
 FORMAT_VERSION = 1
+#: the two files of a model folder
 WEIGHTS, INFO = "model.safetensors", "model.json"
 #: network kind -> class, for :func:`build_model`
 NET_KINDS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
@@ -69,17 +71,10 @@ def _check_net_config(net_config: dict[str, Any]) -> tuple[str, dict[str, Any], 
             f"a network config needs 'kind' and may have 'kwargs', 'preconditioning' and "
             f"'source'; got keys {sorted(net_config)}."
         )
-    kind = net_config["kind"]
-    if kind not in NET_KINDS:
-        raise ValueError(f"unknown network kind {kind!r}; allowed: {', '.join(NET_KINDS)}.")
+    kind = check_choice(net_config["kind"], list(NET_KINDS), "network kind")
     precond = net_config.get("preconditioning")
     if precond is not None:
-        bad = [k for k in precond if k not in _PRECONDITIONING_KEYS]
-        if bad:
-            raise ValueError(
-                f"unknown preconditioning option(s) {bad}; allowed: "
-                f"{', '.join(_PRECONDITIONING_KEYS)}."
-            )
+        reject_unknown(precond, _PRECONDITIONING_KEYS, "preconditioning option")
     return kind, dict(net_config.get("kwargs") or {}), precond
 
 
@@ -204,7 +199,7 @@ def read_model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not (path / INFO).is_file():
         raise ValueError(
             f"{path} has no {INFO}, so it is not a rectdiff model folder; make one with "
-            "rectdiff.checkpoints.save_model_dir or `rectdiff compare`."
+            "rectdiff.io.model_dir.save_model_dir or `rectdiff compare`."
         )
     try:
         record = json.loads((path / INFO).read_text())
@@ -242,117 +237,3 @@ def load_model_dir(path: str | os.PathLike[str]) -> tuple[nn.Module, Form, str]:
             f"{Path(path) / WEIGHTS} does not fit the network in {INFO}: {err}"
         ) from None
     return model.eval(), form, prediction
-
-
-# --- workflows on model folders (the `rectdiff pairs` and `rectdiff rectify` commands) -------
-def generate_pairs_from_dir(
-    model_dir: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    num_pairs: int,
-    solver: str = "dpmpp_2m",
-    steps: int = 32,
-    t_grid: str = "uniform",
-    seed: int = 0,
-    shard_size: int = 4096,
-    batch_size: int = 2048,
-    progress: bool = True,
-) -> Any:
-    """``couplings.generate_pairs`` with a saved model (works under ``accelerate launch``:
-    each process generates its own shards).
-
-    The model is solved in its own form and prediction, on a ``t_grid`` grid from its
-    ``t_max``; the manifest names the folder and the sha256 of its weights.
-
-    Returns:
-        The :class:`~rectdiff.couplings.PairDataset`.
-    """
-    import hashlib
-
-    from ..rectify.pairs import generate_pairs
-
-    model, form, prediction = load_model_dir(model_dir)
-    net = read_model_info(model_dir)["net"]
-    weights = hashlib.sha256(Path(model_dir, WEIGHTS).read_bytes()).hexdigest()[:16]
-    shape = sample_shape(net)
-    return generate_pairs(
-        model, form=form, prediction=prediction, num_pairs=num_pairs, out=out, solver=solver,
-        steps=steps, shard_size=shard_size, seed=seed, batch_size=batch_size, shape=shape,
-        solver_options={"t_grid": t_grid},
-        model_description=f"{Path(model_dir).resolve()} (weights sha256 {weights})",
-        progress=progress,
-    )  # fmt: skip
-
-
-def sample_shape(net: dict[str, Any]) -> tuple[int, ...]:
-    """The shape of one sample of the network a network config describes."""
-    kwargs = net.get("kwargs", {})
-    if net["kind"] == "mlp":
-        return (int(kwargs.get("dim", 2)),)
-    size = int(kwargs.get("sample_size", 8))
-    return (int(kwargs.get("in_channels", 1)), size, size)
-
-
-def rectify_from_dir(
-    model_dir: str | os.PathLike[str],
-    pairs: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    config: Any = None,
-    distill: bool = False,
-    form: Form | None = None,
-    prediction: str | None = None,
-    progress: bool = True,
-) -> Path:
-    """Rectify a saved model on a pair store and save the student as a model folder.
-
-    The student starts from the teacher's weights. By default it trains in the teacher's
-    own form and prediction (Rectified Diffusion); with ``form`` / ``prediction`` it trains
-    in those (classic Reflow: ``FlowMatching()``, ``"flow"``) through
-    ``reparametrize.Reparametrized``, and the folder records the teacher's form as the
-    network's ``source``. Works under ``accelerate launch`` (the main process writes).
-
-    Args:
-        model_dir: the teacher's folder.
-        pairs: the pair store (``rectdiff pairs``).
-        out: the student's folder.
-        config: a :class:`~rectdiff.train.TrainConfig` (its defaults when None).
-        distill: train only at t = t_max (one-step distillation).
-        form, prediction: the student's form and prediction (default: the teacher's).
-
-    Returns:
-        The student's folder.
-    """
-    from accelerate import PartialState
-
-    from ..rectify.student import rectify
-
-    teacher, teacher_form, teacher_prediction = load_model_dir(model_dir)
-    record = read_model_info(model_dir)
-    net_config = dict(record["net"])
-    form = form or teacher_form
-    prediction = check_prediction(prediction or teacher_prediction)
-    student: nn.Module = teacher
-    if (form, prediction) != (teacher_form, teacher_prediction):
-        inner = teacher.model if isinstance(teacher, Reparametrized) else teacher
-        source = net_config.get("source") or {
-            "form": teacher_form.config(), "prediction": teacher_prediction
-        }  # fmt: skip
-        src_form = from_config(source["form"], source="teacher source form")
-        student = Reparametrized(inner, src_form, source["prediction"], form, prediction)
-        net_config["source"] = source
-    result = rectify(
-        student.train(), pairs, form=form, prediction=prediction, config=config,
-        distill=distill, progress=progress,
-    )  # fmt: skip
-    out = Path(out)
-    if PartialState().is_main_process:
-        save_model_dir(
-            out, result.model, form=form, prediction=prediction, net_config=net_config,
-            info={**record.get("info", {}), "stage": "rectified",
-                  "rectified_from": str(Path(model_dir).resolve()), "pairs": str(pairs),
-                  "final_loss": result.losses[-1] if result.losses else None,
-                  "distill": distill},
-        )  # fmt: skip
-    PartialState().wait_for_everyone()
-    return out

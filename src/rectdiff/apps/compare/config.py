@@ -39,291 +39,41 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ... import diagnostics
 from ... import training as timesteps
-from ...forms import Form, from_config, load, presets
-from ...io.model_dir import NET_KINDS
+from ...forms import Form, from_config
+from ...io.configs import check_choice, from_mapping, read_toml, reject_unknown
 from ...io.resources import data_dir
-from ...metrics import METRICS
-from ...predictions import PREDICTIONS
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS
 from ...training.trainer import TrainConfig
+from .tables import (
+    DataConfig,
+    EvaluationConfig,
+    GridConfig,
+    NetworkConfig,
+    RectifyStage,
+    ReferenceConfig,
+)
 
 __all__ = [
     "EQUAL_MODES",
-    "DIAGNOSTICS",
-    "ADAPTIVE_SOLVERS",
-    "DataConfig",
-    "GridConfig",
-    "NetworkConfig",
-    "ReferenceConfig",
-    "RectifyStage",
-    "EvaluationConfig",
     "CompareConfig",
+    "restrict_form",
+    "config_from_dict",
     "load_config",
     "quick_config",
     "DEFAULT_CONFIG",
 ]
 
 EQUAL_MODES = ("t", "logsnr")
-#: trajectory and coupling measures ``run_compare`` can report (see rectdiff.diagnostics)
-DIAGNOSTICS = tuple(diagnostics.DIAGNOSTICS)
-DIAGNOSTICS = (
-    "straightness",
-    "first_order_deviation",
-    "crossing_rate",
-    "one_step_gap",
-    "transport_cost",
-    "relative_transport_cost",
-)
-ADAPTIVE_SOLVERS = tuple(name for name, entry in SOLVERS.items() if entry.adaptive)
 #: the default configuration file, relative to the repository root
 DEFAULT_CONFIG = data_dir("experiments") / "compare_forms.toml"
-
-
-def _reject_unknown(values: dict[str, Any], cls: type, where: str, extra: tuple = ()) -> None:
-    allowed = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
-    allowed += list(extra)
-    unknown = [k for k in values if k not in allowed]
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(allowed)}.")
-
-
-def _check_names(values: list[str], allowed: Any, what: str) -> None:
-    for value in values:
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}.")
-
-
-@dataclass
-class DataConfig:
-    """``[data]``: what to train on and compare against.
-
-    Attributes:
-        name: a toy (``rectdiff.data.TOYS``), ``"digits"``, or a ``.npy``/``.pt`` file or an
-            image folder.
-        n_train: training samples (toys: drawn, 10000 when None; finite sets: a random
-            subset of the samples not held out, all of them when None).
-        n_eval: generated samples per evaluation; for toys also the size of the held-out
-            reference set (a fresh draw with another seed). Finite sets hold out
-            ``n_holdout`` samples as the reference.
-        n_holdout: finite sets only: samples held out of training as the reference.
-        params: the toy's own parameters (e.g. ``std`` of 8gaussians).
-    """
-
-    name: str = "8gaussians"
-    n_train: int | None = None
-    n_eval: int = 5000
-    n_holdout: int = 360
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for key in ("n_eval", "n_holdout"):
-            if int(getattr(self, key)) < 2:
-                raise ValueError(f"[data] {key} must be >= 2, got {getattr(self, key)}.")
-        if self.n_train is not None and self.n_train < 2:
-            raise ValueError(
-                f"[data] n_train must be >= 2 (or absent for all), got {self.n_train}."
-            )
-
-
-@dataclass
-class GridConfig:
-    """``[grid]``: the forms and predictions to cross.
-
-    Attributes:
-        forms: preset names (``forms.presets()``), TOML paths, or inline tables
-            ``{name = "ve100", family = "ve", sigma_max = 100.0}``.
-        predictions: ``"eps"``, ``"x0"``, ``"v"``, ``"flow"``.
-    """
-
-    forms: list[Any] = field(default_factory=lambda: ["vp", "subvp", "ve", "fm"])
-    predictions: list[str] = field(default_factory=lambda: ["eps", "x0", "v"])
-
-    def __post_init__(self) -> None:
-        if not self.forms or not self.predictions:
-            raise ValueError("[grid] needs at least one form and one prediction.")
-        _check_names(self.predictions, PREDICTIONS, "prediction")
-        labels = [label for label, _ in self.resolved()]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"[grid] forms have repeated names {labels}; give each a name.")
-
-    def resolved(self) -> list[tuple[str, Form]]:
-        """``(label, form)`` for every entry of ``forms``, in order."""
-        return [_resolve_form(entry) for entry in self.forms]
-
-
-def _resolve_form(entry: Any) -> tuple[str, Form]:
-    if isinstance(entry, dict):
-        values = dict(entry)
-        name = values.pop("name", None) or values.get("family")
-        return str(name), from_config(values, source="[grid] forms")
-    if not isinstance(entry, str):
-        raise ValueError(f"a [grid] form is a name or an inline table, got {entry!r}.")
-    if entry not in presets() and not entry.endswith(".toml"):
-        raise ValueError(
-            f"unknown form {entry!r}; allowed: {', '.join(presets())}, a path to a .toml "
-            "schedule, or an inline table {family = ..., ...}."
-        )
-    return Path(entry).stem, load(entry)
-
-
-@dataclass
-class NetworkConfig:
-    """``[network]``: one network for every cell, wrapped in ``nets.Preconditioned``.
-
-    Attributes:
-        kind: ``"mlp"`` (vectors) or ``"unet"`` (images; diffusers' UNet2DModel).
-        options: keyword arguments of ``nets.MLP`` / ``nets.UNet`` (``dim`` / ``sample_size``
-            and ``in_channels`` are filled in from the data).
-        sigma_data: the data std of the input scaling c_in; None = the training data's std.
-        precondition_output: also scale the output by c_out (unit-variance targets in every
-            form and prediction; see ``nets.Preconditioned``).
-    """
-
-    kind: str = "mlp"
-    options: dict[str, Any] = field(default_factory=dict)
-    sigma_data: float | None = None
-    precondition_output: bool = True
-
-    def __post_init__(self) -> None:
-        _check_names([self.kind], NET_KINDS, "network kind")
-
-
-@dataclass
-class ReferenceConfig:
-    """``[reference]``: the training set-up whose implied logsnr weighting every cell gets
-    when ``equal = "logsnr"`` (``timesteps.implied_weighting`` of these four).
-
-    The default is DDPM's ``L_simple``: VP, eps-prediction, uniform t, no weighting.
-    """
-
-    form: Any = "vp"
-    prediction: str = "eps"
-    time_sampler: str = "uniform"
-    time_sampler_params: dict[str, Any] = field(default_factory=dict)
-    weighting: str = "none"
-    weighting_params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_names([self.prediction], PREDICTIONS, "prediction")
-        _check_names([self.time_sampler], timesteps.TIME_SAMPLERS, "time sampler")
-        _check_names([self.weighting], timesteps.WEIGHTINGS, "weighting")
-        self.resolved_form()
-
-    def resolved_form(self) -> Form:
-        return _resolve_form(self.form)[1]
-
-    def weight(self, logsnr: torch.Tensor) -> torch.Tensor:
-        """The reference's implied eps-MSE weighting w(logsnr), float64."""
-        form = self.resolved_form()
-        sampler = timesteps.time_sampler(self.time_sampler, form, **self.time_sampler_params)
-        weighting = timesteps.loss_weighting(self.weighting, **self.weighting_params)
-        return timesteps.implied_weighting(form, self.prediction, sampler, weighting, logsnr)
-
-    def short(self) -> str:
-        """``"vp, eps, uniform t"`` (plus the weighting unless it is none)."""
-        form = self.form if isinstance(self.form, str) else self.resolved_form().family
-        text = f"{form}, {self.prediction}, {self.time_sampler.replace('_', '-')} t"
-        return text if self.weighting == "none" else f"{text}, {self.weighting} weighting"
-
-    def describe(self) -> str:
-        form = self.form if isinstance(self.form, str) else self.resolved_form()
-        return (
-            f"{form} / {self.prediction} / time sampler {self.time_sampler}"
-            f"{self.time_sampler_params or ''} / weighting {self.weighting}"
-            f"{self.weighting_params or ''}"
-        )
-
-
-@dataclass
-class RectifyStage:
-    """``[rectify]``: the rectification stage, in each cell's own form and prediction.
-
-    Attributes:
-        enabled: run it.
-        config: pair generation (``RectifyConfig``: rounds, num_pairs, solver, steps, t_grid,
-            shard_size, pair_batch_size, distill); its ``train`` is the shared [train] block
-            with the ``[rectify.train]`` overrides applied.
-        reference: ``equal = "logsnr"``: the implied weighting of the rectification
-            training (None: the teacher's [reference]).
-    """
-
-    enabled: bool = True
-    config: RectifyConfig = field(default_factory=RectifyConfig)
-    reference: ReferenceConfig | None = None
-    train_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluationConfig:
-    """``[evaluation]``: how every teacher and rectified model is measured.
-
-    Attributes:
-        solvers: fixed-step solvers (``samplers.SOLVERS``), each run at every entry of steps.
-        steps: solver steps (= NFE for ddim, euler, dpmpp_2m; heun uses two per step).
-        reference_solver: an adaptive solver for the converged reference ("" = none).
-        rtol, atol: its tolerances.
-        t_grid: the grid kind (``samplers.TIME_GRIDS``): in each form's own t with
-            ``equal = "t"``; in the reference form's t, mapped through logsnr, with
-            ``equal = "logsnr"``.
-        metrics: ``metrics.METRICS`` names, each against the held-out data.
-        metric_options: per-metric keyword arguments, e.g. ``{sliced_w2 = {n_projections = 200}}``.
-        diagnostics: see :data:`DIAGNOSTICS`.
-        diagnostic_solver, diagnostic_steps: the solve whose trajectories the diagnostics read.
-        n_diagnostic: trajectories for the diagnostics (and pairs for the crossing rate).
-        figures: draw the figures.
-        trajectory_forms: forms drawn in the x-vs-y trajectory figure (default: vp and fm
-            when in the grid, else the first two).
-        trajectory_prediction: their prediction (default: v when in the grid, else the
-            first).
-    """
-
-    solvers: list[str] = field(default_factory=lambda: ["ddim"])
-    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    reference_solver: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    t_grid: str = "uniform"
-    metrics: list[str] = field(default_factory=lambda: ["sliced_w2", "energy", "w2"])
-    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    diagnostics: list[str] = field(
-        default_factory=lambda: [
-            "straightness",
-            "first_order_deviation",
-            "crossing_rate",
-            "one_step_gap",
-            "transport_cost",
-        ]
-    )
-    diagnostic_solver: str = "dpmpp_2m"
-    diagnostic_steps: int = 32
-    n_diagnostic: int = 1000
-    figures: bool = True
-    trajectory_forms: list[str] = field(default_factory=list)
-    trajectory_prediction: str = ""
-
-    def __post_init__(self) -> None:
-        _check_names(self.solvers, SOLVERS, "solver")
-        _check_names([self.diagnostic_solver], SOLVERS, "solver")
-        if self.reference_solver:
-            _check_names([self.reference_solver], ADAPTIVE_SOLVERS, "reference solver")
-        _check_names(self.metrics, METRICS, "metric")
-        _check_names(list(self.metric_options), self.metrics, "metric in metric_options")
-        _check_names(self.diagnostics, DIAGNOSTICS, "diagnostic")
-        _check_names([self.t_grid], TIME_GRIDS, "t_grid")
-        if not self.steps or any(int(k) < 1 for k in self.steps):
-            raise ValueError(f"[evaluation] steps must be integers >= 1, got {self.steps}.")
-        if self.diagnostic_steps < 2 or self.n_diagnostic < 2:
-            raise ValueError("[evaluation] diagnostic_steps and n_diagnostic must be >= 2.")
 
 
 @dataclass
@@ -344,7 +94,7 @@ class CompareConfig:
     source: str = "defaults"
 
     def __post_init__(self) -> None:
-        _check_names([self.equal], EQUAL_MODES, "equal mode")
+        check_choice(self.equal, EQUAL_MODES, "equal mode")
         for key in ("workers", "threads"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
@@ -438,11 +188,6 @@ def _table(values: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(table)
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    _reject_unknown(values, cls, where)
-    return cls(**values)
-
-
 def _train_config(values: dict[str, Any], seed: int, where: str) -> TrainConfig:
     if "seed" in values or "out_dir" in values:
         bad = "seed" if "seed" in values else "out_dir"
@@ -458,10 +203,7 @@ def _train_config(values: dict[str, Any], seed: int, where: str) -> TrainConfig:
 
 def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) -> RectifyStage:
     allowed = [f.name for f in dataclasses.fields(RectifyConfig) if f.name != "train"]
-    allowed += list(_RECTIFY_EXTRA)
-    unknown = [k for k in values if k not in allowed]
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in [rectify]; allowed: {', '.join(allowed)}.")
+    reject_unknown(values, allowed + list(_RECTIFY_EXTRA), where="in [rectify]")
     enabled = bool(values.pop("enabled", True))
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
@@ -469,12 +211,12 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     if "seed" in values:
         raise ValueError("[rectify] may not set 'seed': the top-level seed seeds the pairs.")
     config = RectifyConfig.from_dict({**values, "train": train, "seed": seed})
-    _check_names([config.solver], SOLVERS, "solver")
-    _check_names([config.t_grid], TIME_GRIDS, "t_grid")
+    check_choice(config.solver, list(SOLVERS), "solver")
+    check_choice(config.t_grid, list(TIME_GRIDS), "t_grid")
     ref = (
         None
         if reference is None
-        else _build(ReferenceConfig, dict(reference), "[rectify.reference]")
+        else from_mapping(ReferenceConfig, dict(reference), where="in [rectify.reference]")
     )
     return RectifyStage(enabled, config, ref, overrides)
 
@@ -487,11 +229,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareC
             metric, solver, diagnostic or value.
     """
     values = copy.deepcopy(values)
-    unknown = [k for k in values if k not in _TOP_KEYS]
-    if unknown:
-        raise ValueError(
-            f"unknown key {unknown[0]!r} at the top level; allowed: {', '.join(_TOP_KEYS)}."
-        )
+    reject_unknown(values, _TOP_KEYS, where="at the top level")
     seed = int(values.get("seed", 0))
     equal = values.get("equal", "logsnr")
     shared = _table(values, "train")
@@ -510,13 +248,15 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareC
         equal=equal,
         workers=int(values.get("workers", 1)),
         threads=int(values.get("threads", 1)),
-        data=_build(DataConfig, _table(values, "data"), "[data]"),
-        grid=_build(GridConfig, _table(values, "grid"), "[grid]"),
-        network=_build(NetworkConfig, _table(values, "network"), "[network]"),
+        data=from_mapping(DataConfig, _table(values, "data"), where="in [data]"),
+        grid=from_mapping(GridConfig, _table(values, "grid"), where="in [grid]"),
+        network=from_mapping(NetworkConfig, _table(values, "network"), where="in [network]"),
         train=_train_config(shared, seed, "[train]"),
-        reference=_build(ReferenceConfig, _table(values, "reference"), "[reference]"),
+        reference=from_mapping(
+            ReferenceConfig, _table(values, "reference"), where="in [reference]"
+        ),
         rectify=_rectify_stage(rectify, shared, seed),
-        evaluation=_build(EvaluationConfig, evaluation, "[evaluation]"),
+        evaluation=from_mapping(EvaluationConfig, evaluation, where="in [evaluation]"),
         source=source,
     )
 
@@ -530,10 +270,7 @@ def load_config(path: str | Path | None = None) -> CompareConfig:
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist.")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    values = read_toml(path)
     try:
         return config_from_dict(values, source=str(path))
     except ValueError as err:

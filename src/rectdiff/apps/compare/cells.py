@@ -1,0 +1,215 @@
+"""One cell of a comparison: train a (form, prediction) teacher, rectify it, measure both.
+
+:func:`run_cell` runs in a worker process (``spawn``), so :class:`CellTask` carries
+everything it needs and :class:`CellResult` everything the report and figures read. Every
+model is saved as a model folder (``models/<form>_<prediction>/<stage>``) and every round's
+pairs as a pair store (``pairs/<form>_<prediction>/round_<k>``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ... import diagnostics, samplers
+from ...diagnostics import diagnose_model
+from ...forms import Form
+from ...io.model_dir import build_model, save_model_dir
+from ...rectify.pairs import generate_pairs
+from ...rectify.student import load_pairs, rectify
+from ...training.trainer import train
+from .config import CompareConfig
+from .evaluate import evaluate_model, standard_noise
+from .hyperparameters import cell_train_config, network_config, sampling_grid
+
+__all__ = ["CellTask", "CellResult", "run_cell"]
+
+
+@dataclass
+class CellTask:
+    """Everything one cell needs (picklable, for worker processes)."""
+
+    index: int
+    label: str
+    form: Form
+    prediction: str
+    config: CompareConfig
+    x_train: Tensor
+    reference_data: Tensor
+    out: Path
+
+
+@dataclass
+class CellResult:
+    """One cell's numbers and figure material.
+
+    Attributes:
+        label, prediction, form: the cell.
+        records: evaluation records, each with ``stage`` and the stage's diagnostics.
+        diagnostics: stage -> diagnostic numbers.
+        curves: stage -> curve name -> ``(t, value)``.
+        samples: stage -> solve name -> samples (for the figures).
+        trajectories: stage -> a few diagnostic trajectories.
+        losses: stage -> final training loss.
+        seconds: wall time of the cell.
+    """
+
+    label: str
+    prediction: str
+    form: Form
+    records: list[dict[str, Any]] = field(default_factory=list)
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    curves: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    trajectories: dict[str, samplers.Trajectory] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}_{self.prediction}"
+
+
+def _weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _measure(
+    result: CellResult,
+    stage: str,
+    model: nn.Module,
+    task: CellTask,
+    grid: Any,
+    coupling: tuple[Tensor, Tensor],
+) -> None:
+    config, ev = task.config, task.config.evaluation
+    shape = tuple(task.x_train.shape[1:])
+    noise = standard_noise(shape, config.data.n_eval, config.seed, "evaluation")
+    records, kept = evaluate_model(
+        model, form=task.form, prediction=task.prediction, noise=noise,
+        reference_data=task.reference_data, evaluation=ev, grid=grid, seed=config.seed,
+    )  # fmt: skip
+    diag_noise = standard_noise(shape, ev.n_diagnostic, config.seed, "diagnostics")
+    diagnosis = diagnose_model(
+        model, form=task.form, prediction=task.prediction, noise=diag_noise,
+        which=ev.diagnostics, solver=ev.diagnostic_solver, steps=ev.diagnostic_steps,
+        reference_solver=ev.reference_solver or "dopri5", rtol=ev.rtol, atol=ev.atol,
+        seed=config.seed,
+    )  # fmt: skip
+    if "crossing_rate" in ev.diagnostics:
+        eps, x0 = (c[: ev.n_diagnostic] for c in coupling)
+        diagnosis.numbers["train_coupling_crossing_rate"] = float(
+            diagnostics.crossing_rate(eps, x0, seed=config.seed)
+        )
+    for record in records:
+        result.records.append(
+            {"form": task.label, "prediction": task.prediction, "stage": stage, **record,
+             **diagnosis.numbers}
+        )  # fmt: skip
+    result.diagnostics[stage] = diagnosis.numbers
+    result.curves[stage] = diagnosis.curves
+    result.samples[stage] = kept
+    result.trajectories[stage] = diagnosis.trajectory
+
+
+def _model_info(task: CellTask, stage: str, losses: list[float], extra: dict) -> dict[str, Any]:
+    config = task.config
+    return {
+        "stage": stage,
+        "cell": {"form": task.label, "prediction": task.prediction},
+        "data": config.data.name,
+        "data_params": config.data.params,
+        "n_train": config.data.n_train,
+        "equal": config.equal,
+        "seed": config.seed,
+        "final_loss": losses[-1] if losses else None,
+        "compare_config": config.source,
+        **extra,
+    }
+
+
+def run_cell(task: CellTask) -> CellResult:
+    """Train, evaluate, rectify and evaluate one (form, prediction) cell."""
+    torch.set_num_threads(task.config.threads)
+    start = time.perf_counter()
+    config, form, prediction = task.config, task.form, task.prediction
+    result = CellResult(task.label, prediction, form)
+    models_dir = task.out / "models" / result.name
+
+    def grid(f: Form, steps: int) -> Any:
+        return sampling_grid(f, steps, config)
+
+    net_config = network_config(config, task.x_train, prediction)
+    torch.manual_seed(config.seed)
+    teacher = build_model(net_config, form)
+    trained = train(
+        teacher, task.x_train, form=form, prediction=prediction,
+        config=cell_train_config(config, form, prediction), resume=False, progress=False,
+    )  # fmt: skip
+    teacher = trained.model.eval()
+    result.losses["teacher"] = trained.losses[-1]
+    save_model_dir(
+        models_dir / "teacher", teacher, form=form, prediction=prediction,
+        net_config=net_config, info=_model_info(task, "teacher", trained.losses, {}),
+    )  # fmt: skip
+    shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
+    # the coupling a diffusion loss samples: noise and data drawn independently
+    independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
+    _measure(result, "teacher", teacher, task, grid, independent)
+
+    stage_cfg = config.rectify
+    current, current_name = teacher, "teacher"
+    if stage_cfg.enabled:
+        rc = stage_cfg.config
+        for k in range(1, rc.rounds + 1):
+            stage = "rectified" if k == 1 else f"rectified_{k}"
+            pairs_dir = task.out / "pairs" / result.name / f"round_{k}"
+            shutil.rmtree(pairs_dir, ignore_errors=True)
+            pairs = generate_pairs(
+                current, form=form, prediction=prediction, num_pairs=rc.num_pairs,
+                out=pairs_dir, solver=rc.solver, steps=rc.steps, shard_size=rc.shard_size,
+                seed=config.seed + k - 1, batch_size=rc.pair_batch_size,
+                shape=tuple(task.x_train.shape[1:]),
+                solver_options={"t_grid": _json_grid(grid(form, rc.steps))},
+                model_description=f"{result.name} {current_name} {_weights_digest(current)}",
+                progress=False,
+            )  # fmt: skip
+            if rc.init == "scratch":
+                torch.manual_seed(config.seed)
+                student = build_model(net_config, form)
+            else:
+                student = copy.deepcopy(teacher)
+            fitted = rectify(
+                student.train(), pairs, form=form, prediction=prediction,
+                config=cell_train_config(config, form, prediction, "rectify"),
+                distill=rc.distill, progress=False,
+            )  # fmt: skip
+            student = fitted.model.eval()
+            result.losses[stage] = fitted.losses[-1]
+            save_model_dir(
+                models_dir / stage, student, form=form, prediction=prediction,
+                net_config=net_config,
+                info=_model_info(
+                    task, stage, fitted.losses, {"pairs": str(pairs_dir.relative_to(task.out))}
+                ),
+            )  # fmt: skip
+            _measure(result, stage, student, task, grid, load_pairs(pairs))
+            current, current_name = student, stage
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _json_grid(grid: str | Tensor) -> str | list[float]:
+    return grid if isinstance(grid, str) else [float(t) for t in grid]

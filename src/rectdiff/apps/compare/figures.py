@@ -1,0 +1,120 @@
+"""The figures of ``rectdiff compare``: from results.json alone (quality against NFE,
+curvature in t and y, x0-prediction drift, implied weighting) and from the cells' samples
+and trajectories (sample scatter plots or image grids, x-vs-y trajectories)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ... import plots
+from .report import distance_metrics
+
+__all__ = ["draw_result_figures", "draw_figures"]
+
+
+def _rectified_map(labels: Sequence[str]) -> dict[str, str]:
+    return {
+        label: label.rsplit(" ", 1)[0] + " teacher"
+        for label in labels
+        if not label.endswith(" teacher") and label.rsplit(" ", 1)[0] + " teacher" in labels
+    }
+
+
+def draw_result_figures(results: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
+    """The figures drawn from results alone: quality against NFE, curvature in t and y,
+    x0-prediction drift (one figure per prediction type, colour per form, teacher dashed,
+    rectified solid) and the implied weighting."""
+    out = Path(out)
+    written: list[Path] = []
+    config, records = results["config"], results["records"]
+    ev = config["evaluation"]
+    metric = next(iter(distance_metrics(config, records)), None)
+    predictions = list(dict.fromkeys(c["prediction"] for c in results["cells"]))
+    for prediction in predictions:
+        cells = [c for c in results["cells"] if c["prediction"] == prediction]
+        if metric is not None and ev["solvers"]:
+            solver = ev["solvers"][0]
+            curves = {}
+            for cell in cells:
+                for stage in cell["diagnostics"]:
+                    points = [r for r in records if r["form"] == cell["form"]
+                              and r["prediction"] == prediction and r["stage"] == stage
+                              and r["solver"] == solver]  # fmt: skip
+                    curves[f"{cell['form']} {stage}"] = (
+                        [r["nfe"] for r in points],
+                        [r[metric] for r in points],
+                    )
+            written += plots.plot_quality_vs_nfe(
+                curves, out / f"quality_vs_nfe_{prediction}", f"{metric} to held-out data "
+                f"({solver}, {prediction}-prediction)", _rectified_map(list(curves)), logy=True,
+            )  # fmt: skip
+        for name in ("curvature_y", "curvature_t", "x0_drift"):
+            source = results["curves"].get(name, {})
+            curves = {
+                label.replace(f" {prediction} ", " "): tuple(value)
+                for label, value in source.items()
+                if label.split(" ")[1] == prediction
+            }
+            if not curves:
+                continue
+            rect = _rectified_map(list(curves))
+            stem = out / f"{name}_{prediction}"
+            if name == "x0_drift":
+                written += plots.plot_x0_drift(curves, stem, rect, logy=True)
+            else:
+                written += plots.plot_curvature(
+                    curves, stem, rect, coords=name[-1], logy=True,
+                    ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$"
+                    + f"   ({prediction}-prediction)",
+                )  # fmt: skip
+    implied = results["curves"].get("implied_weighting")
+    if implied:
+        written += plots.plot_implied_weighting(
+            {label: tuple(value) for label, value in implied.items()}, out / "implied_weighting"
+        )
+    return written
+
+
+def draw_figures(
+    results: dict[str, Any],
+    out: str | os.PathLike[str],
+    cells: Sequence[Any] = (),
+    reference: Tensor | None = None,
+) -> list[Path]:
+    """All figures: :func:`draw_result_figures`, plus, from the cells, sample scatter plots
+    or image grids per cell and the x-vs-y trajectories of a few 2-D cells."""
+    out = Path(out)
+    written = draw_result_figures(results, out)
+    ev = results["config"]["evaluation"]
+    for cell in cells:
+        panels: dict[str, Tensor] = {}
+        for stage, kept in cell.samples.items():
+            for solve, sample in kept.items():
+                panels[f"{stage} {solve}"] = sample
+        if panels:
+            ref = None if reference is None else reference[: len(next(iter(panels.values())))]
+            written += plots.plot_samples(panels, out / f"samples_{cell.name}", reference=ref)
+    two_d = [c for c in cells if c.trajectories and next(iter(c.trajectories.values())).x.shape[-1] == 2
+             and next(iter(c.trajectories.values())).x.ndim == 3]  # fmt: skip
+    if two_d:
+        chosen = ev.get("trajectory_forms") or [
+            f for f in ("vp", "fm") if any(c.label == f for c in two_d)
+        ]
+        chosen = chosen or list(dict.fromkeys(c.label for c in two_d))[:2]
+        predictions = [c.prediction for c in two_d]
+        prediction = ev.get("trajectory_prediction") or (
+            "v" if "v" in predictions else predictions[0]
+        )
+        trajs = {}
+        for cell in two_d:
+            if cell.label in chosen and cell.prediction == prediction:
+                for stage, traj in cell.trajectories.items():
+                    trajs[f"{cell.label} {cell.prediction} {stage}"] = traj
+        if trajs:
+            written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
+    return written

@@ -1,0 +1,191 @@
+"""A comparison's saved outputs, read back: ``rectdiff diagnose`` and ``rectdiff plot``.
+
+:func:`diagnose_dirs` and :func:`plot_model_dirs` measure and draw saved model folders from
+the diagnostics noise stream of ``rectdiff compare`` (so the same seed gives the numbers a
+comparison reported); :func:`plot_results` redraws a comparison's line figures from its
+results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ... import diagnostics, plots, samplers
+from ...data import TOYS, load_data
+from ...diagnostics import diagnose_model
+from ...io.files import write_json_atomic
+from ...io.model_dir import load_model_dir, read_model_info
+from ...rectify.student import load_pairs
+from ..model_dirs import sample_shape
+from .evaluate import standard_noise
+from .figures import draw_result_figures
+
+__all__ = ["diagnose_dirs", "training_coupling", "plot_results", "plot_model_dirs"]
+
+
+def diagnose_dirs(
+    model_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    solver: str = "dpmpp_2m",
+    steps: int = 32,
+    num: int = 1000,
+    seed: int = 0,
+    which: Sequence[str] = (
+        "straightness",
+        "first_order_deviation",
+        "crossing_rate",
+        "one_step_gap",
+    ),
+    reference_solver: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    out: str | os.PathLike[str] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`diagnose_model` on saved model folders, each from the same noise.
+
+    With the defaults and ``seed`` equal to a comparison's seed, the numbers are the ones
+    ``rectdiff compare`` reported for those models (same noise stream, solver and grid).
+
+    Args:
+        model_dirs: model folders (``io.model_dir.save_model_dir``).
+        solver, steps, num, seed: the diagnostic solve and its noise.
+        which: the diagnostics to compute.
+        reference_solver, rtol, atol: the one-step gap's reference.
+        out: also write the records as JSON there.
+
+    Returns:
+        One record per folder: ``{"model", "form", "prediction", <diagnostic>: value}``.
+    """
+    records = []
+    for path in model_dirs:
+        model, form, prediction = load_model_dir(path)
+        shape = sample_shape(read_model_info(path)["net"])
+        noise = standard_noise(shape, num, seed, "diagnostics")
+        diagnosis = diagnose_model(
+            model, form=form, prediction=prediction, noise=noise, which=which, solver=solver,
+            steps=steps, reference_solver=reference_solver, rtol=rtol, atol=atol, seed=seed,
+        )  # fmt: skip
+        if "crossing_rate" in which:
+            coupling = training_coupling(path, num, seed)
+            if coupling is not None:
+                diagnosis.numbers["train_coupling_crossing_rate"] = float(
+                    diagnostics.crossing_rate(*coupling, seed=seed)
+                )
+        records.append(
+            {"model": str(path), "form": form.config(), "prediction": prediction,
+             **diagnosis.numbers}
+        )  # fmt: skip
+    if out is not None:
+        write_json_atomic(out, records, indent=1)
+    return records
+
+
+def training_coupling(
+    model_dir: str | os.PathLike[str], num: int, seed: int
+) -> tuple[Tensor, Tensor] | None:
+    """The first ``num`` pairs of the coupling a ``rectdiff compare`` model was trained on,
+    as that run measured them: a rectified model's pairs, or, for a teacher of a 2-D toy,
+    the diagnostics noise beside the training data (drawn independently). None when the
+    folder does not say (another origin, or a finite data set)."""
+    info = read_model_info(model_dir).get("info", {})
+    pairs = Path(info.get("pairs") or "")
+    if info.get("pairs") and not pairs.is_absolute():  # relative to the run's output folder
+        pairs = Path(model_dir).resolve().parents[2] / pairs
+    if info.get("pairs") and pairs.is_dir():
+        eps, x0 = load_pairs(pairs)
+        return eps[:num], x0[:num]
+    if info.get("stage") == "teacher" and info.get("data") in TOYS and "n_train" in info:
+        data_seed, params = info.get("seed", 0), info.get("data_params", {})
+        x_train = load_data(info["data"], info["n_train"], data_seed, **params)
+        return standard_noise(tuple(x_train.shape[1:]), num, seed, "diagnostics"), x_train[:num]
+    return None
+
+
+def plot_results(results_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[Path]:
+    """Redraw the line figures of a comparison from its results.json (quality against
+    NFE, curvature in t and y, x0-prediction drift, implied weighting)."""
+    path = Path(results_path)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read results file {str(path)!r}: {err}") from None
+    if not isinstance(results, dict) or "records" not in results or "config" not in results:
+        raise ValueError(f"{path} is not a `rectdiff compare` results.json (no records/config).")
+    return draw_result_figures(results, out)
+
+
+def _model_label(path: str | os.PathLike[str]) -> str:
+    info = read_model_info(path).get("info", {})
+    cell = info.get("cell")
+    if cell and info.get("stage"):
+        return f"{cell['form']} {cell['prediction']} {info['stage']}"
+    return Path(path).name
+
+
+def plot_model_dirs(
+    model_dirs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    num: int = 1000,
+    seed: int = 0,
+    steps: int = 32,
+    solver: str = "dpmpp_2m",
+) -> list[Path]:
+    """Figures of saved models: one-step and dopri5 samples, x-vs-y trajectories (2-D
+    data), curvature in t and y and x0-prediction drift (teacher dashed, rectified solid,
+    when the folders say which is which).
+
+    Args:
+        model_dirs: model folders.
+        out: the figure folder.
+        num, seed: trajectories per model and the seed of their noise (the diagnostics'
+            noise stream of ``rectdiff compare``).
+        steps, solver: the diagnostic solve.
+    """
+    out = Path(out)
+    labels = [_model_label(p) for p in model_dirs]
+    if len(set(labels)) != len(labels):
+        labels = [
+            f"{label} ({Path(p).parent.name}/{Path(p).name})"
+            for label, p in zip(labels, model_dirs, strict=True)
+        ]
+    curves: dict[str, dict[str, Any]] = {"curvature_t": {}, "curvature_y": {}, "x0_drift": {}}
+    panels: dict[str, Tensor] = {}
+    trajs = {}
+    for label, path in zip(labels, model_dirs, strict=True):
+        model, form, prediction = load_model_dir(path)
+        noise = standard_noise(sample_shape(read_model_info(path)["net"]), num, seed, "diagnostics")
+        diagnosis = diagnose_model(
+            model, form=form, prediction=prediction, noise=noise, solver=solver, steps=steps,
+            which=("straightness", "first_order_deviation"),
+        )  # fmt: skip
+        for name, value in diagnosis.curves.items():
+            curves[name][label] = value
+        panels[f"{label} ddim@1"] = samplers.sample(
+            model, noise, form=form, prediction=prediction, steps=1
+        )
+        panels[f"{label} {solver}@{steps}"] = diagnosis.sample
+        if diagnosis.trajectory.x.ndim == 3 and diagnosis.trajectory.x.shape[-1] == 2:
+            trajs[label] = diagnosis.trajectory
+    rect = {
+        label: label.rsplit(" ", 1)[0] + " teacher"
+        for label in labels
+        if not label.endswith("teacher") and label.rsplit(" ", 1)[0] + " teacher" in labels
+    }
+    written: list[Path] = []
+    for coords in ("t", "y"):
+        written += plots.plot_curvature(
+            curves[f"curvature_{coords}"], out / f"curvature_{coords}", rect, coords=coords, logy=True,
+            ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$",
+        )  # fmt: skip
+    written += plots.plot_x0_drift(curves["x0_drift"], out / "x0_drift", rect, logy=True)
+    written += plots.plot_samples(panels, out / "samples")
+    if trajs:
+        written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
+    return written
