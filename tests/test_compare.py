@@ -18,11 +18,12 @@ from rectdiff.apps.compare.evaluate import evaluate_model, standard_noise
 from rectdiff.apps.compare.hyperparameters import (
     cell_train_config,
     implied_weightings,
+    network_config,
     sampling_grid,
 )
 from rectdiff.apps.compare.run import run_compare
 from rectdiff.data import load_data
-from rectdiff.io.model_dir import load_model_dir
+from rectdiff.io.model_dir import build_model, load_model_dir
 
 TINY = """
 seed = 3
@@ -259,3 +260,19 @@ def test_numbers_do_not_depend_on_the_number_of_worker_processes(tiny_run, tmp_p
     config = tiny(workers=2)
     parallel = run_compare(config, tmp_path, progress=False)
     assert parallel["records"] == serial["records"]
+
+
+def test_every_cell_network_sees_time_on_one_scale():
+    # sd15's model_time runs 0..999 and sd3's is 1000 sigma; the cells' networks must all
+    # receive t in [0, 1], or "equal hyperparameters" would feed one sinusoidal embedding
+    # time values 1000x apart
+    config = config_from_dict({"grid": {"forms": ["vp", "sd15", "sd3"], "predictions": ["v"]}})
+    x_train = torch.randn(64, 2)
+    seen = {}
+    t = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    for name, form in config.grid.resolved():
+        model = build_model(network_config(config, x_train, "v"), form)
+        model.net.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[1]}))
+        model(torch.zeros(2, 2), form.model_time(t).float())
+    for name in ("vp", "sd15", "sd3"):
+        torch.testing.assert_close(seen[name], t.float(), rtol=0, atol=1e-6)

@@ -25,7 +25,12 @@ from torch import Tensor, nn
 from .forms import Form, as_time, broadcast
 from .predictions import check_prediction, from_x0_eps
 
-__all__ = ["embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned"]
+__all__ = [
+    "embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned", "TIME_INPUTS",
+]  # fmt: skip
+
+#: what a :class:`Preconditioned` network can receive as its time input
+TIME_INPUTS = ("model", "t")
 
 
 def embedding_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
@@ -204,6 +209,10 @@ class Preconditioned(nn.Module):
         sigma_data: the standard deviation of the data.
         scale_input: apply c_in.
         output_prediction: the prediction type the model outputs, to apply c_out; None = off.
+        time_input: what the network receives as time: ``"model"`` (``form.model_time(t)``,
+            e.g. SD's integer timesteps 0..999) or ``"t"`` (the continuous t in [0, 1], in the
+            dtype of the incoming time), so networks in different forms see time on one
+            scale (what ``rectdiff compare`` uses for equal hyperparameters).
     """
 
     def __init__(
@@ -213,8 +222,13 @@ class Preconditioned(nn.Module):
         sigma_data: float = 1.0,
         scale_input: bool = True,
         output_prediction: str | None = None,
+        time_input: str = "model",
     ) -> None:
         super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ValueError(
+                f"unknown time_input {time_input!r}; allowed: {', '.join(TIME_INPUTS)}."
+            )
         if sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data} (the data's std).")
         if output_prediction is not None:
@@ -222,6 +236,7 @@ class Preconditioned(nn.Module):
         self.net, self.form = net, form
         self.sigma_data, self.scale_input = float(sigma_data), bool(scale_input)
         self.output_prediction = output_prediction
+        self.time_input = time_input
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -247,11 +262,14 @@ class Preconditioned(nn.Module):
         return torch.sqrt(a**2 * self.sigma_data**2 + b**2)
 
     def forward(self, x_t: Tensor, model_time: Any, **cond: Any) -> Tensor:
-        if not self.scale_input and self.output_prediction is None:
+        plain_time = self.time_input == "model"
+        if not self.scale_input and self.output_prediction is None and plain_time:
             return self.net(x_t, model_time, **cond)
         t = self.form.t_from_model_time(as_time(model_time).to(x_t.device))
         if self.scale_input:
             x_t = broadcast(self.c_in(t), x_t) * x_t
+        if not plain_time:
+            model_time = t.to(model_time.dtype if isinstance(model_time, Tensor) else x_t.dtype)
         out = self.net(x_t, model_time, **cond)
         if self.output_prediction is not None:
             out = broadcast(self.c_out(t), out) * out

@@ -147,5 +147,8 @@ def network_config(config: CompareConfig, x_train: Tensor, prediction: str) -> d
             "sigma_data": round(sigma_data, 6),
             "scale_input": True,
             "output_prediction": prediction if net.precondition_output else None,
+            # t in [0, 1] for every form: a DiscreteVP's model_time runs 0..999 and SD3's
+            # 0..1000, which would put their cells on another scale of the time embedding
+            "time_input": "t",
         },
     }

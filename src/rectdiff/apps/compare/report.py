@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...io.files import write_text_atomic
+from ...metrics import METRICS
 
 __all__ = [
     "DIAGNOSTIC_COLUMNS",
@@ -55,7 +56,7 @@ _LOWERED = (
 
 def distance_metrics(config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     """The configured metrics that are distances (lower is better) and were recorded."""
-    names = [m for m in config["evaluation"]["metrics"] if m != "classifier"]
+    names = [m for m in config["evaluation"]["metrics"] if METRICS[m].kind == "distance"]
     return [m for m in names if records and m in records[0]]
 
 

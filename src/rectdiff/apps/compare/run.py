@@ -76,7 +76,7 @@ def _load_datasets(config: CompareConfig) -> tuple[Tensor, Tensor]:
 
 def _warm_caches(config: CompareConfig) -> None:
     """Train (or load) the digits classifier once before worker processes need it."""
-    names = {"frechet_digits", "classifier"} & set(config.evaluation.metrics)
+    names = {m for m in config.evaluation.metrics if metrics.METRICS[m].data == "digits"}
     for name in sorted(names):
         options = config.evaluation.metric_options.get(name, {})
         metrics.digits_classifier(options.get("cache_dir"), options.get("classifier_seed", 0))
