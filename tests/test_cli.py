@@ -1,7 +1,9 @@
 """The `rectdiff` subcommands over saved checkpoints give the library functions' numbers."""
 
+import contextlib
 import copy
 import csv
+import io
 import json
 
 import pytest
@@ -9,10 +11,11 @@ import torch
 
 from rectdiff import forms, samplers
 from rectdiff.apps.compare.evaluate import standard_noise
+from rectdiff.apps.compare.report import summary_markdown
 from rectdiff.apps.compare.saved import diagnose_dirs
 from rectdiff.cli import main
-from rectdiff.io.model_dir import load_model_dir
-from rectdiff.rectify import rectify
+from rectdiff.io.model_dir import build_model, load_model_dir, save_model_dir
+from rectdiff.rectify import load_pairs, rectify
 from rectdiff.rectify.pairs import PairDataset
 from rectdiff.reparametrize import Reparametrized
 from rectdiff.training import TrainConfig
@@ -53,15 +56,25 @@ figures = false
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "tiny.toml").write_text(CONFIG)
-    assert main(["compare", "--config", str(root / "tiny.toml"), "--out", str(root / "out"),
-                 "--no-progress"]) == 0  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["compare", "--config", str(root / "tiny.toml"), "--out", str(root / "out"),
+                     "--no-progress"]) == 0  # fmt: skip
+    (root / "printed.txt").write_text(printed.getvalue())
     return root, json.loads((root / "out" / "results.json").read_text())
 
 
-def test_compare_prints_the_summary(run, capsys):
+def test_compare_prints_the_summary(run):
     root, results = run
     assert (root / "out" / "report.md").is_file()
     assert len(results["records"]) == 2 * 2 * 3  # cells x stages x (ddim 1, 2, dopri5)
+    # what it printed is the summary of the results it wrote, with their numbers
+    printed = (root / "printed.txt").read_text()
+    assert summary_markdown(results) in printed
+    one_step = [r for r in results["records"] if r["solver"] == "ddim" and r["steps"] == 1]
+    assert len(one_step) == 4
+    for record in one_step:
+        assert f"| {record['energy']:.4g} |" in printed, record  # its one-step distances
 
 
 def test_diagnose_matches_compare_and_the_library(run, capsys):
@@ -165,3 +178,22 @@ def test_errors_exit_with_code_2_and_a_message(run, tmp_path, capsys):
     bad.write_text('[evaluation]\nmetrics = ["fid"]\n')
     assert main(["compare", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "unknown metric 'fid'; allowed:" in capsys.readouterr().err
+
+
+def test_pairs_of_a_class_conditional_model_carry_balanced_labels(tmp_path):
+    form = forms.FlowMatching()
+    net_config = {"kind": "mlp", "kwargs": {"dim": 2, "hidden": 16, "depth": 2, "num_classes": 3}}
+    torch.manual_seed(0)
+    model = build_model(net_config, form)
+    save_model_dir(tmp_path / "teacher", model, form=form, prediction="flow", net_config=net_config)
+    store = tmp_path / "pairs"
+    assert main(["pairs", "--model", str(tmp_path / "teacher"), "--out", str(store), "--num", "40",
+                 "--steps", "3", "--solver", "ddim", "--shard-size", "16", "--no-progress"]) == 0  # fmt: skip
+    couplings = load_pairs(store)
+    labels = couplings.cond["class_labels"]
+    assert torch.equal(labels, torch.arange(40) % 3)
+    # each pair is the model's solve for its own label
+    cond = {"class_labels": labels}
+    expected = samplers.sample(model, couplings.eps, form=form, prediction="flow", solver="ddim",
+                               steps=3, cond=cond)  # fmt: skip
+    torch.testing.assert_close(couplings.x0, expected, rtol=0, atol=1e-6)

@@ -22,7 +22,7 @@ from ..rectify.pairs import generate_pairs
 from ..rectify.student import rectify
 from ..reparametrize import Reparametrized
 
-__all__ = ["sample_shape", "generate_pairs_from_dir", "rectify_from_dir"]
+__all__ = ["sample_shape", "class_labels_fn", "generate_pairs_from_dir", "rectify_from_dir"]
 
 
 def sample_shape(net: dict[str, Any]) -> tuple[int, ...]:
@@ -32,6 +32,16 @@ def sample_shape(net: dict[str, Any]) -> tuple[int, ...]:
         return (int(kwargs.get("dim", 2)),)
     size = int(kwargs.get("sample_size", 8))
     return (int(kwargs.get("in_channels", 1)), size, size)
+
+
+def class_labels_fn(net: dict[str, Any]) -> Any:
+    """For a class-conditional network (``num_classes`` > 0), the ``cond_fn`` that gives pair
+    i the label ``i mod num_classes`` (balanced, and independent of batches and processes),
+    stored with the pairs and passed to the student by ``rectdiff rectify``; None otherwise."""
+    num_classes = int(net.get("kwargs", {}).get("num_classes") or 0)
+    if num_classes <= 0:
+        return None
+    return lambda shard, indices: {"class_labels": indices % num_classes}
 
 
 def generate_pairs_from_dir(
@@ -51,7 +61,8 @@ def generate_pairs_from_dir(
     each process generates its own shards).
 
     The model is solved in its own form and prediction, on a ``t_grid`` grid from its
-    ``t_max``; the manifest names the folder and the sha256 of its weights.
+    ``t_max``; the manifest names the folder and the sha256 of its weights. A
+    class-conditional model's pairs carry balanced class labels (:func:`class_labels_fn`).
 
     Returns:
         The :class:`~rectdiff.rectify.store.PairDataset`.
@@ -63,7 +74,7 @@ def generate_pairs_from_dir(
     return generate_pairs(
         model, form=form, prediction=prediction, num_pairs=num_pairs, out=out, solver=solver,
         steps=steps, shard_size=shard_size, seed=seed, batch_size=batch_size, shape=shape,
-        solver_options={"t_grid": t_grid},
+        solver_options={"t_grid": t_grid}, cond_fn=class_labels_fn(net),
         model_description=f"{Path(model_dir).resolve()} (weights sha256 {weights})",
         progress=progress,
     )  # fmt: skip
