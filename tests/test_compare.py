@@ -24,6 +24,7 @@ from rectdiff.apps.compare.hyperparameters import (
 from rectdiff.apps.compare.run import run_compare
 from rectdiff.data import load_data
 from rectdiff.io.model_dir import build_model, load_model_dir
+from rectdiff.rectify import load_manifest
 
 TINY = """
 seed = 3
@@ -195,9 +196,18 @@ def test_run_writes_report_results_and_models(tiny_run):
         (f, m) for f in ("vp", "fm") for m in ("sliced_w2", "energy")
     }
     for cell in ("vp_eps", "vp_v", "fm_eps", "fm_v"):
-        for stage in ("teacher", "rectified"):
-            assert (out / "models" / cell / stage / "model.safetensors").is_file()
-        assert (out / "pairs" / cell / "round_1" / "manifest.json").is_file()
+        name, prediction = cell.split("_")
+        preset = forms.load(name).config()
+        for stage in ("teacher", "rectified"):  # each saved model is its cell's form and type
+            _, form, saved_prediction = load_model_dir(out / "models" / cell / stage)
+            saved = form.config()  # the preset, restricted to the common logsnr range
+            assert {k: saved[k] for k in preset if k not in ("t_min", "t_max")} == {
+                k: v for k, v in preset.items() if k not in ("t_min", "t_max")
+            }, (cell, stage)
+            assert preset["t_min"] <= saved["t_min"] < saved["t_max"] <= preset["t_max"]
+            assert saved_prediction == prediction, (cell, stage)
+        settings = load_manifest(out / "pairs" / cell / "round_1")["settings"]
+        assert settings["num_pairs"] == 256 and settings["prediction"] == prediction
 
 
 def test_recorded_numbers_are_the_library_functions_results(tiny_run):
