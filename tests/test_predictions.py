@@ -4,20 +4,11 @@ import itertools
 
 import pytest
 import torch
+from shared import F64, pick
 
 from rectdiff import forms, predictions
 
-F64 = torch.float64
-FORMS = {
-    "vp": forms.VP(),
-    "subvp": forms.SubVP(),
-    "vp-cosine": forms.VPCosine(),
-    "ve": forms.VE(),
-    "fm": forms.FlowMatching(),
-    "fm-shift": forms.FlowMatching(shift=3.0, sigma_min=1e-4),
-    "sd15": forms.load("sd15"),
-    "trig": forms.load("trig"),
-}
+FORMS = pick("vp", "subvp", "vp-cosine", "ve", "fm", "fm-shift", "sd15", "trig")
 KINDS = predictions.PREDICTIONS + predictions.DERIVED
 
 

@@ -2,14 +2,12 @@
 
 import pytest
 import torch
+from shared import F64, MEAN, STD
 
 from rectdiff import forms, samplers
 from rectdiff.oracles import GaussianOracle
 from rectdiff.reparametrize import reparametrize
 
-F64 = torch.float64
-MEAN = torch.tensor([0.3, -0.2], dtype=F64)
-STD = 0.5
 VP, FM = forms.VP(), forms.FlowMatching()
 PAIRS = [
     ((VP, "eps"), (FM, "flow")),

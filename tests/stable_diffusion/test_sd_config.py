@@ -85,6 +85,36 @@ def test_cli_builds_the_config_from_its_flags(monkeypatch, capsys):
     assert "wrote the rectified pipeline to o (3 steps, last loss 0.5)" in capsys.readouterr().out
 
 
+def test_every_rectify_flag_sets_its_config_field(monkeypatch):
+    """Every field with a flag, given a value other than its default on the command line,
+    arrives in the config with that value and type."""
+    given = dict(max_steps=7, lr=1e-4, batch_size=3, grad_accum=2, loss="mse", huber_c=0.25,
+                 loss_prediction="v", target_form="fm", time_sampler="logit_normal",
+                 mixed_precision="bf16", gradient_checkpointing=True, ema=True, ema_decay=0.99,
+                 lora_rank=8, lora_alpha=16.0, weight_decay=0.5, warmup_steps=5, seed=9,
+                 checkpoint_every=4, work_dir="w", num_workers=2)  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(SDRectifyConfig)}
+    assert set(given) == fields - {"grad_clip", "resume"}  # resume: --no-resume, below
+    defaults = SDRectifyConfig()
+    assert all(value != getattr(defaults, name) for name, value in given.items())
+    flags = []
+    for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    seen = {}
+
+    def fake_rectify_sd(pipeline, pairs, out, config):
+        seen["config"] = config
+        return rectify_module.RectifyResult(Path(out), [], 0)
+
+    monkeypatch.setattr(rectify_module, "rectify_sd", fake_rectify_sd)
+    assert main([*RECTIFY, *flags, "--no-resume"]) == 0
+    config = seen["config"]
+    assert config == SDRectifyConfig(**given, resume=False)
+    for name, value in given.items():
+        assert type(getattr(config, name)) is type(value), name
+
+
 def test_config_from_a_mapping_or_toml_rejects_unknown_keys(tmp_path):
     assert SDRectifyConfig.from_dict({"max_steps": 5, "lora_rank": 4}) == SDRectifyConfig(
         max_steps=5, lora_rank=4

@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
+from shared import F64, pick
 
 from rectdiff import forms
 from rectdiff import training as ts
 
-F64 = torch.float64
-FORMS = {
-    "vp": forms.VP(),
-    "subvp": forms.SubVP(),
-    "ve": forms.VE(),
-    "fm": forms.FlowMatching(),
-    "fm-shift3": forms.FlowMatching(shift=3.0),
-}
+FORMS = pick("vp", "subvp", "ve", "fm", "fm-shift3")
 SAMPLERS = ["uniform", "logit_normal", "u_shaped", "uniform_logsnr"]
 
 

@@ -13,11 +13,11 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
 )
+from shared import F64
 
 from rectdiff import forms
 from rectdiff.forms.io import ddpm_betas
 
-F64 = torch.float64
 SD15 = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
 )

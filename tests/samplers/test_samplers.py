@@ -5,22 +5,13 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from shared import F64, MEAN, STD, pick
 
 from rectdiff import forms, predictions, samplers
 from rectdiff.oracles import CouplingOracle, GaussianOracle
 
-F64 = torch.float64
-FORMS = {
-    "vp": forms.VP(),
-    "subvp": forms.SubVP(),
-    "ve": forms.VE(),
-    "fm": forms.FlowMatching(),
-    "vp-cosine": forms.VPCosine(),
-    "sd15": forms.load("sd15"),
-}
+FORMS = pick("vp", "subvp", "ve", "fm", "vp-cosine", "sd15")
 ZERO_SIGMA_AT_0 = ["vp", "subvp", "fm", "vp-cosine", "sd15"]  # VE has sigma(0) = sigma_min
-MEAN = torch.tensor([0.3, -0.2], dtype=F64)
-STD = 0.5
 SD15 = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
 )

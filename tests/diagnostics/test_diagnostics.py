@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 from scipy.optimize import linear_sum_assignment
+from shared import F64
 
 from rectdiff import diagnostics, forms, samplers
 from rectdiff.oracles import CouplingOracle, GaussianOracle
@@ -18,8 +19,6 @@ from rectdiff.predictions import PREDICTIONS, to_x0_eps
 from rectdiff.reparametrize import reparametrize
 from rectdiff.samplers import Trajectory
 from rectdiff.training import common_logsnr_range
-
-F64 = torch.float64
 
 
 def _curve_trajectory(x: torch.Tensor, t: torch.Tensor | None = None) -> Trajectory:

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from shared import FOUR, pick
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,7 +15,7 @@ from rectdiff.data import load_data
 from rectdiff.models import MLP, Preconditioned
 from rectdiff.training import NonFiniteLossError, TrainConfig, train
 
-FORMS = {"vp": forms.VP(), "subvp": forms.SubVP(), "ve": forms.VE(), "fm": forms.FlowMatching()}
+FORMS = pick(*FOUR)
 RADIUS, STD = 2.0, 0.25
 
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared import F64
 
 from rectdiff import forms, plots, samplers
 from rectdiff.oracles import CouplingOracle
-
-F64 = torch.float64
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:

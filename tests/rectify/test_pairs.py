@@ -20,6 +20,7 @@ import _pairs_worker as worker
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared import F64
 from torch import nn
 
 from rectdiff import forms
@@ -27,9 +28,8 @@ from rectdiff.oracles import CouplingOracle
 from rectdiff.rectify import pairs as couplings
 from rectdiff.rectify.pairs import PairDataset, PairStoreError, generate_pairs, verify_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-F64 = torch.float64
 N_SHARDS = 4  # worker.SETTINGS: 56 pairs in shards of 16 -> 16, 16, 16, 8
 #: model calls of ddim per batch: one per step, none at t_end (the samplers contract)
 CALLS_PER_BATCH = worker.SETTINGS["steps"]
@@ -163,7 +163,7 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, reference):
     cmd = [str(Path(PYTHON).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           str(ROOT / "tests" / "_pairs_worker.py"), str(out), "--report", str(report)]  # fmt: skip
+           str(ROOT / "tests" / "rectify" / "_pairs_worker.py"), str(out), "--report", str(report)]  # fmt: skip
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -179,7 +179,7 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, reference):
 def test_resume_after_a_kill_mid_shard_loses_and_duplicates_nothing(tmp_path, reference):
     out = tmp_path / "pairs"
     calls = tmp_path / "calls.log"
-    cmd = [PYTHON, str(ROOT / "tests" / "_pairs_worker.py"), str(out), "--delay", "0.05",
+    cmd = [PYTHON, str(ROOT / "tests" / "rectify" / "_pairs_worker.py"), str(out), "--delay", "0.05",
            "--calls", str(calls)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # shards 0 and 1 take 2 x 8 calls; kill after the second call of shard 2 (of 8)

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from shared import F64, pick
 from torch import nn
 
 from rectdiff import forms, predictions
 from rectdiff import training as ts
-from rectdiff.training.losses import diffusion_loss
 from rectdiff.oracles import GaussianOracle
-
-F64 = torch.float64
+from rectdiff.training.losses import diffusion_loss
 
 
 class Affine(nn.Module):
@@ -110,7 +109,7 @@ def test_errors():
 
 
 # --- the implied-weighting identity --------------------------------------------------------------
-FORMS = {"vp": forms.VP(), "ve": forms.VE(), "fm": forms.FlowMatching(), "subvp": forms.SubVP()}
+FORMS = pick("vp", "ve", "fm", "subvp")
 
 
 def eps_error(form, prediction, x0, eps, t):

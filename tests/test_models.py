@@ -5,19 +5,13 @@ import math
 
 import pytest
 import torch
+from shared import F64, pick
 from torch import nn
 
 from rectdiff import forms, predictions
 from rectdiff.models import MLP, Preconditioned, UNet, embedding_frequencies, sinusoidal_embedding
 
-F64 = torch.float64
-FORMS = {
-    "vp": forms.VP(),
-    "subvp": forms.SubVP(),
-    "ve": forms.VE(),
-    "fm": forms.FlowMatching(),
-    "sd15": forms.load("sd15"),
-}
+FORMS = pick("vp", "subvp", "ve", "fm", "sd15")
 
 
 class Recorder(nn.Module):

@@ -1,0 +1,37 @@
+"""What many test files share, defined once: float64, the named test forms, Gaussian data.
+
+Importable from every test folder (``pythonpath = ["tests"]`` in pyproject.toml);
+``conftest.py`` turns the same objects into fixtures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rectdiff import forms
+
+F64 = torch.float64
+
+#: every form the tests exercise, by name; a test file picks its subset with :func:`pick`
+NAMED_FORMS = {
+    "vp": forms.VP(),
+    "subvp": forms.SubVP(),
+    "vp-cosine": forms.VPCosine(),
+    "ve": forms.VE(),
+    "fm": forms.FlowMatching(),
+    "fm-shift3": forms.FlowMatching(shift=3.0),
+    "fm-shift": forms.FlowMatching(shift=3.0, sigma_min=1e-4),
+    "sd15": forms.load("sd15"),
+    "trig": forms.load("trig"),
+}
+#: the four forms of the paper's comparison (VP, sub-VP, VE, flow matching)
+FOUR = ("vp", "subvp", "ve", "fm")
+
+#: Gaussian test data N(MEAN, STD^2 I) for the closed-form oracles
+MEAN = torch.tensor([0.3, -0.2], dtype=F64)
+STD = 0.5
+
+
+def pick(*names: str) -> dict[str, forms.Form]:
+    """The named forms, in the order given."""
+    return {name: NAMED_FORMS[name] for name in names}
