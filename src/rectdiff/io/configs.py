@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping", "read_toml"]
+__all__ = [
+    "reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping",
+    "read_toml", "read_toml_table",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -53,6 +56,16 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], what: str = "key", whe
     """``cls(**values)`` for a dataclass ``cls``, after rejecting keys that are not fields."""
     reject_unknown(values, field_names(cls), what, where)
     return cls(**values)
+
+
+def read_toml_table(path: str | Path, table: str | None = None) -> dict[str, Any]:
+    """A TOML file as a dict, or its ``[table]`` (an error lists the tables there are)."""
+    values = read_toml(path)
+    if table is None:
+        return values
+    if not isinstance(values.get(table), dict):
+        raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values) or 'none'}.")
+    return values[table]
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

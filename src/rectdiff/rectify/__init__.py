@@ -1,11 +1,11 @@
 """Rectification in any form: couplings from a teacher, a pair store, and students trained on them.
 
-    pairs     generate_pairs: a teacher's deterministic (eps, x0_hat) couplings, sharded, resumable,
-              independent of the number of processes
-    store     the pair store on disk: manifest, safetensors shards, verification, PairDataset
-    coupling  Couplings in memory (eps, x0, cond), load_pairs, start_noise (the student's line)
-    student   rectify (one retraining), rectify_rounds (k-rectified), RectifyConfig
-    online    the one-object API Diffusion, and Reflow (pairs drawn on the fly)
+pairs     generate_pairs: a teacher's deterministic (eps, x0_hat) couplings, sharded, resumable,
+          independent of the number of processes
+store     the pair store on disk: manifest, safetensors shards, verification, PairDataset
+coupling  Couplings in memory (eps, x0, cond), load_pairs, start_noise (the student's line)
+student   rectify (one retraining), rectify_rounds (k-rectified), RectifyConfig
+online    the one-object API Diffusion, and Reflow (pairs drawn on the fly)
 """
 
 from __future__ import annotations

@@ -357,9 +357,7 @@ def generate_pairs(
         for stale in root.glob(f".{MANIFEST}.*.tmp"):
             stale.unlink(missing_ok=True)
         shards = manifest["shards"] if manifest else []
-        write_json_atomic(
-            root / MANIFEST, new_manifest(settings, shards, complete=False), indent=1
-        )
+        write_json_atomic(root / MANIFEST, new_manifest(settings, shards, complete=False), indent=1)
 
     mine = range(state.process_index, settings.num_shards, state.num_processes)
     device = torch.device(state.device)

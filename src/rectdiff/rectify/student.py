@@ -31,7 +31,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from ..forms import Form
-from ..io.configs import from_mapping, read_toml
+from ..io.configs import from_mapping, read_toml_table
 from ..io.files import atomic_path, write_json_atomic
 from ..predictions import check_prediction
 from ..reparametrize import reparametrize
@@ -99,10 +99,7 @@ class RectifyConfig:
     @classmethod
     def from_toml(cls, path: str | Path, table: str = "rectify") -> RectifyConfig:
         """Read the ``[rectify]`` table (with ``[rectify.train]``) of a TOML file."""
-        data = read_toml(path)
-        if table not in data:
-            raise ValueError(f"{path}: no [{table}] table; found {', '.join(data) or 'nothing'}.")
-        return cls.from_dict(data[table])
+        return cls.from_dict(read_toml_table(path, table))
 
 
 @dataclass
@@ -258,7 +255,9 @@ def rectify_rounds(
             start, start_form, start_pred = current, current_form, current_pred
         else:
             start, start_form, start_pred = teacher, form, prediction
-        student = _initial_student(start, config.init, start_form, start_pred, s_form, s_pred, fresh)
+        student = _initial_student(
+            start, config.init, start_form, start_pred, s_form, s_pred, fresh
+        )
         train_config = dataclasses.replace(config.train, out_dir=str(round_dir / "train"))
         result = rectify(
             student, pairs, form=s_form, prediction=s_pred, config=train_config,

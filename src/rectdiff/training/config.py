@@ -9,7 +9,7 @@ from typing import Any
 
 from diffusers.optimization import SchedulerType
 
-from ..io.configs import from_mapping, read_toml
+from ..io.configs import from_mapping, read_toml_table
 from .losses import LOSSES
 from .time_samplers import TIME_SAMPLERS, TimeSampler
 from .weightings import WEIGHTINGS, Weighting
@@ -99,12 +99,7 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path, table: str | None = None) -> TrainConfig:
         """Build from a TOML file, or from its ``[table]`` when given."""
-        values = read_toml(path)
-        if table is not None:
-            if table not in values:
-                raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values)}.")
-            values = values[table]
-        return cls.from_dict(values)
+        return cls.from_dict(read_toml_table(path, table))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-ready values (sampler and weighting objects by their repr)."""
