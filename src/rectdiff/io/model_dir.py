@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from ..models import MLP, Preconditioned, UNet
 from ..predictions import check_prediction
 from ..reparametrize import Reparametrized
 from .configs import check_choice, reject_unknown
+from .files import publish_folder, temporary_sibling
 
 __all__ = [
     "FORMAT",
@@ -107,7 +107,6 @@ def build_model(net_config: dict[str, Any], form: Form, prediction: str | None =
 
 
 def _write_folder(tmp: Path, model: nn.Module, info: dict[str, Any]) -> None:
-    tmp.mkdir(parents=True)
     save_model(model, str(tmp / WEIGHTS))
     (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
@@ -156,20 +155,12 @@ def save_model_dir(
         "info": info or {},
     }
     json.dumps(record)  # fail before writing anything if something is not JSON-able
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp, old = (
-        path.with_name(f".{path.name}.tmp-{token}"),
-        path.with_name(f".{path.name}.old-{token}"),
-    )
+    tmp = temporary_sibling(path)
     try:
         _write_folder(tmp, model, record)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        publish_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
