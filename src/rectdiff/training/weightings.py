@@ -170,10 +170,10 @@ class X0Weighting(Weighting):
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,
-    "x0": X0Weighting,
     "snr": SNRWeighting,
     "min_snr": MinSNRWeighting,
     "inverse_factor": InverseFactorWeighting,
+    "x0": X0Weighting,
 }
 
 
