@@ -1,8 +1,8 @@
 """How first-order, how straight and how entangled sampling trajectories and couplings are.
 
-    trajectory   first_order_deviation, straightness, curvature_profile (in t and in y = x/alpha)
-    coupling     transport_cost, relative_transport_cost, crossing_rate
-    model        one_step_gap, diagnose_model and the DIAGNOSTICS registry (report columns)
+trajectory   first_order_deviation, straightness, curvature_profile (in t and in y = x/alpha)
+coupling     transport_cost, relative_transport_cost, crossing_rate
+model        one_step_gap, diagnose_model and the DIAGNOSTICS registry (report columns)
 """
 
 from __future__ import annotations

@@ -167,7 +167,12 @@ def diagnose_model(
     form: Form,
     prediction: str,
     noise: Tensor,
-    which: Sequence[str] = ("straightness", "first_order_deviation", "crossing_rate", "one_step_gap"),
+    which: Sequence[str] = (
+        "straightness",
+        "first_order_deviation",
+        "crossing_rate",
+        "one_step_gap",
+    ),
     solver: str = "dpmpp_2m",
     steps: int = 32,
     reference_solver: str = "dopri5",

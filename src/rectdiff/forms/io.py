@@ -16,7 +16,15 @@ from .custom import Custom
 from .ve_fm import VE, FlowMatching
 from .vp import VP, DiscreteVP, SubVP, VPCosine
 
-__all__ = ["FORMS", "load", "from_config", "from_diffusers", "presets", "schedules_dir", "ddpm_betas"]
+__all__ = [
+    "FORMS",
+    "load",
+    "from_config",
+    "from_diffusers",
+    "presets",
+    "schedules_dir",
+    "ddpm_betas",
+]
 
 _META_KEYS = ("name", "description")
 _DIFFUSERS_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")
@@ -126,8 +134,7 @@ def from_config(config: dict[str, Any], source: str = "config") -> Form:
     family = config.pop("family", None)
     if family not in FORMS:
         raise ValueError(
-            f"{source}: family = {family!r} is not a known form; allowed: "
-            f"{', '.join(FORMS)}."
+            f"{source}: family = {family!r} is not a known form; allowed: {', '.join(FORMS)}."
         )
     cls = FORMS[family]
     allowed = _allowed_keys(cls)
@@ -216,9 +223,7 @@ def from_diffusers(scheduler_or_config: Any) -> tuple[Form, str]:
         f"{cls_name or 'scheduler'} {config.get('beta_schedule', 'custom')} "
         f"{config.get('beta_start', '')}-{config.get('beta_end', '')}, {n} steps"
     )
-    return DiscreteVP(alphas_cumprod=acp, label=label), DIFFUSERS_PREDICTIONS[
-        prediction_type
-    ]
+    return DiscreteVP(alphas_cumprod=acp, label=label), DIFFUSERS_PREDICTIONS[prediction_type]
 
 
 def preset_table(

@@ -1,8 +1,8 @@
 """Forms with alpha given directly: VE (alpha = 1) and flow matching (alpha = 1 - t).
 
-    VE            alpha = 1, geometric sigma (Song et al. 2021, eq. 31).
-    FlowMatching  alpha = 1 - t, sigma = t; SD3's shift (Esser et al. 2024, eq. 23) and
-                  Lipman et al. (2023)'s OT path with sigma_min.
+VE            alpha = 1, geometric sigma (Song et al. 2021, eq. 31).
+FlowMatching  alpha = 1 - t, sigma = t; SD3's shift (Esser et al. 2024, eq. 23) and
+              Lipman et al. (2023)'s OT path with sigma_min.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ class VE(Form):
 
     def _t_from_logsnr(self, lam: Tensor) -> Tensor:
         return (-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio
-
 
 
 class FlowMatching(Form):

@@ -1,11 +1,11 @@
 """Variance-preserving forms: alpha_t^2 + sigma_t^2 = 1 (and sub-VP, which shares VP's alpha).
 
-    VP            score-SDE VPSDE, linear beta (Song et al. 2021, eq. 33; DPM-Solver's
-                  ``NoiseScheduleVP('linear')``).
-    VPCosine      cosine schedule (Nichol & Dhariwal 2021, eq. 17; DPM-Solver's 'cosine').
-    SubVP         score-SDE sub-VP: alpha as VP, sigma = 1 - alpha^2 (Song et al. 2021, eq. 34).
-    DiscreteVP    a DDPM-style table of alphas_cumprod made continuous by piecewise-linear
-                  interpolation of log(alpha) (Lu et al. 2022, DPM-Solver appendix D).
+VP            score-SDE VPSDE, linear beta (Song et al. 2021, eq. 33; DPM-Solver's
+              ``NoiseScheduleVP('linear')``).
+VPCosine      cosine schedule (Nichol & Dhariwal 2021, eq. 17; DPM-Solver's 'cosine').
+SubVP         score-SDE sub-VP: alpha as VP, sigma = 1 - alpha^2 (Song et al. 2021, eq. 34).
+DiscreteVP    a DDPM-style table of alphas_cumprod made continuous by piecewise-linear
+              interpolation of log(alpha) (Lu et al. 2022, DPM-Solver appendix D).
 """
 
 from __future__ import annotations
@@ -157,7 +157,6 @@ class SubVP(VP):
     def _t_from_logsnr(self, lam: Tensor) -> Tensor:
         # alpha / (1 - alpha^2) = r = exp(lam / 2)  =>  log alpha = -asinh(1 / (2 r)).
         return self._t_from_log_alpha(-torch.asinh(0.5 * torch.exp(-0.5 * lam)))
-
 
 
 class DiscreteVP(VarPreserving):

@@ -1,7 +1,7 @@
 """Sample-quality distances (one METRICS registry) and the digits classifier behind two of them.
 
-    distances   sliced / exact W2, MMD, energy distance, Frechet distances, METRICS, compute_metrics
-    digits      a small classifier on sklearn's 8x8 digits: features, accuracy, class entropy
+distances   sliced / exact W2, MMD, energy distance, Frechet distances, METRICS, compute_metrics
+digits      a small classifier on sklearn's 8x8 digits: features, accuracy, class entropy
 """
 
 from __future__ import annotations

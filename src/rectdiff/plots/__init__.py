@@ -1,9 +1,9 @@
 """Matplotlib figures; every one saved as PNG and SVG next to a CSV of the numbers it draws.
 
-    figures        save_figure, write_csv, line styles (teacher dashed, rectified solid)
-    schedules      plot_schedules, plot_implied_weighting
-    trajectories   plot_curvature, plot_x0_drift, plot_quality_vs_nfe, plot_trajectories_xy
-    samples        plot_samples, image_grid
+figures        save_figure, write_csv, line styles (teacher dashed, rectified solid)
+schedules      plot_schedules, plot_implied_weighting
+trajectories   plot_curvature, plot_x0_drift, plot_quality_vs_nfe, plot_trajectories_xy
+samples        plot_samples, image_grid
 """
 
 from __future__ import annotations

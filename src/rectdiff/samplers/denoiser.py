@@ -79,13 +79,19 @@ class Denoiser:
         model_times = self.form.model_time(times).to(device=like.device, dtype=like.dtype)
         alpha, sigma, d_alpha, d_sigma = (c.tolist() for c in self.form.coefficients(times))
         for i, key in enumerate(times.tolist()):
-            self._points[key] = model_times[i], Coefficients(alpha[i], sigma[i], d_alpha[i], d_sigma[i])
+            self._points[key] = (
+                model_times[i],
+                Coefficients(alpha[i], sigma[i], d_alpha[i], d_sigma[i]),
+            )
 
     def _point(self, key: float) -> tuple[Tensor, Coefficients[float]]:
         if key not in self._points:
             t64 = as_time(key)
             alpha, sigma, d_alpha, d_sigma = (float(c) for c in self.form.coefficients(t64))
-            self._points[key] = self.form.model_time(t64), Coefficients(alpha, sigma, d_alpha, d_sigma)
+            self._points[key] = (
+                self.form.model_time(t64),
+                Coefficients(alpha, sigma, d_alpha, d_sigma),
+            )
         return self._points[key]
 
     def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:

@@ -44,7 +44,9 @@ def _velocity(coefficients: Coefficients[float], x0_pred: Tensor, eps_pred: Tens
     return d_alpha * x0_pred + d_sigma * eps_pred
 
 
-def _first_order_step(coefficients: Coefficients[float], x0_pred: Tensor, eps_pred: Tensor) -> Tensor:
+def _first_order_step(
+    coefficients: Coefficients[float], x0_pred: Tensor, eps_pred: Tensor
+) -> Tensor:
     """``x_s = alpha_s x0_pred + sigma_s eps_pred`` (Song et al. 2021a, DDIM eq. 12 with
     sigma_t = 0; Lu et al. 2022, DPM-Solver-1): exact when x0_pred is constant along the path."""
     alpha_next, sigma_next, _, _ = coefficients

@@ -1,13 +1,13 @@
 """Training in any form and prediction: what t to draw, how to weight, the loss, the loop.
 
-    time_samplers   p(t): uniform, logit_normal, u_shaped, uniform_logsnr, discrete,
-                    equalized, AtTime; the TIME_SAMPLERS registry
-    weightings      loss weightings (none, snr, min_snr) and the weight over logsnr any set-up
-                    implies (implied_weighting, equalize; Kingma & Gao 2023)
-    losses          diffusion_loss (MSE or pseudo-Huber on any prediction's target)
-    config          TrainConfig (a dataclass loaded from TOML)
-    batches         resumable in-memory / DataLoader batch streams
-    trainer         Trainer and train(): accelerate, EMA, LR schedule, checkpoints, resume
+time_samplers   p(t): uniform, logit_normal, u_shaped, uniform_logsnr, discrete,
+                equalized, AtTime; the TIME_SAMPLERS registry
+weightings      loss weightings (none, snr, min_snr) and the weight over logsnr any set-up
+                implies (implied_weighting, equalize; Kingma & Gao 2023)
+losses          diffusion_loss (MSE or pseudo-Huber on any prediction's target)
+config          TrainConfig (a dataclass loaded from TOML)
+batches         resumable in-memory / DataLoader batch streams
+trainer         Trainer and train(): accelerate, EMA, LR schedule, checkpoints, resume
 """
 
 from __future__ import annotations
