@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rectdiff import forms, samplers
 from rectdiff.rectify.coupling import load_pairs
@@ -42,10 +43,11 @@ def held_out_noise(n=6, seed=99):
 
 def test_one_step_student_is_far_closer_to_the_teacher_than_the_teachers_one_step(flow, tmp_path):
     """Held-out noise (seed 1234) and held-out prompts (colour/object pairs never in a pair):
-    latent MSE to the teacher's 25-step latents. Measured: student 1-step MSE_1_MEASURED;
-    a student that learnt nothing stays near the teacher (ratio ~1). Its error falls with
-    every doubling of the steps (before the student trained on the line through its own
-    sampling start, 4 steps were no better than 2)."""
+    latent MSE to the teacher's 25-step latents. Measured: student 1.70, teacher 6.55 at one
+    step (ratio 0.26); a student that learnt nothing stays near the teacher (ratio ~1). The
+    student's error falls with every doubling of the steps: 1.70 / 0.53 / 0.25 / 0.16 at
+    1 / 2 / 4 / 8 (before it was trained on the line through its own sampling start and
+    sampled to sigma = 0: 2.07 / 0.36 / 0.33 / 0.39, 8 steps worse than 4)."""
     metrics = evaluate(
         flow.student, flow.teacher, tiny_prompts("held_out"), tmp_path, steps=(1, 2, 4, 8),
         num=32, batch_size=32,
@@ -55,7 +57,7 @@ def test_one_step_student_is_far_closer_to_the_teacher_than_the_teachers_one_ste
     assert mse["student"]["1"] < 0.5 * mse["teacher"]["1"]
     assert metrics["ratio"]["1"] == pytest.approx(mse["student"]["1"] / mse["teacher"]["1"])
     student = [mse["student"][k] for k in ("1", "2", "4", "8")]
-    assert all(more < 0.9 * fewer for fewer, more in zip(student, student[1:])), student
+    assert all(student[i + 1] < 0.9 * student[i] for i in range(3)), student
 
 
 def first_batch_of_training(flow, config, monkeypatch, out):
@@ -96,7 +98,7 @@ def test_training_noise_puts_each_pairs_line_through_the_students_sampling_start
     betas = torch.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=torch.float64) ** 2
     acp_last = float(torch.prod(1.0 - betas))
     alpha_T, sigma_T = math.sqrt(acp_last), math.sqrt(1.0 - acp_last)
-    assert alpha_T / sigma_T == pytest.approx(0.0683, abs=1e-4)
+    assert alpha_T / sigma_T == pytest.approx(0.06842, abs=1e-5)
     torch.testing.assert_close(eps_tilde, eps - (alpha_T / sigma_T) * x0, rtol=1e-5, atol=1e-6)
     # the line through x0 and eps~ passes through the sampling start sigma(T) eps
     torch.testing.assert_close(alpha_T * x0 + sigma_T * eps_tilde, sigma_T * eps,
@@ -105,9 +107,8 @@ def test_training_noise_puts_each_pairs_line_through_the_students_sampling_start
     t_max = train_form.t_max
     alpha, sigma = float(train_form.alpha(t_max)), float(train_form.sigma(t_max))
     torch.testing.assert_close(alpha * x0 + sigma * eps_tilde, sigma * eps, rtol=1e-5, atol=1e-5)
-    assert (type(train_form).__name__, t_max) == (
-        ("DiscreteVP", 1.0) if target_form is None else ("FlowMatching", pytest.approx(0.93596))
-    )
+    kind, start = ("DiscreteVP", 1.0) if target_form is None else ("FlowMatching", 0.93596)
+    assert type(train_form).__name__ == kind and t_max == pytest.approx(start, abs=2e-5)
 
 
 #: loads a student folder with stock diffusers where importing rectdiff fails, samples it
@@ -226,7 +227,7 @@ def test_gradient_accumulation_takes_exactly_the_configured_optimizer_steps(flow
                       batch_size=8, shard_size=8, progress=False)  # fmt: skip
     config = SDRectifyConfig(max_steps=3, batch_size=8, grad_accum=2, lr=1e-3)
     optimizer_steps = []
-    hook = torch.optim.optimizer.register_optimizer_step_post_hook(
+    hook = register_optimizer_step_post_hook(
         lambda optimizer, args, kwargs: optimizer_steps.append(type(optimizer).__name__)
     )
     try:

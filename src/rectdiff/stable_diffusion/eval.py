@@ -6,9 +6,15 @@ For ``num`` held-out noises ``eps`` (seeded, independent of any pair store) and 
   (:func:`rectdiff.samplers.sample`, the checkpoint's DPM-Solver time steps,
   ``teacher_steps`` steps, guidance ``teacher_guidance``, from ``x = sigma(t_0) eps``);
 * the student at each of ``steps``, through the stock ``StableDiffusionPipeline`` loaded from
-  its folder (its DDIM scheduler with trailing spacing), at guidance ``guidance``;
-* the teacher at the same few steps with the same DDIM-trailing scheduler at
-  ``teacher_guidance``: the baseline a rectified model must beat.
+  its folder with the family's student scheduler (DDIM, trailing spacing,
+  ``set_alpha_to_one=True``: what ``rectify_sd`` saves), at guidance ``guidance``;
+* the teacher at the same few steps with the same scheduler at ``teacher_guidance``: the
+  baseline a rectified model must beat.
+
+Like is scored with like: the reference ends at the clean endpoint (sigma = 0), and so does
+the last DDIM step of both few-step runs (a folder saved with SD's ``set_alpha_to_one=False``,
+as rectify wrote before, would stop at timestep 0, sigma = 0.029; it is sampled with the
+student scheduler all the same).
 
 Every pipeline call gets ``latents = sigma(t_0) eps`` with t_0 its first time step, so all
 runs start where pair generation starts. The numbers are latent mean squared errors to the
@@ -43,6 +49,9 @@ from .pairs import resolution, sd_guidance, sd_time_grid
 from .prompts import read_prompts
 
 __all__ = ["evaluate", "teacher_reference", "pipeline_latents", "decode", "save_grid"]
+
+#: how ``evaluate`` samples the few-step runs (recorded in metrics.json)
+SAMPLER = "DDIM trailing, set_alpha_to_one (last step to sigma = 0)"
 
 
 def teacher_reference(
@@ -252,7 +261,9 @@ def evaluate(
         ),
         eps, chosen, batch_size,
     )  # fmt: skip
+    # both few-step runs on the same scheduler, ending at sigma = 0 as the reference does
     teacher.scheduler = family.student_scheduler(teacher.scheduler)
+    student.scheduler = family.student_scheduler(student.scheduler)
     latents: dict[str, Tensor] = {}
     for who, pipe, scale in (
         ("teacher", teacher, teacher_guidance),
@@ -270,12 +281,12 @@ def evaluate(
         "student": {
             "pipeline": str(student_root),
             "guidance": guidance,
-            "sampler": "DDIM trailing",
+            "sampler": SAMPLER,
         },
         "teacher": {
             "pipeline": str(teacher_root),
             "guidance": teacher_guidance,
-            "few_step_sampler": "DDIM trailing",
+            "few_step_sampler": SAMPLER,
             "reference": {"solver": teacher_solver, "steps": teacher_steps},
         },
     }

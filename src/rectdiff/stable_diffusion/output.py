@@ -2,8 +2,9 @@
 
 The folder is the teacher's components with the rectified network (LoRA fused into it, if
 any) and the family's student scheduler (for Stable Diffusion
-``DDIMScheduler.from_config(teacher_config, timestep_spacing="trailing", clip_sample=False)``),
-so that ``StableDiffusionPipeline.from_pretrained(out)(prompt, num_inference_steps=1,
+``DDIMScheduler.from_config(teacher_config, timestep_spacing="trailing", clip_sample=False,
+set_alpha_to_one=True)``, whose last step lands on the clean endpoint sigma = 0), so that
+``StableDiffusionPipeline.from_pretrained(out)(prompt, num_inference_steps=1,
 guidance_scale=1.0)`` gives the one-step result with no rectdiff import. With LoRA,
 ``out/lora/pytorch_lora_weights.safetensors`` also loads into the teacher with
 ``pipe.load_lora_weights(out / "lora")``. ``out/rectdiff.json`` records teacher, pairs, forms

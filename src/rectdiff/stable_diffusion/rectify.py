@@ -3,9 +3,14 @@
 Rectified Diffusion (Wang et al. 2024, "Rectified Diffusion: Straightness Is Not Your Need
 in Rectified Flow", Algorithm 4) keeps the checkpoint's form and prediction type (for SD 1.5:
 eps-prediction on the discrete ``scaled_linear`` VP schedule) and minimises the diffusion
-loss on ``x_t = alpha_t x0_hat + sigma_t eps`` built from fixed pairs ``(eps, x0_hat)`` made by
-the teacher, instead of fresh noise: the retrained model's ODE becomes first order, so one
-DDIM step from ``eps`` lands near the teacher's many-step latent.
+loss on ``x_t = alpha_t x0_hat + sigma_t eps~`` built from fixed pairs ``(eps, x0_hat)`` made
+by the teacher, instead of fresh noise: the retrained model's ODE becomes first order, so one
+DDIM step from the start lands near the teacher's many-step latent. The line is the one
+through the student's own sampling start ``x_T = sigma(T) eps`` (T = ``form.t_max``, the
+DDIM-trailing first step): ``eps~ = eps - (alpha/sigma)(T) x0_hat``
+(:func:`rectdiff.rectify.start_noise`, in the student's form; SD 1.5's ``alpha(T) = 0.068``
+would otherwise put every pair's line 0.068 x0_hat away from where sampling starts). The
+store keeps the standard-normal eps.
 
 The loss (:func:`rectdiff.training.losses.diffusion_loss`) is measured in ``loss_prediction``: by
 default ``"x0"``, the x0-prediction ``(x_t - sigma_t eps_pred) / alpha_t`` of the eps-network,
@@ -48,10 +53,11 @@ from torch import Tensor
 
 from .. import forms
 from ..io.files import publish_folder, temporary_sibling
+from ..rectify.coupling import start_noise
 from ..rectify.store import PairDataset, PairStoreError
 from ..reparametrize import reparametrize
 from ..training.config import TrainConfig
-from ..training.trainer import train
+from ..training.trainer import new_accelerator, train
 from .config import SDRectifyConfig
 from .families import PipelineFamily, family_for
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint
@@ -97,11 +103,15 @@ def flow_matching_form(form: forms.Form) -> forms.FlowMatching:
 
 
 def _collate(
-    cond_keys: tuple[str, ...], items: list[dict[str, Any]]
+    cond_keys: tuple[str, ...], form: forms.Form, items: list[dict[str, Any]]
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """A batch ``(eps~, x0, cond)`` with ``eps~ = start_noise(eps, x0, form)``: the noise whose
+    first-order line through ``x0`` passes through the student's sampling start
+    ``sigma(t_max) eps`` in ``form`` (the store keeps the standard-normal eps)."""
     eps = torch.stack([item["eps"] for item in items])
     x0 = torch.stack([item["x0"] for item in items])
-    return eps, x0, {key: torch.stack([item[key] for item in items]) for key in cond_keys}
+    cond = {key: torch.stack([item[key] for item in items]) for key in cond_keys}
+    return start_noise(eps, x0, form), x0, cond
 
 
 def _open_pairs(
@@ -160,7 +170,15 @@ def _student_model(pipe: Any, family: PipelineFamily, config: SDRectifyConfig) -
     return family.denoiser(pipe)
 
 
-def _train_config(config: SDRectifyConfig, mixed_precision: str, out: Path) -> TrainConfig:
+def _mixed_precision(config: SDRectifyConfig) -> str:
+    """``config.mixed_precision``, or (None) ``accelerate launch``'s setting, as accelerate
+    reads it."""
+    if config.mixed_precision is not None:
+        return config.mixed_precision
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def _train_config(config: SDRectifyConfig, out: Path) -> TrainConfig:
     """The :class:`TrainConfig` of ``config``: AdamW, constant LR after warm-up, the default
     time sampler of the target form."""
     sampler = config.time_sampler or ("discrete" if config.target_form is None else "uniform")
@@ -173,7 +191,7 @@ def _train_config(config: SDRectifyConfig, mixed_precision: str, out: Path) -> T
         lr_schedule="constant_with_warmup",
         grad_clip=config.grad_clip,
         ema_decay=config.ema_decay if config.ema else 0.0,
-        mixed_precision=mixed_precision,
+        mixed_precision=_mixed_precision(config),
         grad_accum=config.grad_accum,
         seed=config.seed,
         time_sampler=sampler,
@@ -211,9 +229,6 @@ def rectify_sd(
             not pairs of this pipeline (or is incomplete), an existing ``out`` that rectify
             did not write, or bad settings; nothing is written then.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
     config = SDRectifyConfig() if config is None else config
     if not isinstance(config, SDRectifyConfig):
         raise TypeError(
@@ -231,12 +246,10 @@ def rectify_sd(
         train_form, train_prediction = flow_matching_form(form), config.loss_prediction or "flow"
     else:
         train_form, train_prediction = form, config.loss_prediction or "x0"
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
-    train_config = _train_config(config, str(accelerator.mixed_precision), out)
+    train_config = _train_config(config, out)
+    # the trainer's own set-up: grad_accum micro-batches per optimizer step, also across an
+    # epoch's end, and the seedable sampler (seeded with config.seed by train's set_seed)
+    accelerator = new_accelerator(train_config)
 
     model = _student_model(pipe, family, config)
     trained = model
@@ -244,12 +257,15 @@ def rectify_sd(
         trained = reparametrize(model, form, prediction, train_form, train_prediction)
 
     model.to(accelerator.device)  # the frozen encoders follow the network
+    # the noise of each pair's line through the start of the saved student's sampler, in the
+    # form it samples in (target_form="fm" trains in a flow-matching form whose t_max has the
+    # same logsnr, so it starts from the same point and gets the same eps~)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
         shuffle=True,
         drop_last=len(dataset) >= config.batch_size,
-        collate_fn=partial(_collate, family.cond_keys),
+        collate_fn=partial(_collate, family.cond_keys, form),
         num_workers=config.num_workers,
         generator=torch.Generator().manual_seed(config.seed),
     )

@@ -48,7 +48,9 @@ from .losses import diffusion_loss
 from .time_samplers import time_sampler
 from .weightings import loss_weighting
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "Trainer", "train"]
+__all__ = [
+    "TrainConfig", "TrainResult", "NonFiniteLossError", "Trainer", "new_accelerator", "train",
+]  # fmt: skip
 
 CondFn = Callable[[Any], dict[str, Any]]
 
@@ -139,7 +141,7 @@ class Trainer:
         check_prediction(prediction)
         self.form, self.prediction, self.config = form, prediction, config
         self.cond_fn, self.pairs = cond_fn, pairs
-        self.accelerator = acc = accelerator or _new_accelerator(config)
+        self.accelerator = acc = accelerator or new_accelerator(config)
         set_seed(config.seed)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -345,7 +347,10 @@ class Trainer:
         )
 
 
-def _new_accelerator(config: TrainConfig) -> Accelerator:
+def new_accelerator(config: TrainConfig) -> Accelerator:
+    """The ``Accelerator`` a :class:`Trainer` makes for ``config``: its mixed precision,
+    ``grad_accum`` micro-batches per optimizer step whatever the loader's length (no step
+    forced at an epoch's end), and accelerate's seedable sampler (resumable loaders)."""
     try:
         # the loop cycles loaders itself: an epoch's end must not force an optimizer step
         plugin = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)

@@ -98,12 +98,17 @@ class PipelineFamily:
 
     def student_scheduler(self, teacher_scheduler: Any) -> Any:
         """``DDIMScheduler`` on the teacher's schedule with trailing spacing (first step at
-        the last training timestep, as one-step sampling needs) and no x0 clipping (latents
-        are unbounded)."""
+        the last training timestep, as one-step sampling needs), ``set_alpha_to_one=True``
+        (the last step lands on the clean endpoint, sigma = 0, where the pairs' latents are;
+        SD's own ``False`` would stop at timestep 0, sigma = 0.029) and no x0 clipping
+        (latents are unbounded)."""
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(
-            teacher_scheduler.config, timestep_spacing="trailing", clip_sample=False
+            teacher_scheduler.config,
+            timestep_spacing="trailing",
+            clip_sample=False,
+            set_alpha_to_one=True,
         )
 
     def save_lora_weights(self, pipe: Any, folder: Path, state: dict[str, Tensor]) -> None:
