@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.configs import from_mapping, read_toml
+from ..io.configs import from_mapping, read_toml_table
 
 __all__ = ["MIXED_PRECISION", "SDRectifyConfig", "TARGET_FORMS"]
 
@@ -121,11 +121,7 @@ class SDRectifyConfig:
     @classmethod
     def from_toml(cls, path: str | Path, table: str | None = None) -> SDRectifyConfig:
         """Build from a TOML file, or from its ``[table]`` when given."""
-        values = read_toml(path)
-        if table is not None:
-            if table not in values:
-                raise ValueError(f"{path}: no [{table}] table; tables: {', '.join(values)}.")
-            values = values[table]
+        values = read_toml_table(path, table)
         where = f"in {path}" + (f" [{table}]" if table is not None else "")
         return from_mapping(cls, values, what="rectify option", where=where)
 
