@@ -54,6 +54,7 @@ __all__ = [
 
 CondFn = Callable[[Any], dict[str, Any]]
 
+
 class NonFiniteLossError(RuntimeError):
     """A NaN or infinite training loss; names the step and the last good checkpoint."""
 
