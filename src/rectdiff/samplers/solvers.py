@@ -154,6 +154,22 @@ def dpmpp_2m(
     return x
 
 
+def _finish(
+    denoise: Denoiser, t: Tensor, ode_t: Tensor, states: Tensor, final_jump: bool,
+    callback: Callback | None,
+) -> Tensor:  # fmt: skip
+    """The end of an odeint solve: the first-order step to ``t[-1]`` when the solve stopped
+    short of it, and the grid states with their (uncounted) predictions for ``callback``."""
+    if final_jump:
+        x_end = _first_order_step(denoise.coefficients(t[-1]), *denoise(states[-1], ode_t[-1]))
+    else:
+        x_end = states[-1]
+    if callback is not None:
+        for k in range(len(t) - 1):
+            callback(k, states[k], *denoise(states[k], t[k], count=False))
+    return x_end
+
+
 def adaptive(
     denoise: Denoiser,
     x: Tensor,
@@ -204,14 +220,7 @@ def adaptive(
         options={"step_t": logsnr[-1:]},
     )
     states = ys.to(x.dtype)
-    if final_jump:
-        x_end = _first_order_step(denoise.coefficients(t[-1]), *denoise(states[-1], ode_t[-1]))
-    else:
-        x_end = states[-1]
-    if callback is not None:
-        for k in range(len(t) - 1):
-            callback(k, states[k], *denoise(states[k], t[k], count=False))
-    return x_end
+    return _finish(denoise, t, ode_t, states, final_jump, callback)
 
 
 def fixed_grid(
@@ -243,14 +252,7 @@ def fixed_grid(
         states = odeint(flow, x.to(torch.float64), ode_t.to(x.device), method=method).to(x.dtype)
     else:
         states = x[None]
-    if final_jump:
-        x_end = _first_order_step(denoise.coefficients(t[-1]), *denoise(states[-1], ode_t[-1]))
-    else:
-        x_end = states[-1]
-    if callback is not None:
-        for k in range(len(t) - 1):
-            callback(k, states[k], *denoise(states[k], t[k], count=False))
-    return x_end
+    return _finish(denoise, t, ode_t, states, final_jump, callback)
 
 
 @dataclass(frozen=True)
