@@ -9,9 +9,9 @@ A model folder holds two files::
                          "output_prediction": ...}}, "form": form.config(),
                          "prediction": "eps", "info": {...}}
 
-``net`` is a *network config*: the network kind (``"mlp"`` for :class:`rectdiff.nets.MLP`,
-``"unet"`` for :class:`rectdiff.nets.UNet`), its keyword arguments, the options of the
-:class:`rectdiff.nets.Preconditioned` wrapper around it (``None`` for a bare network) and,
+``net`` is a *network config*: the network kind (``"mlp"`` for :class:`rectdiff.models.MLP`,
+``"unet"`` for :class:`rectdiff.models.UNet`), its keyword arguments, the options of the
+:class:`rectdiff.models.Preconditioned` wrapper around it (``None`` for a bare network) and,
 for a network trained in one form and used in another (classic Reflow from a VP teacher),
 ``"source": {"form": ..., "prediction": ...}``: the network computes in the source form and
 prediction and is wrapped in :class:`rectdiff.reparametrize.Reparametrized`.

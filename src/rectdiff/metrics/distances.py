@@ -5,7 +5,7 @@ R^D and computes in float64 NumPy; a 1-D input is N points on the line. Randomis
 take a ``seed`` and draw from their own generator, so a seed fixes the result (and, across
 models compared under one seed, the random projections / subsamples are shared).
 
-For sklearn's 8x8 digits, :mod:`rectdiff.digits_classifier` trains a small CNN once and caches
+For sklearn's 8x8 digits, :mod:`rectdiff.metrics.digits` trains a small CNN once and caches
 it; its penultimate features give a Frechet distance (FID with a digits network in place of
 Inception), and its softmax confidence and class-coverage scores for generated digits.
 """

@@ -9,7 +9,7 @@ A network, a form and a prediction type, trained and sampled together:
 
 This is what users of rectified-flow-pytorch know (``loss = rectified_flow(images);
 rectified_flow.sample()``), here for any form; it is a thin layer over
-:func:`rectdiff.losses.diffusion_loss` and :func:`rectdiff.samplers.sample`.
+:func:`rectdiff.training.losses.diffusion_loss` and :func:`rectdiff.samplers.sample`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class Diffusion(nn.Module):
         net: called as ``net(x_t, form.model_time(t), **cond)``.
         form: the forward process.
         prediction: what ``net`` predicts: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
-        time_sampler: training time distribution (name or object, see :mod:`rectdiff.timesteps`).
-        weighting: loss weighting over logsnr (see :mod:`rectdiff.timesteps`).
+        time_sampler: training time distribution (name or object, see :mod:`rectdiff.training`).
+        weighting: loss weighting over logsnr (see :mod:`rectdiff.training`).
         loss: ``"mse"`` or ``"pseudo_huber"``.
         sample_shape: shape of one sample; taken from the first training batch when omitted.
     """

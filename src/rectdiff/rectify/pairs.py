@@ -7,7 +7,7 @@ model on these pairs (Liu et al. 2023, "Flow Straight and Fast", Algorithm 1; Wa
 eps and the settings that made the pairs. ``x0`` is what ``samplers.sample`` returns: for
 solvers ending at sigma = 0 the x0-prediction of the last evaluation; for VE the state at
 sigma_min. The storage format (manifest, shards, :class:`PairDataset`) is
-:mod:`rectdiff.pair_store`; its public names are re-exported here.
+:mod:`rectdiff.rectify.store`; its public names are re-exported here.
 
 Determinism. Shard k holds pairs ``k * shard_size ...`` and its noise is drawn in one go on
 the CPU, whatever the batch size or number of processes::

@@ -1,6 +1,6 @@
 """The pair store: sharded, checksummed, resumable storage of (eps, x0_hat) couplings.
 
-Written by :func:`rectdiff.couplings.generate_pairs`, read by :class:`PairDataset`.
+Written by :func:`rectdiff.rectify.pairs.generate_pairs`, read by :class:`PairDataset`.
 
 Store layout (the folder ``out``)::
 

@@ -36,7 +36,7 @@ class TrainConfig:
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
         grad_accum: micro-batches per optimizer step.
         seed: seeds model-independent randomness (t, eps, batches; accelerate ``set_seed``).
-        time_sampler, time_sampler_params: see :mod:`rectdiff.timesteps` (a sampler object is
+        time_sampler, time_sampler_params: see :mod:`rectdiff.training` (a sampler object is
             accepted when set in Python, e.g. from ``timesteps.equalize``).
         weighting, weighting_params: likewise.
         loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` and its constant.

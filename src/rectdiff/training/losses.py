@@ -57,7 +57,7 @@ def diffusion_loss(
         form: the diffusion form.
         prediction: what the model predicts: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
         time_sampler: name or sampler for t when ``t`` is not given.
-        weighting: name or :class:`~rectdiff.timesteps.Weighting` multiplying each sample.
+        weighting: name or :class:`~rectdiff.training.weightings.Weighting` multiplying each sample.
         loss: ``"mse"`` or ``"pseudo_huber"``.
         huber_c: the pseudo-Huber constant; ``0.00054 sqrt(dim)`` by default.
         eps: the standard-normal noise (drawn when None), same shape as ``x0``.

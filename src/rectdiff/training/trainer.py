@@ -1,7 +1,7 @@
 """One training loop for every form and prediction, on accelerate.
 
 ``train(model, data, form=..., prediction=..., config=TrainConfig(...))`` minimises
-:func:`rectdiff.losses.diffusion_loss` with AdamW, diffusers' ``get_scheduler`` warm-up,
+:func:`rectdiff.training.losses.diffusion_loss` with AdamW, diffusers' ``get_scheduler`` warm-up,
 gradient clipping, gradient accumulation and mixed precision through an accelerate
 ``Accelerator``, an optional diffusers ``EMAModel``, and checkpoints written with
 ``accelerator.save_state`` to ``out_dir/checkpoints/step_N`` (a ``latest`` file names the
@@ -387,7 +387,7 @@ def train(
 
     Args:
         model: called as ``model(x_t, model_time, **cond)``; wrap it in
-            :class:`rectdiff.nets.Preconditioned` for input scaling.
+            :class:`rectdiff.models.Preconditioned` for input scaling.
         data_or_loader: a tensor ``x0`` (N, ...), a tuple ``(x0, cond)`` of tensors, or a
             DataLoader yielding such batches; with ``pairs=True``, ``(eps, x0[, cond])``.
             Tensors are moved to the device and batched there.
