@@ -38,14 +38,13 @@ from ..reparametrize import reparametrize
 from ..training.time_samplers import AtTime
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.weightings import X0Weighting
-from .coupling import Couplings, load_pairs, start_noise
+from .coupling import Couplings, start_noise
 from .pairs import PairDataset, generate_pairs
 
 __all__ = [
     "RectifyConfig",
     "RoundResult",
     "AtTime",
-    "load_pairs",
     "rectify",
     "rectify_rounds",
 ]

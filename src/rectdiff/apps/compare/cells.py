@@ -23,8 +23,9 @@ from ... import diagnostics, samplers
 from ...diagnostics import diagnose_model
 from ...forms import Form
 from ...io.model_dir import build_model, save_model_dir
+from ...rectify.coupling import load_pairs
 from ...rectify.pairs import generate_pairs
-from ...rectify.student import load_pairs, rectify
+from ...rectify.student import rectify
 from ...training.trainer import train
 from .config import CompareConfig
 from .evaluate import evaluate_model, standard_noise

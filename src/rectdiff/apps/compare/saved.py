@@ -21,7 +21,7 @@ from ...data import TOYS, load_data
 from ...diagnostics import diagnose_model
 from ...io.files import write_json_atomic
 from ...io.model_dir import load_model_dir, read_model_info
-from ...rectify.student import load_pairs
+from ...rectify.coupling import load_pairs
 from ..model_dirs import sample_shape
 from .evaluate import standard_noise
 from .figures import draw_result_figures
