@@ -34,8 +34,14 @@ from ..io.configs import check_choice
 from .base import CALLS, Adapted, OutsideModel
 from .diffusers import diffusers_unet, native
 from .flows import (
-    FLOW_MATCHING_SCHEDULERS, T_MIN, TARGETS, TORCHCFM_MATCHERS, flow_matching, flow_tutorial,
-    rectified_flow_pytorch, torchcfm,
+    FLOW_MATCHING_SCHEDULERS,
+    T_MIN,
+    TARGETS,
+    TORCHCFM_MATCHERS,
+    flow_matching,
+    flow_tutorial,
+    rectified_flow_pytorch,
+    torchcfm,
 )  # fmt: skip
 
 __all__ = [

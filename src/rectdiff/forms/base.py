@@ -86,6 +86,8 @@ class Form:
 
     name: str = "form"
     family: str = ""
+    #: the variable adaptive solvers integrate the ODE in: "logsnr" or "t" (samplers.adaptive)
+    ode_variable: str = "logsnr"
 
     def __init__(self, t_min: float, t_max: float) -> None:
         if not 0.0 <= t_min < t_max <= 1.0:

@@ -121,6 +121,7 @@ class Custom(Form):
 
     name = "custom"
     family = "custom"
+    ode_variable = "t"  # finite wherever alpha and sigma are, whatever the schedule
 
     def __init__(
         self,

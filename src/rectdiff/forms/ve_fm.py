@@ -76,6 +76,7 @@ class FlowMatching(Form):
 
     name = "fm"
     family = "fm"
+    ode_variable = "t"  # nearly straight in t; logsnr is infinite at t = 1
 
     def __init__(
         self,
