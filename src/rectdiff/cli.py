@@ -96,12 +96,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--model-factory`` flags, as :func:`rectdiff.apps.model_sources.open_source` takes them."""
+    return {"factory": args.model_factory, "weights": args.weights, "convention": args.convention,
+            "convention_args": args.convention_arg, "shape": args.shape}  # fmt: skip
+
+
 def _cmd_pairs(args: argparse.Namespace) -> int:
     from .apps.model_dirs import generate_pairs_from_dir
 
     store = generate_pairs_from_dir(
         args.model, args.out, num_pairs=args.num, progress=not args.no_progress,
         **_given(args, ("solver", "steps", "t_grid", "seed", "shard_size", "batch_size")),
+        **_source(args),
     )  # fmt: skip
     print(store)
     return 0
@@ -115,7 +122,7 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
     out = rectify_from_dir(
         args.model, args.pairs, args.out, config=TrainConfig.from_dict(_given(args, _TRAIN_FLAGS)),
         distill=args.distill, form=None if args.form is None else forms.load(args.form),
-        prediction=args.prediction, progress=not args.no_progress,
+        prediction=args.prediction, progress=not args.no_progress, **_source(args),
     )  # fmt: skip
     print(f"wrote {out}")
     return 0
@@ -124,9 +131,10 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from .apps.compare.report import diagnose_markdown
     from .apps.compare.saved import diagnose_dirs
+    from .apps.model_sources import open_sources
 
     records = diagnose_dirs(
-        args.model, out=args.out,
+        open_sources(args.model, **_source(args)), out=args.out,
         **_given(args, ("solver", "steps", "num", "seed", "rtol", "atol")),
     )  # fmt: skip
     print(diagnose_markdown(records))
@@ -145,14 +153,52 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = ("rectdiff model folder, diffusers UNet2DModel folder (a DDPMPipeline save), or a "
+               "factory student folder; required unless --model-factory is given")  # fmt: skip
+
+
+def _add_factory_flags(p: argparse.ArgumentParser) -> None:
+    """``--model-factory`` and its companions: the user's own network."""
+    p.add_argument(
+        "--model-factory",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="FUNCTION() in MODULE (importable from here) builds your network",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="its state dict (.safetensors, or .pt read with weights_only=True)",
+    )
+    p.add_argument(
+        "--convention",
+        default=None,
+        metavar="NAME",
+        help="how it is called and what it predicts: rectdiff, flow-tutorial, "
+        "torchcfm, flow-matching, rectified-flow-pytorch",
+    )
+    p.add_argument(
+        "--convention-arg",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="an option of the convention (repeatable), e.g. sigma_min=0.0, call=t_x",
+    )
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="one sample's shape, e.g. 2 or 1,8,8 (default: the net's sample_shape)",
+    )
+
+
 def _add_model_dir_commands(sub: Any) -> None:
     library = argparse.SUPPRESS
     p = _library_parser(
         sub, "pairs", _PAIRS, help="generate (noise, sample) pairs from a saved model"
     )
-    p.add_argument(
-        "--model", required=True, help="model folder (e.g. out/compare/models/vp_eps/teacher)"
-    )
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
+    _add_factory_flags(p)
     p.add_argument("--out", required=True, help="pair store folder (resumed if it exists)")
     p.add_argument("--num", type=int, required=True, help="number of pairs")
     p.add_argument("--solver", default=library, help="sampler")
@@ -167,7 +213,8 @@ def _add_model_dir_commands(sub: Any) -> None:
     p = _library_parser(
         sub, "rectify", _TRAIN, help="retrain a saved model on its pairs (rectification)"
     )
-    p.add_argument("--model", required=True, help="teacher model folder")
+    p.add_argument("--model", default=None, help="teacher: " + _MODEL_HELP)
+    _add_factory_flags(p)
     p.add_argument("--pairs", required=True, help="pair store (from `rectdiff pairs`)")
     p.add_argument("--out", required=True, help="student model folder to write")
     p.add_argument("--steps", type=int, default=library, help="training steps")
@@ -190,7 +237,8 @@ def _add_model_dir_commands(sub: Any) -> None:
     p = _library_parser(
         sub, "diagnose", _DIAGNOSE, help="straightness and first-order diagnostics of saved models"
     )
-    p.add_argument("--model", required=True, nargs="+", action="extend", help="model folder(s)")
+    p.add_argument("--model", nargs="+", action="extend", default=None, help=_MODEL_HELP)
+    _add_factory_flags(p)
     p.add_argument("--solver", default=library, help="trajectory solver")
     p.add_argument("--steps", type=int, default=library, help="trajectory steps")
     p.add_argument("--num", type=int, default=library, help="trajectories")

@@ -1,51 +1,35 @@
-"""Workflows on saved model folders: the ``rectdiff pairs`` and ``rectdiff rectify`` commands.
+"""Workflows on saved models: the ``rectdiff pairs`` and ``rectdiff rectify`` commands.
 
 The folder format itself (weights, ``model.json``, :func:`~rectdiff.io.model_dir.build_model`)
-is :mod:`rectdiff.io.model_dir`; this module runs the core on such folders: generate a saved
-model's (noise, sample) pairs, rectify it on them and save the student as another folder.
+is :mod:`rectdiff.io.model_dir`; where a teacher comes from (a rectdiff folder, a diffusers
+``UNet2DModel`` folder, or the user's own network through ``--model-factory``) is
+:mod:`rectdiff.apps.model_sources`. This module runs the core on such teachers: generate a
+teacher's (noise, sample) pairs, rectify it on them and save the student as the same kind of
+folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from torch import nn
 
-from ..forms import Form, from_config
-from ..io.model_dir import WEIGHTS, load_model_dir, read_model_info, save_model_dir
+from ..forms import Form
 from ..predictions import check_prediction
 from ..rectify.pairs import generate_pairs
 from ..rectify.student import rectify
-from ..reparametrize import Reparametrized
+from .model_sources import ModelSource, as_source, class_labels_fn, sample_shape
 
 __all__ = ["sample_shape", "class_labels_fn", "generate_pairs_from_dir", "rectify_from_dir"]
 
-
-def sample_shape(net: dict[str, Any]) -> tuple[int, ...]:
-    """The shape of one sample of the network a network config describes."""
-    kwargs = net.get("kwargs", {})
-    if net["kind"] == "mlp":
-        return (int(kwargs.get("dim", 2)),)
-    size = int(kwargs.get("sample_size", 8))
-    return (int(kwargs.get("in_channels", 1)), size, size)
-
-
-def class_labels_fn(net: dict[str, Any]) -> Any:
-    """For a class-conditional network (``num_classes`` > 0), the ``cond_fn`` that gives pair
-    i the label ``i mod num_classes`` (balanced, and independent of batches and processes),
-    stored with the pairs and passed to the student by ``rectdiff rectify``; None otherwise."""
-    num_classes = int(net.get("kwargs", {}).get("num_classes") or 0)
-    if num_classes <= 0:
-        return None
-    return lambda shard, indices: {"class_labels": indices % num_classes}
+#: ``Model`` below: a folder, a :class:`~.model_sources.ModelSource`, or None with ``factory=``
+Model = str | os.PathLike[str] | ModelSource | None
 
 
 def generate_pairs_from_dir(
-    model_dir: str | os.PathLike[str],
+    model_dir: Model,
     out: str | os.PathLike[str],
     *,
     num_pairs: int,
@@ -56,32 +40,35 @@ def generate_pairs_from_dir(
     shard_size: int = 4096,
     batch_size: int = 2048,
     progress: bool = True,
+    **source: Any,
 ) -> Any:
     """``rectify.pairs.generate_pairs`` with a saved model (works under ``accelerate launch``:
     each process generates its own shards).
 
     The model is solved in its own form and prediction, on a ``t_grid`` grid from its
-    ``t_max``; the manifest names the folder and the sha256 of its weights. A
+    ``t_max``; the manifest names the model and the sha256 of its weights. A
     class-conditional model's pairs carry balanced class labels (:func:`class_labels_fn`).
+
+    Args:
+        model_dir: a rectdiff model folder, a diffusers ``UNet2DModel`` folder, a factory
+            student folder, a :class:`~.model_sources.ModelSource`, or None with ``factory``.
+        source: ``factory``, ``weights``, ``convention``, ``convention_args``, ``shape`` of
+            :func:`~.model_sources.open_source` (the user's own network).
 
     Returns:
         The :class:`~rectdiff.rectify.store.PairDataset`.
     """
-    model, form, prediction = load_model_dir(model_dir)
-    net = read_model_info(model_dir)["net"]
-    weights = hashlib.sha256(Path(model_dir, WEIGHTS).read_bytes()).hexdigest()[:16]
-    shape = sample_shape(net)
+    teacher = as_source(model_dir, **source)
     return generate_pairs(
-        model, form=form, prediction=prediction, num_pairs=num_pairs, out=out, solver=solver,
-        steps=steps, shard_size=shard_size, seed=seed, batch_size=batch_size, shape=shape,
-        solver_options={"t_grid": t_grid}, cond_fn=class_labels_fn(net),
-        model_description=f"{Path(model_dir).resolve()} (weights sha256 {weights})",
-        progress=progress,
+        teacher.model, form=teacher.form, prediction=teacher.prediction, num_pairs=num_pairs,
+        out=out, solver=solver, steps=steps, shard_size=shard_size, seed=seed,
+        batch_size=batch_size, shape=teacher.shape, solver_options={"t_grid": t_grid},
+        cond_fn=teacher.cond_fn, model_description=teacher.description, progress=progress,
     )  # fmt: skip
 
 
 def rectify_from_dir(
-    model_dir: str | os.PathLike[str],
+    model_dir: Model,
     pairs: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
@@ -90,52 +77,49 @@ def rectify_from_dir(
     form: Form | None = None,
     prediction: str | None = None,
     progress: bool = True,
+    **source: Any,
 ) -> Path:
-    """Rectify a saved model on a pair store and save the student as a model folder.
+    """Rectify a saved model on a pair store and save the student as the same kind of folder.
 
     The student starts from the teacher's weights. By default it trains in the teacher's
-    own form and prediction (Rectified Diffusion); with ``form`` / ``prediction`` it trains
-    in those (classic Reflow: ``FlowMatching()``, ``"flow"``) through
+    own form and prediction (Rectified Diffusion; for a diffusers or factory teacher, the
+    adapted ones, :mod:`rectdiff.adapters`); with ``form`` / ``prediction`` a rectdiff folder
+    trains in those (classic Reflow: ``FlowMatching()``, ``"flow"``) through
     ``reparametrize.Reparametrized``, and the folder records the teacher's form as the
-    network's ``source``. Works under ``accelerate launch`` (the main process writes).
+    network's ``source``. A diffusers teacher's student is a ``DDPMPipeline`` folder that
+    stock diffusers samples in one step; a factory teacher's is the network's own state dict
+    (:mod:`rectdiff.apps.model_sources`). Works under ``accelerate launch`` (the main process
+    writes).
 
     Args:
-        model_dir: the teacher's folder.
+        model_dir: the teacher (as in :func:`generate_pairs_from_dir`).
         pairs: the pair store (``rectdiff pairs``).
         out: the student's folder.
         config: a :class:`~rectdiff.training.TrainConfig` (its defaults when None).
         distill: train only at t = t_max (one-step distillation).
         form, prediction: the student's form and prediction (default: the teacher's).
+        source: the user's own network (:func:`~.model_sources.open_source`'s options).
 
     Returns:
         The student's folder.
     """
-    teacher, teacher_form, teacher_prediction = load_model_dir(model_dir)
-    record = read_model_info(model_dir)
-    net_config = dict(record["net"])
-    form = form or teacher_form
-    prediction = check_prediction(prediction or teacher_prediction)
-    student: nn.Module = teacher
-    if (form, prediction) != (teacher_form, teacher_prediction):
-        inner = teacher.model if isinstance(teacher, Reparametrized) else teacher
-        source = net_config.get("source") or {
-            "form": teacher_form.config(), "prediction": teacher_prediction
-        }  # fmt: skip
-        src_form = from_config(source["form"], source="teacher source form")
-        student = Reparametrized(inner, src_form, source["prediction"], form, prediction)
-        net_config["source"] = source
+    teacher = as_source(model_dir, **source)
+    if prediction is not None:
+        check_prediction(prediction)
+    out = teacher.check_out(out)
+    if out.resolve() == Path(pairs).resolve():
+        raise ValueError(f"out {str(out)!r} is the pair store; choose another folder.")
+    student, form, prediction = teacher.student(form, prediction)
     result = rectify(
         student.train(), pairs, form=form, prediction=prediction, config=config,
         distill=distill, progress=progress,
     )  # fmt: skip
-    out = Path(out)
     if PartialState().is_main_process:
-        save_model_dir(
-            out, result.model, form=form, prediction=prediction, net_config=net_config,
-            info={**record.get("info", {}), "stage": "rectified",
-                  "rectified_from": str(Path(model_dir).resolve()), "pairs": str(pairs),
-                  "final_loss": result.losses[-1] if result.losses else None,
-                  "distill": distill},
+        rectified_from = str(teacher.path.resolve()) if teacher.path else teacher.name
+        teacher.save_student(
+            out, result.model, form, prediction,
+            {"stage": "rectified", "rectified_from": rectified_from, "pairs": str(pairs),
+             "final_loss": result.losses[-1] if result.losses else None, "distill": distill},
         )  # fmt: skip
     PartialState().wait_for_everyone()
     return out

@@ -22,7 +22,7 @@ from ...diagnostics import diagnose_model
 from ...io.files import write_json_atomic
 from ...io.model_dir import load_model_dir, read_model_info
 from ...rectify.coupling import load_pairs
-from ..model_dirs import sample_shape
+from ..model_sources import ModelSource, as_source, sample_shape
 from .evaluate import standard_noise
 from .figures import draw_result_figures
 
@@ -30,7 +30,7 @@ __all__ = ["diagnose_dirs", "training_coupling", "plot_results", "plot_model_dir
 
 
 def diagnose_dirs(
-    model_dirs: Sequence[str | os.PathLike[str]],
+    model_dirs: Sequence[str | os.PathLike[str] | ModelSource],
     *,
     solver: str = "dpmpp_2m",
     steps: int = 32,
@@ -47,13 +47,15 @@ def diagnose_dirs(
     atol: float = 1e-5,
     out: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`diagnose_model` on saved model folders, each from the same noise.
+    """:func:`diagnose_model` on saved models, each from the same noise.
 
     With the defaults and ``seed`` equal to a comparison's seed, the numbers are the ones
     ``rectdiff compare`` reported for those models (same noise stream, solver and grid).
 
     Args:
-        model_dirs: model folders (``io.model_dir.save_model_dir``).
+        model_dirs: rectdiff model folders (``io.model_dir.save_model_dir``), diffusers
+            ``UNet2DModel`` folders, factory student folders or opened
+            :class:`~rectdiff.apps.model_sources.ModelSource` s (``--model-factory``).
         solver, steps, num, seed: the diagnostic solve and its noise.
         which: the diagnostics to compute.
         reference_solver, rtol, atol: the one-step gap's reference.
@@ -64,26 +66,38 @@ def diagnose_dirs(
     """
     records = []
     for path in model_dirs:
-        model, form, prediction = load_model_dir(path)
-        shape = sample_shape(read_model_info(path)["net"])
-        noise = standard_noise(shape, num, seed, "diagnostics")
+        source = as_source(path)
+        model, form, prediction = source.adapted
+        noise = standard_noise(source.shape, num, seed, "diagnostics")
         diagnosis = diagnose_model(
             model, form=form, prediction=prediction, noise=noise, which=which, solver=solver,
             steps=steps, reference_solver=reference_solver, rtol=rtol, atol=atol, seed=seed,
         )  # fmt: skip
         if "crossing_rate" in which:
-            coupling = training_coupling(path, num, seed)
+            coupling = _source_coupling(source, num, seed)
             if coupling is not None:
                 diagnosis.numbers["train_coupling_crossing_rate"] = float(
                     diagnostics.crossing_rate(*coupling, seed=seed)
                 )
         records.append(
-            {"model": str(path), "form": form.config(), "prediction": prediction,
+            {"model": source.name, "form": form.config(), "prediction": prediction,
              **diagnosis.numbers}
         )  # fmt: skip
     if out is not None:
         write_json_atomic(out, records, indent=1)
     return records
+
+
+def _source_coupling(source: ModelSource, num: int, seed: int) -> tuple[Tensor, Tensor] | None:
+    """:func:`training_coupling` of a rectdiff folder; the recorded pair store of another
+    kind's rectified student; None otherwise."""
+    if source.kind == "rectdiff":
+        return training_coupling(source.path, num, seed)
+    pairs = Path(source.info.get("pairs") or "")
+    if source.info.get("pairs") and pairs.is_dir():
+        eps, x0 = load_pairs(pairs)
+        return eps[:num], x0[:num]
+    return None
 
 
 def training_coupling(
