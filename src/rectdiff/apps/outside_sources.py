@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import forms
 from ..adapters import CONVENTIONS, Adapted, OutsideModel, adapt, diffusers_unet
 from ..forms import Form
+from ..forms.io import DDPM_FAMILY
 from ..io.configs import check_choice
 from ..io.model_dir import INFO, WEIGHTS
 from .model_sources import (
@@ -95,10 +96,10 @@ class DiffusersFolder(ModelSource):
                 "with a DDPM-family scheduler (a DDPMPipeline save); for Stable Diffusion use "
                 "`rectdiff sd`."
             )
-        if scheduler_class not in forms.DDPM_FAMILY:
+        if scheduler_class not in DDPM_FAMILY:
             raise ValueError(
                 f"--model {str(path)!r}: scheduler {scheduler_class!r} is not supported; allowed: "
-                f"{', '.join(forms.DDPM_FAMILY)}."
+                f"{', '.join(DDPM_FAMILY)}."
             )
         try:
             unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet",
