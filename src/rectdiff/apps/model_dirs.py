@@ -115,7 +115,7 @@ def rectify_from_dir(
         distill=distill, progress=progress,
     )  # fmt: skip
     if PartialState().is_main_process:
-        rectified_from = str(teacher.path.resolve()) if teacher.path else teacher.name
+        rectified_from = str(teacher.path.resolve()) if teacher.path else teacher.description
         teacher.save_student(
             out, result.model, form, prediction,
             {"stage": "rectified", "rectified_from": rectified_from, "pairs": str(pairs),

@@ -28,7 +28,6 @@ work. Every folder is built in a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -183,9 +182,10 @@ class ModelSource:
     def student(
         self, form: Form | None = None, prediction: str | None = None
     ) -> tuple[nn.Module, Form, str]:
-        """The module to rectify, starting from the teacher's weights, with the form and
-        prediction it trains in (the teacher's own unless given). Only a rectdiff folder can
-        be reparametrized into another form or prediction (classic Reflow)."""
+        """The module to rectify (the teacher's own, trained in place: no second copy of a
+        large network), with the form and prediction it trains in (the teacher's own unless
+        given). Only a rectdiff folder can be reparametrized into another form or prediction
+        (classic Reflow)."""
         form = self.form if form is None else form
         prediction = prediction or self.prediction
         if (form, prediction) != (self.form, self.prediction):
@@ -194,7 +194,7 @@ class ModelSource:
                 f"{self.kind} model {self.name!r} trains in its own form and prediction "
                 f"({self.form!r}, {self.prediction!r}); leave both out."
             )
-        return copy.deepcopy(self.model), form, prediction
+        return self.model, form, prediction
 
     def check_out(self, out: str | os.PathLike[str]) -> Path:
         """``out`` as a Path, after refusing the teacher's own folder and a folder of

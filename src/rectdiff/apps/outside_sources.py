@@ -35,6 +35,7 @@ from ..adapters import CONVENTIONS, Adapted, OutsideModel, adapt, diffusers_unet
 from ..forms import Form
 from ..forms.io import DDPM_FAMILY
 from ..io.configs import check_choice
+from ..io.files import write_json_atomic
 from ..io.model_dir import INFO, WEIGHTS
 from .model_sources import (
     DIFFUSERS_RECORD,
@@ -131,16 +132,11 @@ class DiffusersFolder(ModelSource):
 
         DDPMPipeline(unet=model.unet, scheduler=self.student_scheduler()).save_pretrained(tmp)
         form_config = {k: v for k, v in form.config().items() if k != "alphas_cumprod"}
-        write_json_atomic_record(tmp / DIFFUSERS_RECORD, {
+        write_json_atomic(tmp / DIFFUSERS_RECORD, {
             "format": "rectdiff-diffusers-student", "teacher": str(self.path.resolve()),
             "teacher_fingerprint": self.description, "form": form_config | {"repr": repr(form)},
             "prediction": prediction, "info": info, "sample_with": {"num_inference_steps": 1},
         })  # fmt: skip
-
-
-def write_json_atomic_record(path: Path, record: Mapping[str, Any]) -> None:
-    """``record`` as indented JSON at ``path``."""
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def import_factory(factory: str) -> Any:
