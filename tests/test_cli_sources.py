@@ -212,19 +212,25 @@ def test_factory_student_is_the_users_state_dict_and_beats_its_teacher(factory):
 
 
 def test_diagnose_reads_the_factory_student_folder(factory, capsys):
-    """`rectdiff diagnose --model student` rebuilds the network from the folder's model.json."""
-    capsys.readouterr()
-    code = main(["diagnose", "--model", "student", "--num", "200", "--steps", "12",
-                 "--out", "diagnose.json"])  # fmt: skip
-    err = capsys.readouterr().err
-    if code == 2 and "'logsnr' grid needs a finite logsnr at t_start" in err:
-        # diagnose_model solves on a logsnr grid from t_max; flow-tutorial's adapted form has
-        # alpha = 0 at t_max = 1 (infinite -logsnr): a core limitation, not the folder's
-        pytest.xfail("diagnostics' logsnr grid cannot start at alpha = 0: " + err.strip())
-    assert code == 0, err
-    diagnosis = json.loads((factory.root / "diagnose.json").read_text())
-    assert diagnosis[0]["model"] == "student" and diagnosis[0]["one_step_gap"] >= 0
-    assert "train_coupling_crossing_rate" in diagnosis[0]
+    """`rectdiff diagnose --model student` rebuilds the network from the folder's model.json;
+    rectification shrank the one-step gap and the first-order deviation of its teacher."""
+    records = {}
+    for name, source in (("teacher", [*factory.flags, "--shape", "2"]),
+                         ("student", ["--model", "student"])):  # fmt: skip
+        capsys.readouterr()
+        code = main(["diagnose", *source, "--num", "200", "--steps", "12",
+                     "--out", f"diagnose_{name}.json"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        records[name] = json.loads((factory.root / f"diagnose_{name}.json").read_text())[0]
+    student, teacher = records["student"], records["teacher"]
+    assert student["model"] == "student" and "train_coupling_crossing_rate" in student
+    print(
+        f"\none-step gap {teacher['one_step_gap']:.3g} -> {student['one_step_gap']:.3g}, "
+        f"first-order deviation {teacher['first_order_deviation']:.3g} -> "
+        f"{student['first_order_deviation']:.3g}"
+    )
+    assert student["one_step_gap"] < 0.5 * teacher["one_step_gap"]
+    assert student["first_order_deviation"] < 0.5 * teacher["first_order_deviation"]
 
 
 def check_refused(argv, value, out, capsys):

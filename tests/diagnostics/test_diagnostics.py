@@ -127,9 +127,15 @@ def test_few_steps_warn_and_bad_input_raises() -> None:
     )
     with pytest.raises(ValueError, match="decrease"):
         diagnostics.straightness(increasing)
-    fm_to_one = _curve_trajectory(torch.randn(9, 3, 2, dtype=F64))  # FM with t_start = 1: alpha = 0
-    with pytest.raises(ValueError, match="alpha"):
-        diagnostics.straightness(fm_to_one, coords="y")
+    # FM from t_start = 1: y = x / alpha is at infinity at the start, which is left out
+    x = torch.randn(10, 3, 2, dtype=F64)
+    fm_from_one = _curve_trajectory(x)
+    inside = _curve_trajectory(x[1:], torch.linspace(1.0, 0.0, 10, dtype=F64)[1:])
+    assert float(diagnostics.straightness(fm_from_one, coords="y")) == pytest.approx(
+        float(diagnostics.straightness(inside, coords="y")), rel=1e-14
+    )
+    with pytest.raises(ValueError, match="alpha"):  # nothing left to measure
+        diagnostics.straightness(_curve_trajectory(x[:2]), coords="y")
 
 
 # --- first-order models: the coupling oracle, sampled ---------------------------------------

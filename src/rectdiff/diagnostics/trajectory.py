@@ -18,9 +18,9 @@ Two coordinate systems:
                     ``s = sigma_t / alpha_t`` (normalised the same way). Since
                     ``y = x0 + s eps``, a first-order trajectory (x0- and eps-prediction
                     constant; Rectified Diffusion, Wang et al. 2024, Theorem 1) is a straight
-                    line traversed at constant speed in s, in every form. Needs alpha > 0 on
-                    the whole trajectory (flow matching's t = 1 is excluded by its
-                    ``t_max = 0.999``).
+                    line traversed at constant speed in s, in every form. Needs alpha > 0;
+                    a starting point with alpha = 0 (flow matching from t = 1, where y is at
+                    infinity) is left out and the rest of the trajectory is measured.
 
 All arithmetic is float64. Scalar results are 0-d float64 tensors (use ``float()``).
 """
@@ -110,13 +110,15 @@ def _path(traj: TrajectoryLike, coords: str) -> tuple[Tensor, Tensor, Tensor]:
         clock = t
     else:
         alpha, sigma = traj.form.alpha(t), traj.form.sigma(t)
-        if not bool((alpha > 0).all()):
+        keep = alpha > 0  # y = x / alpha is at infinity where alpha = 0: a start at t = 1
+        if int(keep.sum()) < 2 or not bool(keep[int((~keep).sum()) :].all()):
             raise ValueError(
                 f"coords='y' divides by alpha_t, which is {float(alpha.min()):.3g} on this "
                 f"trajectory (t in [{float(t.min()):.4g}, {float(t.max()):.4g}]) of "
-                f"{traj.form!r}; start the sampler inside the safe range, t_start <= "
-                f"form.t_max = {traj.form.t_max}."
+                f"{traj.form!r} at more than its starting point; start the sampler inside the "
+                f"safe range, t_start <= form.t_max = {traj.form.t_max}."
             )
+        t, z, alpha, sigma = t[keep], z[keep], alpha[keep], sigma[keep]
         z = z / alpha[:, None, None]
         clock = sigma / alpha
     u = (clock[0] - clock) / (clock[0] - clock[-1])
@@ -245,7 +247,9 @@ def first_order_deviation(
     the same predictions at the same logsnr, so on grids with equal logsnr it gets the same D
     in every form (weights in t would differ). ``D = 0`` exactly when every trajectory is
     first-order; the trapezoid weights make it converge under grid refinement. With a single
-    evaluation, D is ``d_0`` (zero).
+    evaluation, D is ``d_0`` (zero). An evaluation at alpha = 0 (flow matching sampled from
+    t = 1, logsnr = -inf) has no place on the logsnr axis and is left out of the average
+    (its prediction still serves as the eps reference).
 
     Args:
         traj: the trajectories; reads ``x0_pred`` or ``eps_pred`` of shape (K, B, ...).
@@ -270,5 +274,9 @@ def first_order_deviation(
     if len(drift) == 1:
         return drift[0]
     logsnr = traj.form.logsnr(t[:-1]).to(_F64)
+    finite = torch.isfinite(logsnr)  # an evaluation at alpha = 0 (t = 1) has no logsnr weight
+    drift, logsnr = drift[finite], logsnr[finite]
+    if len(drift) == 1:
+        return drift[0]
     span = logsnr[-1] - logsnr[0]
     return (0.5 * (drift[1:] + drift[:-1]) * torch.diff(logsnr)).sum() / span

@@ -33,7 +33,10 @@ def time_grid(
     ``s = sigma/alpha`` as ``s_i = (s_0^(1/rho) + i/n (s_n^(1/rho) - s_0^(1/rho)))^rho``
     (Karras et al. 2022, eq. 5, rho = 7) and maps it back with ``t_from_logsnr``. When
     ``logsnr(t_end)`` is infinite (sigma = 0) these two space ``steps`` points from t_start to
-    ``form.t_min`` (the last model evaluation) and then step to t_end, as EDM appends sigma = 0.
+    ``form.t_min`` (the last model evaluation) and then step to t_end, as EDM appends sigma = 0;
+    when ``logsnr(t_start)`` is infinite (alpha = 0, flow matching's t = 1) the first step is
+    the uniform grid's, from t_start to ``t_start - (t_start - t_last) / intervals``, and the
+    rest is spaced from there.
     An explicit sequence is validated and returned as is (then steps, t_start, t_end unused).
 
     Raises:
@@ -67,12 +70,21 @@ def time_grid(
     intervals = steps - 1 if to_zero_sigma else steps
     if intervals == 0:
         return torch.tensor([t_start, t_end], dtype=torch.float64)
-    lam_start, lam_last = float(form.logsnr(t_start)), float(form.logsnr(t_last))
-    if not math.isfinite(lam_start) or not t_last < t_start:
+    if not t_last < t_start:
         raise ValueError(
-            f"a {kind!r} grid needs a finite logsnr at t_start and t_start > {t_last:g} (the "
-            f"last model time of {form!r}); got t_start={t_start}. Use t_start=form.t_max."
+            f"a {kind!r} grid needs t_start > {t_last:g} (the last model time of {form!r}); "
+            f"got t_start={t_start}. Use t_start=form.t_max."
         )
+    from_zero_alpha = not math.isfinite(float(form.logsnr(t_start)))
+    if from_zero_alpha and intervals > 1:  # alpha = 0 (flow matching's t = 1): one step in t
+        first = t_start - (t_start - t_last) / intervals
+        rest = time_grid(form, steps - 1, kind, t_start=first, t_end=t_end, rho=rho)
+        return _checked(torch.cat([torch.tensor([t_start], dtype=torch.float64), rest]), kind)
+    if from_zero_alpha:
+        return _checked(
+            torch.tensor([t_start, t_last, t_end][: steps + 1], dtype=torch.float64), kind
+        )
+    lam_start, lam_last = float(form.logsnr(t_start)), float(form.logsnr(t_last))
     if kind == "logsnr":
         lam = torch.linspace(lam_start, lam_last, intervals + 1, dtype=torch.float64)
     else:
