@@ -10,10 +10,11 @@ OUT ?= out/demo
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml setup.py
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 test: $(STAMP)
