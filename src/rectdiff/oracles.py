@@ -10,6 +10,15 @@ and the probability-flow ODE keeps ``z = (x_t - alpha_t mean) / s_t`` constant, 
     x_{t'} = alpha_{t'} mean + (s_{t'} / s_t) (x_t - alpha_t mean).
 Its x0-prediction moves along a trajectory: it is *not* first-order.
 
+``PhasedOracle``: the ideal phased student of a ``GaussianOracle`` teacher on window edges
+t_0 > ... > t_K. In window (t_e, t_s] the teacher's exact flow map is affine,
+``x_e = r x_s + c`` (r = s_e / s_s, c = mean (alpha_e - r alpha_s)); the line through
+``(x_s, x_e)`` passes through ``x_t = (A + B r) x_s + B c`` with
+``A = (alpha_t sigma_e - sigma_t alpha_e) / D``, ``B = (sigma_t alpha_s - alpha_t sigma_s) / D``,
+``D = alpha_s sigma_e - alpha_e sigma_s``, so x_s, and with it the line's (x0*, eps*), is
+recovered exactly from x_t: first-order inside every window, and one DDIM step per window
+reproduces the teacher's window solve.
+
 ``CouplingOracle``: the deterministic coupling x0 = shift + scale * eps (elementwise). From
 x_t = alpha x0 + sigma eps = (alpha scale + sigma) eps + alpha shift, eps and hence x0 are
 recovered exactly, and both stay constant along every trajectory: the ideal rectified model
@@ -26,7 +35,7 @@ from torch import Tensor, nn
 from .forms import Form, as_time, broadcast
 from .predictions import check_prediction, from_x0_eps
 
-__all__ = ["GaussianOracle", "CouplingOracle"]
+__all__ = ["GaussianOracle", "PhasedOracle", "CouplingOracle"]
 
 
 class _Oracle(nn.Module):
@@ -78,6 +87,38 @@ class GaussianOracle(_Oracle):
         ratio = self.marginal_std(t_to) / self.marginal_std(t_from)
         alpha_from, alpha_to = self.form.alpha(float(t_from)), self.form.alpha(float(t_to))
         return (alpha_to * mean + ratio * (x64 - alpha_from * mean)).to(x.dtype)
+
+
+class PhasedOracle(_Oracle):
+    """The exact phased student of a :class:`GaussianOracle` teacher on window ``edges``."""
+
+    def __init__(self, teacher: GaussianOracle, edges: Tensor, prediction: str | None = None):
+        super().__init__(teacher.form, prediction or teacher.prediction)
+        self.teacher = teacher
+        self.register_buffer("edges", torch.as_tensor(edges, dtype=torch.float64))
+
+    def forward(self, x_t: Tensor, model_time: Any, **cond: Any) -> Tensor:
+        self.nfe += 1
+        form, mean = self.form, self.teacher.mean.to(torch.float64)
+        t = form.t_from_model_time(as_time(model_time)).to(x_t.device).expand(x_t.shape[0])
+        # window k holds t in (edges[k+1], edges[k]]: k = #(edges >= t) - 1, t up to float32 rounding
+        above = torch.searchsorted(-self.edges, -(t - 1e-6), right=True)
+        k = (above - 1).clamp(0, len(self.edges) - 2)
+        t_s, t_e = self.edges[k], self.edges[k + 1]
+        a_t, s_t, a_s, s_s, a_e, s_e = (
+            broadcast(c, x_t).to(torch.float64)
+            for c in (form.alpha(t), form.sigma(t), form.alpha(t_s), form.sigma(t_s),
+                      form.alpha(t_e), form.sigma(t_e))
+        )  # fmt: skip
+        r = broadcast(self.teacher.marginal_std(t_e) / self.teacher.marginal_std(t_s), x_t)
+        c = mean * (a_e - r * a_s)
+        det = a_s * s_e - a_e * s_s
+        a_coef, b_coef = (a_t * s_e - s_t * a_e) / det, (s_t * a_s - a_t * s_s) / det
+        x_s = (x_t.to(torch.float64) - b_coef * c) / (a_coef + b_coef * r)
+        x_e = r * x_s + c
+        x0 = (s_e * x_s - s_s * x_e) / det
+        eps = (a_s * x_e - a_e * x_s) / det
+        return from_x0_eps(x0, eps, self.prediction, t, form).to(x_t.dtype)
 
 
 class CouplingOracle(_Oracle):

@@ -38,6 +38,7 @@ from ..io.configs import check_choice
 
 __all__ = [
     "MIN_STEPS",
+    "window_first_order_deviation",
     "COORDS",
     "REDUCTIONS",
     "TrajectoryLike",
@@ -280,3 +281,42 @@ def first_order_deviation(
         return drift[0]
     span = logsnr[-1] - logsnr[0]
     return (0.5 * (drift[1:] + drift[:-1]) * torch.diff(logsnr)).sum() / span
+
+
+def window_first_order_deviation(traj: TrajectoryLike, edges: Tensor) -> Tensor:
+    """How first-order a phased sampler's trajectory is inside each window, shape (K,).
+
+    In window k (from ``edges[k]`` to ``edges[k + 1]`` = t_e) every evaluation predicts where
+    one first-order step lands at the window's end, ``p = alpha_e x0_pred + sigma_e eps_pred``
+    (the x0-prediction in a last window ending at t = 0). The window is first-order when that
+    prediction does not move along the trajectory; its deviation is
+    :func:`first_order_deviation` of ``p`` (relative RMS movement against the last evaluation
+    of the window, averaged in logsnr). Unlike the raw x0-prediction, ``p`` weighs each
+    prediction by what it does to the sample: in a high-noise window (alpha_e small) the
+    x0-prediction of an eps-network is noisy and barely matters. ``edges`` (e.g.
+    ``rectify.phase_edges``) must all lie on the trajectory's grid
+    (``rectify.window_grid``).
+    """
+    t = _times(traj)
+    edges = torch.as_tensor(edges, dtype=_F64)
+    where = [int(torch.argmin((t - e).abs())) for e in edges.tolist()]
+    off = [float((t[i] - e).abs()) for i, e in zip(where, edges.tolist(), strict=True)]
+    if max(off) > 1e-9 or where != sorted(where) or len(set(where)) != len(where):
+        raise ValueError(
+            f"window edges {edges.tolist()} must lie on the trajectory's time grid in order; "
+            "sample on a grid that contains them (rectify.phased.window_grid)."
+        )
+    values = []
+    for lo, hi in zip(where[:-1], where[1:], strict=True):
+        a_e, s_e = float(traj.form.alpha(t[hi])), float(traj.form.sigma(t[hi]))
+        endpoint = a_e * traj.x0_pred[lo:hi].to(_F64) + s_e * traj.eps_pred[lo:hi].to(_F64)
+        part = _Window(t[lo : hi + 1], traj.x[lo : hi + 1], endpoint, traj.form)
+        values.append(first_order_deviation(part, which="x0"))
+    return torch.stack(values)
+
+
+class _Window:
+    """A window of a trajectory with its endpoint predictions in place of ``x0_pred``."""
+
+    def __init__(self, t: Tensor, x: Tensor, endpoint: Tensor, form: Form):
+        self.t, self.x, self.x0_pred, self.eps_pred, self.form = t, x, endpoint, endpoint, form

@@ -5,6 +5,8 @@ pairs     generate_pairs: a teacher's deterministic (eps, x0_hat) couplings, sha
 store     the pair store on disk: manifest, safetensors shards, verification, PairDataset
 coupling  Couplings in memory (eps, x0, cond), load_pairs, start_noise (the student's line)
 student   rectify (one retraining), rectify_rounds (k-rectified), RectifyConfig
+phased    rectify_phased: K windows, one first-order step each (Rectified Diffusion's phased
+          variant, PeRFlow), phase_edges, window couplings, the phased loss
 online    the one-object API Diffusion, and Reflow (pairs drawn on the fly)
 """
 
@@ -13,6 +15,16 @@ from __future__ import annotations
 from .coupling import Couplings, load_pairs, start_noise
 from .online import Diffusion, Reflow
 from .pairs import generate_pairs, infer_shape, process_state
+from .phased import (
+    PhasedResult,
+    WindowCouplings,
+    phase_edges,
+    phased_loss,
+    rectify_phased,
+    window_couplings,
+    window_grid,
+    window_line,
+)  # fmt: skip
 from .store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -30,5 +42,6 @@ __all__ = [
     "Couplings", "start_noise", "Diffusion", "Reflow", "generate_pairs", "infer_shape", "process_state", "FORMAT_VERSION",
     "MANIFEST", "PairDataset", "PairSettings", "PairStoreError", "load_manifest", "shard_noise",
     "shard_seed", "verify_store", "AtTime", "RectifyConfig", "RoundResult", "load_pairs",
-    "rectify", "rectify_rounds",
+    "rectify", "rectify_rounds", "rectify_phased", "phase_edges", "phased_loss",
+    "window_couplings", "window_grid", "window_line", "WindowCouplings", "PhasedResult",
 ]  # fmt: skip

@@ -138,10 +138,11 @@ class Trainer:
         cond_fn: CondFn | None = None,
         pairs: bool = False,
         accelerator: Accelerator | None = None,
+        loss_fn: Callable[..., tuple[Tensor, Tensor]] = diffusion_loss,
     ) -> None:
         check_prediction(prediction)
         self.form, self.prediction, self.config = form, prediction, config
-        self.cond_fn, self.pairs = cond_fn, pairs
+        self.cond_fn, self.pairs, self.loss_fn = cond_fn, pairs, loss_fn
         self.accelerator = acc = accelerator or new_accelerator(config)
         set_seed(config.seed)
         optimizer = torch.optim.AdamW(
@@ -226,7 +227,7 @@ class Trainer:
         for _ in range(config.grad_accum):
             eps, x0, cond = self._unpack(next(self.batches))
             with acc.accumulate(self.model):
-                loss, _ = diffusion_loss(
+                loss, _ = self.loss_fn(
                     self.model, x0, form=self.form, prediction=self.prediction,
                     time_sampler=self.sampler, weighting=self.weighting, loss=config.loss,
                     huber_c=config.huber_c, eps=eps, cond=cond, generator=self.noise_generator,
@@ -382,6 +383,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    loss_fn: Callable[..., tuple[Tensor, Tensor]] = diffusion_loss,
 ) -> TrainResult:
     """Train ``model`` with the diffusion loss of ``form`` and ``prediction``.
 
@@ -401,6 +403,8 @@ def train(
         resume: continue from ``out_dir/checkpoints/latest`` when it exists.
         progress: show a tqdm bar (main process only).
         accelerator: an existing ``Accelerator`` to use.
+        loss_fn: the loss, with :func:`~rectdiff.training.losses.diffusion_loss`'s signature
+            (``rectify.phased.phased_loss`` for phased rectification).
 
     Returns:
         A :class:`TrainResult`; its model holds the EMA weights when EMA was on.
@@ -411,6 +415,6 @@ def train(
     """
     trainer = Trainer(
         model, data_or_loader, form=form, prediction=prediction, config=config or TrainConfig(),
-        cond_fn=cond_fn, pairs=pairs, accelerator=accelerator,
+        cond_fn=cond_fn, pairs=pairs, accelerator=accelerator, loss_fn=loss_fn,
     )  # fmt: skip
     return trainer.run(resume=resume, progress=progress)
