@@ -149,3 +149,29 @@ def test_rectify_phased_trains_a_first_order_student() -> None:
         f"{teacher_err:.3g}; window deviation {dev}"
     )
     assert err < 0.5 * teacher_err
+
+
+def _couplings_in_processes(out: str) -> None:
+    """Window couplings of a Gaussian teacher, made by however many processes run this."""
+    from accelerate import PartialState
+
+    form = forms.VP()
+    teacher = GaussianOracle(form, "eps", mean=MEAN.float(), std=STD)
+    data = (MEAN + STD * torch.randn(700, 2, dtype=F64,
+                                     generator=torch.Generator().manual_seed(0))).float()  # fmt: skip
+    couplings = window_couplings(teacher, data, form=form, prediction="eps",
+                                 edges=phase_edges(form, 4), chunk_size=128)  # fmt: skip
+    state = PartialState()
+    if state.is_main_process:
+        torch.save({**couplings.__dict__, "num_processes": state.num_processes}, out)
+
+
+def test_window_couplings_do_not_depend_on_the_process_count(tmp_path) -> None:
+    from accelerate import debug_launcher
+
+    _couplings_in_processes(str(tmp_path / "one.pt"))
+    debug_launcher(_couplings_in_processes, args=(str(tmp_path / "two.pt"),), num_processes=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["num_processes"], two["num_processes"]) == (1, 2) and len(one["x0"]) == 700
+    for key in ("x0", "eps", "window_start", "window_end"):
+        assert torch.equal(one[key], two[key]), key
