@@ -3,6 +3,12 @@ oracle, the phased loss, training, and couplings independent of the process coun
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -151,27 +157,25 @@ def test_rectify_phased_trains_a_first_order_student() -> None:
     assert err < 0.5 * teacher_err
 
 
-def _couplings_in_processes(out: str) -> None:
-    """Window couplings of a Gaussian teacher, made by however many processes run this."""
-    from accelerate import PartialState
-
-    form = forms.VP()
-    teacher = GaussianOracle(form, "eps", mean=MEAN.float(), std=STD)
-    data = (MEAN + STD * torch.randn(700, 2, dtype=F64,
-                                     generator=torch.Generator().manual_seed(0))).float()  # fmt: skip
-    couplings = window_couplings(teacher, data, form=form, prediction="eps",
-                                 edges=phase_edges(form, 4), chunk_size=128)  # fmt: skip
-    state = PartialState()
-    if state.is_main_process:
-        torch.save({**couplings.__dict__, "num_processes": state.num_processes}, out)
-
-
 def test_window_couplings_do_not_depend_on_the_process_count(tmp_path) -> None:
-    from accelerate import debug_launcher
-
-    _couplings_in_processes(str(tmp_path / "one.pt"))
-    debug_launcher(_couplings_in_processes, args=(str(tmp_path / "two.pt"),), num_processes=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    """Chunk c is made by process c mod 2 and gathered: the same couplings as one process."""
+    worker = Path(__file__).with_name("_phased_worker.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(worker), str(one)], env=env, check=True, timeout=120)
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(worker),
+           str(two)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = torch.load(one), torch.load(two)
     assert (one["num_processes"], two["num_processes"]) == (1, 2) and len(one["x0"]) == 700
     for key in ("x0", "eps", "window_start", "window_end"):
         assert torch.equal(one[key], two[key]), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch import Tensor, nn
 
@@ -46,6 +45,7 @@ from ..training.time_samplers import time_sampler as make_time_sampler
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.weightings import loss_weighting
 from .coupling import Couplings, load_pairs, start_noise
+from .pairs import process_state
 from .store import PairDataset
 
 __all__ = [
@@ -205,7 +205,7 @@ def window_couplings(
     n_source = len(source.x0) if isinstance(source, Couplings) else len(source)
     num = n_source if num is None else int(num)
     phases = len(edges) - 1
-    state = PartialState()
+    state = process_state()
     mine = range(state.process_index, math.ceil(num / chunk_size), state.num_processes)
     solve = {"solver": solver, "steps": steps, "t_grid": t_grid, "rtol": rtol, "atol": atol}
     made = [(c, _chunk(teacher, source, c, form, prediction, edges, num, cond or {}, solve,
