@@ -286,3 +286,30 @@ def test_every_cell_network_sees_time_on_one_scale():
         model(torch.zeros(2, 2), form.model_time(t).float())
     for name in ("vp", "sd15", "sd3"):
         torch.testing.assert_close(seen[name], t.float(), rtol=0, atol=1e-6)
+
+
+def test_phased_stage_steps_on_its_windows_at_the_reflow_budget(tmp_path):
+    """``[rectify] phases = 2``: a phased student beside the rectified one, its windows the
+    2-step evaluation grid, the same teacher budget, in the methods table of the report."""
+    config = tiny(**{"rectify.phases": 2, "grid.forms": ["fm"], "grid.predictions": ["v"]})
+    results = run_compare(config, tmp_path, progress=False)
+    model, form, prediction = load_model_dir(tmp_path / "models" / "fm_v" / "phased")
+    edges = sampling_grid(form, 2, config)
+    info = json.loads((tmp_path / "models" / "fm_v" / "phased" / "model.json").read_text())
+    assert info["info"]["edges"] == [float(t) for t in edges] and info["info"]["phases"] == 2
+    noise = standard_noise((2,), config.data.n_eval, config.seed, "evaluation")
+    reference = load_data("8gaussians", config.data.n_eval, config.seed + 1)
+    sample = samplers.sample(model, noise, form=form, prediction=prediction, solver="ddim",
+                             t_grid=edges)  # fmt: skip
+    direct = metrics.compute_metrics(["sliced_w2"], sample, reference, seed=config.seed,
+                                     sliced_w2={"n_projections": 32})  # fmt: skip
+    record = next(r for r in results["records"] if (r["stage"], r["solver"], r["steps"])
+                  == ("phased", "ddim", 2))  # fmt: skip
+    assert record["sliced_w2"] == direct["sliced_w2"]
+    cell = results["cells"][0]
+    assert cell["budgets"]["phased"] == cell["budgets"]["rectified"] == 256 * 8
+    assert 0 <= cell["diagnostics"]["phased"]["window_first_order_deviation"]
+    report = (tmp_path / "report.md").read_text()
+    assert "### Few-step methods: sliced_w2" in report and "| phased | fm | v |" in report
+    with pytest.raises(ValueError, match=r"\[rectify\] phases must be an integer >= 0.*-1"):
+        tiny(**{"rectify.phases": -1})

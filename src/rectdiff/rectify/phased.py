@@ -336,6 +336,7 @@ def rectify_phased(
     prediction: str,
     phases: int = 4,
     spacing: str = "t",
+    edges: Tensor | None = None,
     student: nn.Module | None = None,
     num: int | None = None,
     solver: str = "dpmpp_2m",
@@ -354,6 +355,8 @@ def rectify_phased(
             :class:`Couplings` or ``(eps, x0)``; windows start on the pairs' lines).
         form, prediction: the teacher's (and the student's).
         phases, spacing: K windows, placed by :func:`phase_edges`.
+        edges: explicit window edges instead (K + 1 decreasing times from ``form.t_max`` to
+            0, e.g. the grid a K-step evaluation samples on).
         student: the network to train (default: a copy of the teacher).
         num: window couplings to make (default: one per source sample).
         solver, steps: the teacher's solve inside each window.
@@ -368,7 +371,7 @@ def rectify_phased(
     """
     import copy
 
-    edges = phase_edges(form, phases, spacing)
+    edges = phase_edges(form, phases, spacing) if edges is None else _check_edges(edges, form)
     source, cond = _source(data_or_pairs)
     couplings = window_couplings(
         teacher, source, form=form, prediction=prediction, edges=edges, num=num, cond=cond,
@@ -382,6 +385,16 @@ def rectify_phased(
         progress=progress, accelerator=accelerator, loss_fn=phased_loss,
     )  # fmt: skip
     return PhasedResult(result, edges, couplings)
+
+
+def _check_edges(edges: Any, form: Form) -> Tensor:
+    edges = torch.as_tensor(edges, dtype=torch.float64)
+    ok = edges.ndim == 1 and len(edges) >= 2 and bool((torch.diff(edges) < 0).all())
+    if not ok or abs(float(edges[0]) - form.t_max) > 1e-9 or float(edges[-1]) != 0.0:
+        raise ValueError(
+            f"window edges must decrease from t_max = {form.t_max} to 0, got {edges.tolist()}."
+        )
+    return edges
 
 
 def _as_tuple(extra: Any) -> tuple[Any, ...]:

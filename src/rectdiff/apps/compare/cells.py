@@ -9,6 +9,7 @@ pairs as a pair store (``pairs/<form>_<prediction>/round_<k>``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -25,6 +26,7 @@ from ...forms import Form
 from ...io.model_dir import build_model, save_model_dir
 from ...rectify.coupling import load_pairs
 from ...rectify.pairs import generate_pairs
+from ...rectify.phased import rectify_phased, window_grid
 from ...rectify.student import rectify
 from ...training.trainer import train
 from .config import CompareConfig
@@ -60,6 +62,7 @@ class CellResult:
         samples: stage -> solve name -> samples (for the figures).
         trajectories: stage -> a few diagnostic trajectories.
         losses: stage -> final training loss.
+        budgets: stage -> teacher evaluations spent on its training couplings.
         seconds: wall time of the cell.
     """
 
@@ -72,6 +75,7 @@ class CellResult:
     samples: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     trajectories: dict[str, samplers.Trajectory] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
+    budgets: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -207,9 +211,60 @@ def run_cell(task: CellTask) -> CellResult:
                 ),
             )  # fmt: skip
             _measure(result, stage, student, task, grid, load_pairs(pairs))
+            result.budgets[stage] = rc.num_pairs * rc.steps
             current, current_name = student, stage
+        if stage_cfg.phases > 0:
+            _phased_stage(result, task, teacher, net_config, models_dir, grid)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _phased_stage(
+    result: CellResult, task: CellTask, teacher: nn.Module, net_config: dict[str, Any],
+    models_dir: Path, grid: Any,
+) -> None:  # fmt: skip
+    """The phased student (``rectify.rectify_phased``, stage ``"phased"``) at one reflow
+    round's budget: its K windows are the K-step evaluation grid (so the K-step solve steps on
+    the window edges), each window solved with ``steps / K`` teacher steps, ``K num_pairs``
+    windows from the training data, trained for as many steps as the rectified student, with
+    t uniform inside each window and no weighting (the loss is on the window's endpoint).
+    Its diagnostics add the mean per-window first-order deviation of the student and of the
+    teacher (``diagnostics.window_first_order_deviation`` on 8 DDIM steps per window)."""
+    config, form, prediction = task.config, task.form, task.prediction
+    rc, phases = config.rectify.config, config.rectify.phases
+    edges = grid(form, phases)
+    if isinstance(edges, str):
+        edges = samplers.time_grid(form, phases, edges)
+    per_window = max(1, rc.steps // phases)
+    num = rc.num_pairs * rc.steps // per_window
+    train_config = dataclasses.replace(
+        cell_train_config(config, form, prediction, "rectify"), time_sampler="uniform",
+        weighting="none", time_sampler_params={}, weighting_params={},
+    )  # fmt: skip
+    fitted = rectify_phased(
+        teacher, task.x_train, form=form, prediction=prediction, edges=edges,
+        student=copy.deepcopy(teacher), num=num, solver=rc.solver, steps=per_window,
+        config=train_config, seed=config.seed, progress=False,
+    )  # fmt: skip
+    student = fitted.model.eval()
+    result.losses["phased"] = fitted.train.losses[-1]
+    result.budgets["phased"] = num * per_window
+    save_model_dir(
+        models_dir / "phased", student, form=form, prediction=prediction, net_config=net_config,
+        info=_model_info(task, "phased", fitted.train.losses,
+                         {"phases": phases, "edges": [float(t) for t in edges]}),
+    )  # fmt: skip
+    couplings = fitted.couplings
+    _measure(result, "phased", student, task, grid, (couplings.eps, couplings.x0))
+    noise = standard_noise(tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic,
+                           config.seed, "diagnostics")  # fmt: skip
+    fine = window_grid(form, edges, 8)
+    for name, model in (("window_first_order_deviation", student),
+                        ("teacher_window_first_order_deviation", teacher)):  # fmt: skip
+        traj = samplers.sample(model, noise, form=form, prediction=prediction, solver="ddim",
+                               t_grid=fine, return_trajectory=True)  # fmt: skip
+        deviation = diagnostics.window_first_order_deviation(traj, edges)
+        result.diagnostics["phased"][name] = float(deviation.mean())
 
 
 def _json_grid(grid: str | Tensor) -> str | list[float]:

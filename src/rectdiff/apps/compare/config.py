@@ -18,7 +18,8 @@ hyperparameters, rectifies each, and evaluates everything alike. The file (see
                   ema_decay, time_sampler, weighting, loss, ...)
     [reference]   equal = "logsnr" only: the set-up whose implied weighting every cell gets
     [rectify]     the rectification stage (RectifyConfig keys, ``enabled``, ``train``
-                  overrides of [train], and its own ``reference``)
+                  overrides of [train], its own ``reference``, and ``phases`` = K > 0 for
+                  a phased student beside the rectified one, at the same teacher budget)
     [evaluation]  solvers, steps, reference_solver, metrics, diagnostics, ...
 
 ``equal = "t"``: every cell trains with the same time sampler and loss weighting in its own
@@ -146,7 +147,7 @@ class CompareConfig:
             cfg = dataclasses.asdict(rect.config)
             cfg.pop("seed")
             cfg["train"] = rect.train_overrides
-            out["rectify"] |= cfg
+            out["rectify"] |= cfg | {"phases": rect.phases}
             if rect.reference is not None:
                 out["rectify"]["reference"] = dataclasses.asdict(rect.reference)
         return out
@@ -178,7 +179,7 @@ def restrict_form(form: Form, lo: float, hi: float) -> Form:
 # --- parsing ------------------------------------------------------------------------------
 _TOP_KEYS = ("seed", "equal", "workers", "threads", "data", "grid", "network", "train", "reference",
              "rectify", "evaluation")  # fmt: skip
-_RECTIFY_EXTRA = ("enabled", "reference", "train")
+_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases")
 
 
 def _table(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -205,6 +206,9 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     allowed = [f.name for f in dataclasses.fields(RectifyConfig) if f.name != "train"]
     reject_unknown(values, allowed + list(_RECTIFY_EXTRA), where="in [rectify]")
     enabled = bool(values.pop("enabled", True))
+    phases = values.pop("phases", 0)
+    if isinstance(phases, bool) or not isinstance(phases, int) or phases < 0:
+        raise ValueError(f"[rectify] phases must be an integer >= 0 (0: off), got {phases!r}.")
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
     train = _train_config({**shared, **overrides}, seed, "[rectify.train]")
@@ -218,7 +222,7 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
         if reference is None
         else from_mapping(ReferenceConfig, dict(reference), where="in [rectify.reference]")
     )
-    return RectifyStage(enabled, config, ref, overrides)
+    return RectifyStage(enabled, config, ref, overrides, phases)
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareConfig:

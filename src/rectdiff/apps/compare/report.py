@@ -125,7 +125,8 @@ def summarize(config: Any, cells: Sequence[Any], version: str) -> dict[str, Any]
     for cell in cells:
         results["cells"].append(
             {"form": cell.label, "prediction": cell.prediction, "form_config": cell.form.config(),
-             "final_loss": cell.losses, "diagnostics": cell.diagnostics}
+             "final_loss": cell.losses, "diagnostics": cell.diagnostics,
+             "budgets": getattr(cell, "budgets", {})}
         )  # fmt: skip
         results["records"] += cell.records
         for stage, curves in cell.curves.items():
@@ -218,6 +219,36 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _methods_table(results: dict[str, Any]) -> list[str]:
+    """Few-step methods side by side: method x form x prediction x NFE of the first solver,
+    in the first distance metric, with the teacher evaluations each method's couplings cost
+    and the teacher's adaptive solve as the target."""
+    records, config = results["records"], results["config"]
+    ev = config["evaluation"]
+    metric = next(iter(distance_metrics(config, records)), None)
+    methods = sorted({r["stage"] for r in records} - {"teacher"})
+    if metric is None or not ev["solvers"] or not methods:
+        return []
+    solver, reference = ev["solvers"][0], ev.get("reference_solver")
+    header = ["method", "form", "prediction", *(f"NFE {k}" for k in ev["steps"]),
+              f"teacher {reference}", "teacher NFE for couplings"]  # fmt: skip
+    rows = []
+    for method in methods:
+        for cell in results["cells"]:
+            key = {"form": cell["form"], "prediction": cell["prediction"]}
+            row: list[Any] = [method, cell["form"], cell["prediction"]]
+            for k in ev["steps"]:
+                rec = _find(records, **key, stage=method, solver=solver, steps=k)
+                row.append(None if rec is None else rec[metric])
+            ref = _find(records, **key, stage="teacher", solver=reference) if reference else None
+            row += [None if ref is None else ref[metric], cell.get("budgets", {}).get(method)]
+            rows.append(row)
+    return [
+        f"### Few-step methods: {metric} to held-out data, {solver} (lower is better)", "",
+        *_table(header, rows, "lll" + "r" * (len(header) - 3)), "",
+    ]  # fmt: skip
+
+
 def _summary_table(results: dict[str, Any]) -> list[str]:
     rows = results["summary"]
     if not rows:
@@ -291,6 +322,7 @@ def write_report(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         *_summary_table(results),
         "## Sample quality against NFE",
         "",
+        *_methods_table(results),
         *_quality_tables(results),
         "## Trajectory diagnostics",
         "",

@@ -194,12 +194,15 @@ class RectifyStage:
             with the ``[rectify.train]`` overrides applied.
         reference: ``equal = "logsnr"``: the implied weighting of the rectification
             training (None: the teacher's [reference]).
+        phases: K > 0 also trains a phased student (``rectify.rectify_phased``) with the
+            same number of student steps and of teacher evaluations as one reflow round.
     """
 
     enabled: bool = True
     config: RectifyConfig = field(default_factory=RectifyConfig)
     reference: ReferenceConfig | None = None
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    phases: int = 0
 
 
 @dataclass
