@@ -92,7 +92,7 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
                  loss_prediction="v", target_form="fm", time_sampler="logit_normal",
                  mixed_precision="bf16", gradient_checkpointing=True, ema=True, ema_decay=0.99,
                  lora_rank=8, lora_alpha=16.0, weight_decay=0.5, warmup_steps=5, seed=9,
-                 checkpoint_every=4, work_dir="w", num_workers=2)  # fmt: skip
+                 checkpoint_every=4, work_dir="w", num_workers=2, phases=4)  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SDRectifyConfig)}
     assert set(given) == fields - {"grad_clip", "resume"}  # resume: --no-resume, below
     defaults = SDRectifyConfig()
@@ -142,6 +142,7 @@ def test_config_from_a_mapping_or_toml_rejects_unknown_keys(tmp_path):
         ({"target_form": "ve"}, "target_form must be None"),
         ({"loss_prediction": "score"}, "unknown prediction type 'score'"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"phases": 0}, "phases must be a positive integer, got phases=0"),
     ],
 )
 def test_config_refuses_bad_values(values, message):

@@ -59,6 +59,8 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
     if _is_main_process():
         last = f", last loss {result.losses[-1]:.5g}" if result.losses else ""
         print(f"wrote the rectified pipeline to {result.out_dir} ({result.steps} steps{last})")
+        if args.phases > 1:
+            print(f"sample it with num_inference_steps={args.phases} (the window edges)")
         if result.lora_dir is not None:
             print(f"LoRA weights: {result.lora_dir} (pipe.load_lora_weights on the teacher)")
     return 0
@@ -186,6 +188,9 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default=d.work_dir, help="checkpoints (default: OUT.train)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--phases", type=int, default=d.phases,
+                   help="K > 1: phased rectification on K windows for K-step sampling; K must "
+                        "divide the 1000 timesteps (default: %(default)s, plain)")  # fmt: skip
     p.set_defaults(func=_cmd_rectify)
 
 

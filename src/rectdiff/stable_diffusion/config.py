@@ -56,10 +56,16 @@ class SDRectifyConfig:
         work_dir: where checkpoints go; default ``<out>.train``.
         resume: continue from the newest checkpoint in ``work_dir``.
         num_workers: DataLoader workers.
+        phases: K time windows of phased rectification (:mod:`.phased`); 1 (default) is
+            plain rectification. K > 1 must divide the schedule's timesteps (1000 for SD),
+            trains on the teacher's window solves with the phased loss, takes the
+            ``"uniform"`` time sampler by default and no ``loss_prediction`` or
+            ``target_form`` (``rectify_sd`` refuses them); the student then samples in
+            exactly K stock DDIM steps.
 
     Raises:
         ValueError: on construction, for a bad ``max_steps``, ``lora_rank``, ``target_form``,
-            ``loss_prediction`` or ``mixed_precision`` (the training options are checked
+            ``loss_prediction``, ``mixed_precision`` or ``phases`` (the training options are checked
             by :class:`rectdiff.training.TrainConfig` before anything is written).
     """
 
@@ -86,6 +92,7 @@ class SDRectifyConfig:
     work_dir: str | os.PathLike[str] | None = None
     resume: bool = True
     num_workers: int = 0
+    phases: int = 1
 
     def __post_init__(self) -> None:
         from ..predictions import check_prediction
@@ -103,6 +110,8 @@ class SDRectifyConfig:
             )
         if self.loss_prediction is not None:
             check_prediction(self.loss_prediction)
+        if not _positive_int(self.phases):
+            raise ValueError(f"phases must be a positive integer, got phases={self.phases!r}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision must be one of {', '.join(map(str, MIXED_PRECISION))}, got "

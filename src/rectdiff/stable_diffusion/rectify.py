@@ -35,6 +35,11 @@ multi-process, diffusers ``EMAModel``, checkpoints with ``accelerator.save_state
 attention projections is trained instead of the full network. The settings are one
 :class:`~rectdiff.stable_diffusion.config.SDRectifyConfig`.
 
+With ``phases=K > 1`` (``--phases K``) the student is trained instead by phased
+rectification on the teacher's solves inside K windows whose edges are the K timesteps of
+stock DDIM-trailing sampling (:mod:`rectdiff.stable_diffusion.phased`): the saved pipeline
+then samples in exactly ``num_inference_steps=K``, its K stock steps landing on the edges.
+
 The output folder is a complete diffusers pipeline (``save_pretrained``, see
 :mod:`rectdiff.stable_diffusion.output`), built in a temporary folder and renamed.
 """
@@ -53,6 +58,7 @@ from torch import Tensor
 
 from .. import forms
 from ..io.files import publish_folder, temporary_sibling
+from ..rectify import phased_loss
 from ..rectify.coupling import start_noise
 from ..rectify.store import PairDataset, PairStoreError
 from ..reparametrize import reparametrize
@@ -63,6 +69,7 @@ from .families import PipelineFamily, family_for
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint
 from .output import check_out, load_record, rectify_record, save_student
 from .pairs import pipeline_differences, store_description
+from .phased import check_pipeline_phases, phase_record, sd_phase_edges, sd_window_couplings
 
 __all__ = [
     "RectifyResult",
@@ -143,6 +150,24 @@ def _open_pairs(
     return dataset
 
 
+def _loader(
+    dataset: PairDataset, family: PipelineFamily, form: forms.Form, config: SDRectifyConfig
+) -> torch.utils.data.DataLoader:
+    """Shuffled pair batches ``(eps~, x0, cond)``: the noise of each pair's line through the
+    start of the saved student's sampler, in the form it samples in (``target_form="fm"``
+    trains in a flow-matching form whose t_max has the same logsnr, so it starts from the
+    same point and gets the same eps~)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= config.batch_size,
+        collate_fn=partial(_collate, family.cond_keys, form),
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
 def _add_lora(network: Any, family: PipelineFamily, config: SDRectifyConfig) -> None:
     from peft import LoraConfig
 
@@ -181,7 +206,8 @@ def _mixed_precision(config: SDRectifyConfig) -> str:
 def _train_config(config: SDRectifyConfig, out: Path) -> TrainConfig:
     """The :class:`TrainConfig` of ``config``: AdamW, constant LR after warm-up, the default
     time sampler of the target form."""
-    sampler = config.time_sampler or ("discrete" if config.target_form is None else "uniform")
+    plain = config.target_form is None and config.phases == 1
+    sampler = config.time_sampler or ("discrete" if plain else "uniform")
     return TrainConfig(
         steps=config.max_steps,
         batch_size=config.batch_size,
@@ -239,10 +265,21 @@ def rectify_sd(
     family = family_for(root)
     out = Path(out)
     check_out(out, root, Path(pairs))
+    if config.phases > 1:  # refused before anything is loaded
+        if (config.target_form, config.loss_prediction) != (None, None):
+            raise ValueError(
+                f"phases={config.phases} trains with the phased loss (one DDIM step to the "
+                "window's end) in the checkpoint's own form: it takes no target_form or "
+                "loss_prediction."
+            )
+        check_pipeline_phases(root, config.phases)
     dataset = _open_pairs(pairs, root, family)
     pipe = load_pipeline(root, with_vae=False)
     form, prediction = family.form(pipe)
-    if config.target_form == "fm":
+    edges = sd_phase_edges(form, config.phases) if config.phases > 1 else None
+    if edges is not None:  # the phased loss compares window endpoints, in the own form
+        train_form, train_prediction = form, prediction
+    elif config.target_form == "fm":
         train_form, train_prediction = flow_matching_form(form), config.loss_prediction or "flow"
     else:
         train_form, train_prediction = form, config.loss_prediction or "x0"
@@ -251,32 +288,31 @@ def rectify_sd(
     # epoch's end, and the seedable sampler (seeded with config.seed by train's set_seed)
     accelerator = new_accelerator(train_config)
 
+    couplings = None
+    if edges is not None:  # the teacher's window solves, before the network is trained
+        couplings = sd_window_couplings(pipe, family, dataset, edges,
+                                        device=accelerator.device, chunk_size=config.batch_size)  # fmt: skip
     model = _student_model(pipe, family, config)
     trained = model
     if (train_form, train_prediction) != (form, prediction):
         trained = reparametrize(model, form, prediction, train_form, train_prediction)
 
     model.to(accelerator.device)  # the frozen encoders follow the network
-    # the noise of each pair's line through the start of the saved student's sampler, in the
-    # form it samples in (target_form="fm" trains in a flow-matching form whose t_max has the
-    # same logsnr, so it starts from the same point and gets the same eps~)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= config.batch_size,
-        collate_fn=partial(_collate, family.cond_keys, form),
-        num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    result = train(
-        trained, loader, form=train_form, prediction=train_prediction, config=train_config,
-        pairs=True, resume=config.resume, progress=progress, accelerator=accelerator,
-    )  # fmt: skip
+    common = dict(form=train_form, prediction=train_prediction, config=train_config, pairs=True,
+                  resume=config.resume, progress=progress, accelerator=accelerator)  # fmt: skip
+    if couplings is not None:
+        data, keys = couplings.training_data()
+        result = train(trained, data, loss_fn=phased_loss,
+                       cond_fn=lambda extra: dict(zip(keys, extra, strict=True)), **common)  # fmt: skip
+    else:
+        result = train(trained, _loader(dataset, family, form, config), **common)
 
     record = rectify_record(root, pairs, dataset, form, prediction, config.target_form,
                             train_form, train_prediction, config.lora_rank, train_config,
                             result)  # fmt: skip
+    record["phases"] = config.phases
+    if edges is not None:
+        record |= phase_record(form, edges, dataset)
     lora_dir = out / "lora" if config.lora_rank is not None else None
     if accelerator.is_main_process:
         tmp = temporary_sibling(out)
