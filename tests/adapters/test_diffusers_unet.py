@@ -103,7 +103,7 @@ def test_diffusers_unet_rectifies(ddpm, tmp_path) -> None:
                            progress=False)  # fmt: skip
     student = copy.deepcopy(model).train()
     rectify(student, store, form=form, prediction=prediction, progress=False,
-            config=TrainConfig(steps=300, batch_size=64, lr=1e-3, seed=0,
+            config=TrainConfig(steps=500, batch_size=64, lr=1e-3, seed=0,
                                weighting="x0"))  # fmt: skip
     eps = torch.randn(len(held_out), *SHAPE, generator=torch.Generator().manual_seed(5))
     distances = []
