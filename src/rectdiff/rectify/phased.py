@@ -39,11 +39,9 @@ from .. import samplers
 from ..forms import DiscreteVP, Form, as_time, broadcast
 from ..io.configs import check_choice
 from ..predictions import check_prediction, to_x0_eps
-from ..training.losses import LOSSES, default_huber_c
+from ..training.losses import LOSSES, reduce_loss, sampler_for
 from ..training.time_samplers import TimeSampler
-from ..training.time_samplers import time_sampler as make_time_sampler
 from ..training.trainer import TrainConfig, TrainResult, train
-from ..training.weightings import loss_weighting
 from .coupling import Couplings, load_pairs, start_noise
 from .pairs import process_state
 from .store import PairDataset
@@ -288,30 +286,16 @@ def phased_loss(
         raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
     cond = dict(cond or {})
     start, end = (as_time(cond.pop(key)).to(x0.device) for key in WINDOW_KEYS)
-    sampler = (
-        time_sampler if isinstance(time_sampler, TimeSampler) else _sampler(time_sampler, form)
-    )
-    u = sampler.sample(x0.shape[0], generator, x0.device)
+    u = sampler_for(time_sampler, form).sample(x0.shape[0], generator, x0.device)
     lo, hi = end.clamp(min=form.t_min), start.clamp(max=form.t_max)
     t = lo + (hi - lo) * (u - form.t_min) / (form.t_max - form.t_min)
     x_t = form.add_noise(x0, eps, t)
     out = model(x_t, form.model_time(t).to(x0.dtype), **cond)
     x0_pred, eps_pred = to_x0_eps(out, prediction, x_t, t, form)
     a_e, s_e = broadcast(form.alpha(end), x0), broadcast(form.sigma(end), x0)
-    diff = (a_e * (x0_pred - x0) + s_e * (eps_pred - eps)).flatten(1)
-    if loss == "mse":
-        per_sample = diff.square().mean(1)
-    else:
-        c = default_huber_c(x0) if huber_c is None else float(huber_c)
-        per_sample = torch.sqrt(diff.square().sum(1) + c * c) - c
-    weight_fn = loss_weighting(weighting)
-    if not weight_fn.identity:
-        per_sample = per_sample * weight_fn(t, form=form, prediction=prediction).to(per_sample)
-    return per_sample.mean(), per_sample
-
-
-def _sampler(name: str, form: Form) -> TimeSampler:
-    return make_time_sampler(name, form)
+    diff = a_e * (x0_pred - x0) + s_e * (eps_pred - eps)
+    return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
+                       weighting=weighting)  # fmt: skip
 
 
 @dataclass

@@ -7,7 +7,6 @@ counts evaluations and converts the output once with cached float64 coefficients
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +66,6 @@ class Denoiser:
         if self.guidance is not None and batch_size is not None:
             self._batched = _concat_kwargs(self.uncond, self.cond, batch_size)
         self._points: dict[float, tuple[Tensor, Coefficients[float]]] = {}
-        self._last: tuple[float, Tensor, tuple[Tensor, Tensor]] | None = None
         self.nfe = 0
 
     def coefficients(self, t: Tensor | float) -> Coefficients[float]:
@@ -97,26 +95,15 @@ class Denoiser:
         return self._points[key]
 
     def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
-        """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``.
-
-        A repeat of the last evaluation (same clamped t up to rounding, equal x) is answered
-        from memory: an
-        adaptive solve's last stage (dopri5 evaluates the accepted end state, "first same as
-        last") is exactly the final first-order step's input, which then costs no NFE.
-        """
+        """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
         t = clamp_time(self.form, t)
-        last = self._last
-        if last is not None and math.isclose(last[0], t, rel_tol=1e-12) and torch.equal(last[1], x):
-            return last[2]
         model_time = self._point(t)[0].to(device=x.device, dtype=x.dtype)
         out = self._evaluate(x, model_time.expand(x.shape[0]))
         if count:
             self.nfe += 1 if self.guidance is None else 2
             if self.on_evaluation is not None:
                 self.on_evaluation()
-        result = to_x0_eps(out, self.prediction, x, t, self.form, coefficients=self._point(t)[1])
-        self._last = (t, x.detach().clone(), result)
-        return result
+        return to_x0_eps(out, self.prediction, x, t, self.form, coefficients=self._point(t)[1])
 
     def _evaluate(self, x: Tensor, model_time: Tensor) -> Tensor:
         if self.guidance is None:

@@ -163,12 +163,22 @@ def dpmpp_2m(
 
 def _finish(
     denoise: Denoiser, t: Tensor, ode_t: Tensor, states: Tensor, final_jump: bool,
-    callback: Callback | None,
+    callback: Callback | None, last: list[Any] | None = None,
 ) -> Tensor:  # fmt: skip
     """The end of an odeint solve: the first-order step to ``t[-1]`` when the solve stopped
-    short of it, and the grid states with their (uncounted) predictions for ``callback``."""
+    short of it, and the grid states with their (uncounted) predictions for ``callback``.
+
+    ``last`` = ``[t, state, prediction]`` of the solve's last evaluation: dopri5 evaluates the
+    accepted end state ("first same as last"), so when it is the final step's input (same t up
+    to rounding, equal state) the step reuses it instead of another NFE."""
     if final_jump:
-        x_end = _first_order_step(denoise.coefficients(t[-1]), *denoise(states[-1], ode_t[-1]))
+        t_last, x_last = float(ode_t[-1]), states[-1]
+        reuse = last and math.isclose(last[0], t_last, rel_tol=1e-12)
+        if reuse and torch.equal(last[1], x_last):
+            prediction = last[2]
+        else:
+            prediction = denoise(x_last, ode_t[-1])
+        x_end = _first_order_step(denoise.coefficients(t[-1]), *prediction)
     else:
         x_end = states[-1]
     if callback is not None:
@@ -217,18 +227,25 @@ def adaptive(
     ode_t = t[:-1] if final_jump else t
     if final_jump and float(ode_t[-1]) > form.t_min:
         ode_t = torch.cat([ode_t, torch.tensor([form.t_min], dtype=torch.float64)])
+    last: list[Any] = []  # the last evaluation [t, state, prediction], for _finish
+
+    def predict(y: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        state = y.to(x.dtype)
+        last[:] = [float(s), state, denoise(state, s)]
+        return last[2]
+
     if form.ode_variable == "t":
         grid = ode_t
 
         def flow(s: Tensor, y: Tensor) -> Tensor:
-            return _velocity(_clamped(denoise, s), *denoise(y.to(x.dtype), s)).to(torch.float64)
+            return _velocity(_clamped(denoise, s), *predict(y, s)).to(torch.float64)
     else:
         grid = form.logsnr(ode_t)
 
         def flow(lam: Tensor, y: Tensor) -> Tensor:
             s = form.t_from_logsnr(lam.detach().cpu()).clamp(form.t_min, form.t_max)
             alpha, sigma, d_alpha, d_sigma = denoise.coefficients(s)
-            x0_pred, eps_pred = denoise(y.to(x.dtype), s)
+            x0_pred, eps_pred = predict(y, s)
             d_logsnr = 2.0 * (d_alpha / alpha - d_sigma / sigma)
             return ((d_alpha * x0_pred + d_sigma * eps_pred) / d_logsnr).to(torch.float64)
 
@@ -242,7 +259,7 @@ def adaptive(
         options={"step_t": grid[-1:].to(x.device)},
     )
     states = ys.to(x.dtype)
-    return _finish(denoise, t, ode_t, states, final_jump, callback)
+    return _finish(denoise, t, ode_t, states, final_jump, callback, last)
 
 
 def fixed_grid(

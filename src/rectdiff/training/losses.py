@@ -23,7 +23,7 @@ from ..predictions import check_prediction, check_time_range, target
 from .time_samplers import TimeSampler, time_sampler
 from .weightings import Weighting, loss_weighting
 
-__all__ = ["LOSSES", "diffusion_loss", "default_huber_c"]
+__all__ = ["LOSSES", "diffusion_loss", "reduce_loss", "sampler_for", "default_huber_c"]
 
 #: distances between the network output and its target
 LOSSES = ("mse", "pseudo_huber")
@@ -78,7 +78,7 @@ def diffusion_loss(
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if t is None:
-        t = _sampler_for(time_sampler, form).sample(batch, generator, x0.device)
+        t = sampler_for(time_sampler, form).sample(batch, generator, x0.device)
     else:
         t = as_time(t).to(x0.device)
         check_time_range(t, form)
@@ -86,11 +86,29 @@ def diffusion_loss(
             t = t.expand(batch)
     x_t = form.add_noise(x0, eps, t)
     out = model(x_t, form.model_time(t).to(x0.dtype), **(cond or {}))
-    diff = (out - target(x0, eps, t, prediction=prediction, form=form)).flatten(1)
+    diff = out - target(x0, eps, t, prediction=prediction, form=form)
+    return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
+                       weighting=weighting)  # fmt: skip
+
+
+def reduce_loss(
+    diff: Tensor,
+    t: Tensor,
+    *,
+    form: Form,
+    prediction: str,
+    loss: str = "mse",
+    huber_c: float | None = None,
+    weighting: str | Weighting = "none",
+) -> tuple[Tensor, Tensor]:
+    """``(mean, per_sample)`` loss of a ``(B, ...)`` prediction error: the MSE over the
+    dimensions, or the pseudo-Huber ``sqrt(||diff||^2 + c^2) - c`` (Song & Dhariwal 2023),
+    times the weighting at ``t``."""
+    diff = diff.flatten(1)
     if loss == "mse":
         per_sample = diff.square().mean(1)
     else:
-        c = default_huber_c(x0) if huber_c is None else float(huber_c)
+        c = default_huber_c(diff) if huber_c is None else float(huber_c)
         per_sample = torch.sqrt(diff.square().sum(1) + c * c) - c
     weight_fn = loss_weighting(weighting)
     if not weight_fn.identity:
@@ -98,7 +116,7 @@ def diffusion_loss(
     return per_sample.mean(), per_sample
 
 
-def _sampler_for(name_or_obj: str | TimeSampler, form: Form) -> TimeSampler:
+def sampler_for(name_or_obj: str | TimeSampler, form: Form) -> TimeSampler:
     """``name_or_obj`` as a sampler for ``form`` (a sampler object is used as it is)."""
     if isinstance(name_or_obj, TimeSampler):
         return name_or_obj
