@@ -26,6 +26,7 @@ gathered: they do not depend on the number of processes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -353,8 +354,6 @@ def rectify_phased(
         ``samplers.sample(result.model, eps, form=form, prediction=prediction, solver="ddim",
         t_grid=result.edges)``.
     """
-    import copy
-
     edges = phase_edges(form, phases, spacing) if edges is None else _check_edges(edges, form)
     source, cond = _source(data_or_pairs)
     couplings = window_couplings(
