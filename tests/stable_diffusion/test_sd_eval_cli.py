@@ -147,10 +147,10 @@ def test_cli_parses_every_subcommand():
         assert args.func.__name__ == f"_cmd_{argv[1]}"
         return tuple(Typed(getattr(args, name)) for name in names)
 
-    tiny = ["dir", "seed", "sample_size", "fit_steps"]
-    assert parsed(["sd", "tiny", "d", "--seed", "3", "--sample-size", "16", "--fit-steps", "7"],
-                  tiny) == ("d", 3, 16, 7)  # fmt: skip
-    assert parsed(["sd", "tiny", "d"], tiny) == ("d", 0, 8, 150)
+    tiny = ["dir", "seed", "sample_size", "fit_steps", "family"]
+    assert parsed(["sd", "tiny", "d", "--seed", "3", "--sample-size", "16", "--fit-steps", "7",
+                   "--family", "sd2"], tiny) == ("d", 3, 16, 7, "sd2")  # fmt: skip
+    assert parsed(["sd", "tiny", "d"], tiny) == ("d", 0, 8, 150, "sd15")
     pairs = ["pipeline", "prompts", "num", "out", "steps", "guidance", "solver", "height",
              "width", "batch_size", "shard_size", "seed", "dtype", "caption_column",
              "no_store_eps"]  # fmt: skip
@@ -160,7 +160,7 @@ def test_cli_parses_every_subcommand():
              "float16", "--caption-column", "TEXT", "--no-store-eps"]  # fmt: skip
     assert parsed(given, pairs) == ("p", "f.jsonl", 9, "o", 7, 2.5, "euler", 32, 48, 3, 5, 4,
                                     "float16", "TEXT", True)  # fmt: skip
-    assert parsed(given[:10], pairs) == ("p", "f.jsonl", 9, "o", 25, 5.0, "dpmpp_2m", None,
+    assert parsed(given[:10], pairs) == ("p", "f.jsonl", 9, "o", 25, 5.0, None, None,
                                          None, 16, 256, 0, "float32", None, False)  # fmt: skip
     rectify = ["pipeline", "pairs", "out", "lora_rank", "ema", "target_form", "mixed_precision",
                "lr", "loss"]  # fmt: skip

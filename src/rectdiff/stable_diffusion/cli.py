@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from ..io.configs import field_names
 from .config import SDRectifyConfig
 
-__all__ = ["add_sd_parser", "main"]
+__all__ = ["TINY_FAMILIES", "add_sd_parser", "main"]
+
+#: the names of ``rectdiff.stable_diffusion.tiny.TINY`` (listed here so that parsing does not
+#: import torch; a test keeps the two equal)
+TINY_FAMILIES = ("sd15", "sd2", "sd2-zsnr")
 
 
 def _is_main_process() -> bool:
@@ -24,8 +28,8 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     from .tiny import build_tiny_pipeline
 
     path = build_tiny_pipeline(args.dir, seed=args.seed, sample_size=args.sample_size,
-                               fit_steps=args.fit_steps)  # fmt: skip
-    print(f"wrote a tiny Stable Diffusion pipeline to {path}")
+                               fit_steps=args.fit_steps, family=args.family)  # fmt: skip
+    print(f"wrote a tiny {args.family} pipeline to {path}")
     return 0
 
 
@@ -123,6 +127,8 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-size", type=int, default=8, help="latent size (default: %(default)s)")
     p.add_argument("--fit-steps", type=int, default=150,
                    help="steps fitting the UNet to synthetic latents (default: %(default)s)")  # fmt: skip
+    p.add_argument("--family", default="sd15", choices=TINY_FAMILIES,
+                   help="which pipeline (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=_cmd_tiny)
 
 
@@ -134,7 +140,11 @@ def _add_pairs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="pair store folder (resumed if it exists)")
     p.add_argument("--steps", type=int, default=25, help="solver steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: %(default)s)")
-    p.add_argument("--solver", default="dpmpp_2m", help="rectdiff solver (default: %(default)s)")
+    p.add_argument(
+        "--solver",
+        default=None,
+        help="rectdiff solver (default: the family's own, dpmpp_2m for SD 1.x/2.x/XL)",
+    )
     _add_size(p)
     p.add_argument("--batch-size", type=int, default=16, help="per process (default: %(default)s)")
     p.add_argument(

@@ -45,7 +45,7 @@ from ..io.files import write_bytes_atomic, write_json_atomic
 from .clip_score import ClipScorer
 from .families import family_for
 from .load import check_pipeline_dir, load_pipeline
-from .pairs import resolution, sd_guidance, sd_time_grid
+from .pairs import resolution, sd_guidance
 from .prompts import read_prompts
 
 __all__ = ["evaluate", "teacher_reference", "pipeline_latents", "decode", "save_grid"]
@@ -61,7 +61,7 @@ def teacher_reference(
     *,
     steps: int = 25,
     guidance: float = 5.0,
-    solver: str = "dpmpp_2m",
+    solver: str | None = None,
 ) -> Tensor:
     """The teacher's latents for ``eps`` and ``prompts``, solved as pair generation does."""
     family = family_for(pipe)
@@ -71,9 +71,9 @@ def teacher_reference(
         eps.to(family.trained_network(pipe).device, torch.float32),
         form=form,
         prediction=prediction,
-        solver=solver,
+        solver=solver or family.pair_solver,
         steps=steps,
-        t_grid=sd_time_grid(pipe.scheduler, steps, form),
+        t_grid=family.pair_grid(pipe.scheduler, steps, form),
         cond=family.conditioning(pipe, prompts),
         guidance=sd_guidance(guidance),
         uncond=family.unconditional(pipe),
@@ -105,11 +105,13 @@ def pipeline_latents(
 
 @torch.no_grad()
 def decode(vae: Any, latents: Tensor, batch_size: int = 8) -> Tensor:
-    """``vae.decode(latents / scaling_factor)`` mapped from [-1, 1] to [0, 1], float32 CPU."""
+    """``vae.decode(latents / scaling_factor + shift_factor)`` (shift 0 where the VAE has
+    none, as SD 1.x/2.x/XL) mapped from [-1, 1] to [0, 1], float32 CPU."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = []
     for start in range(0, len(latents), batch_size):
         batch = latents[start : start + batch_size].to(vae.device, vae.dtype)
-        decoded = vae.decode(batch / vae.config.scaling_factor).sample
+        decoded = vae.decode(batch / vae.config.scaling_factor + shift).sample
         images.append(((decoded.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0))
     return torch.cat(images)
 
@@ -194,7 +196,7 @@ def evaluate(
     guidance: float = 1.0,
     teacher_steps: int = 25,
     teacher_guidance: float = 5.0,
-    teacher_solver: str = "dpmpp_2m",
+    teacher_solver: str | None = None,
     num: int = 16,
     seed: int = 1234,
     height: int | None = None,
@@ -287,7 +289,7 @@ def evaluate(
             "pipeline": str(teacher_root),
             "guidance": teacher_guidance,
             "few_step_sampler": SAMPLER,
-            "reference": {"solver": teacher_solver, "steps": teacher_steps},
+            "reference": {"solver": teacher_solver or family.pair_solver, "steps": teacher_steps},
         },
     }
     rows = {f"teacher {teacher_steps}": reference, **latents}

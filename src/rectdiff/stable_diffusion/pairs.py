@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..forms import Form
 from ..rectify.pairs import generate_pairs
 from ..rectify.store import MANIFEST, PairDataset, load_manifest
 from .families import family_for
+from .families.base import dpm_solver_grid as sd_time_grid
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint, vae_scale_factor
 from .prompts import read_prompts
 
@@ -55,23 +55,6 @@ __all__ = [
     "pipeline_differences",
     "resolution",
 ]
-
-
-def sd_time_grid(scheduler: Any, steps: int, form: Form) -> list[float]:
-    """The checkpoint's DPM-Solver time steps for ``steps`` steps as rectdiff times, then 0.
-
-    ``DPMSolverMultistepScheduler.from_config(scheduler.config).set_timesteps(steps)`` gives
-    the integer timesteps n (999, 959, ..., 40 for SD 1.5 at 25 steps); each maps to
-    ``t = form.t_from_model_time(n) = (n + 1) / N``, and the solve ends at t = 0.
-    """
-    from diffusers import DPMSolverMultistepScheduler
-
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
-    dpm = DPMSolverMultistepScheduler.from_config(scheduler.config)
-    dpm.set_timesteps(steps)
-    times = form.t_from_model_time(dpm.timesteps.to(torch.float64))
-    return [float(t) for t in times] + [0.0]
 
 
 def sd_guidance(guidance: float) -> float | None:
@@ -201,7 +184,7 @@ def generate_sd_pairs(
     *,
     steps: int = 25,
     guidance: float = 5.0,
-    solver: str = "dpmpp_2m",
+    solver: str | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 16,
@@ -224,8 +207,9 @@ def generate_sd_pairs(
         out: the store's folder; a store made with the same settings is resumed.
         steps: solver steps (the Rectified Diffusion paper: 25).
         guidance: classifier-free guidance scale (paper: 5.0); <= 1 means none.
-        solver: a :data:`rectdiff.samplers.SOLVERS` name; ``dpmpp_2m`` is the pipeline's
-            DPM-Solver++(2M).
+        solver: a :data:`rectdiff.samplers.SOLVERS` name; default the family's
+            ``pair_solver`` (``dpmpp_2m``, the pipeline's DPM-Solver++(2M), for the DDPM
+            families).
         height, width: image size in pixels (default: the UNet's sample size x 8).
         batch_size: pairs per solver call (the pairs do not depend on it).
         shard_size: pairs per shard file.
@@ -277,7 +261,7 @@ def generate_sd_pairs(
         prediction=prediction,
         num_pairs=num,
         out=out,
-        solver=solver,
+        solver=solver or family.pair_solver,
         steps=steps,
         shard_size=shard_size,
         seed=seed,
@@ -286,7 +270,7 @@ def generate_sd_pairs(
         cond_fn=cond_fn,
         guidance=sd_guidance(guidance),
         uncond=family.unconditional(pipe),
-        solver_options={"t_grid": sd_time_grid(pipe.scheduler, steps, form)},
+        solver_options={"t_grid": family.pair_grid(pipe.scheduler, steps, form)},
         model_description=json.dumps(description, sort_keys=True),
         store_eps=store_eps,
         dtype=torch.float32,

@@ -21,7 +21,24 @@ from torch import Tensor, nn
 
 from ... import forms
 
-__all__ = ["PipelineFamily"]
+__all__ = ["PipelineFamily", "dpm_solver_grid"]
+
+
+def dpm_solver_grid(scheduler: Any, steps: int, form: forms.Form) -> list[float]:
+    """The checkpoint's DPM-Solver time steps for ``steps`` steps as rectdiff times, then 0.
+
+    ``DPMSolverMultistepScheduler.from_config(scheduler.config).set_timesteps(steps)`` gives
+    the integer timesteps n (999, 959, ..., 40 for SD 1.5 at 25 steps); each maps to
+    ``t = form.t_from_model_time(n) = (n + 1) / N``, and the solve ends at t = 0.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+    dpm = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    dpm.set_timesteps(steps)
+    times = form.t_from_model_time(dpm.timesteps.to(torch.float64))
+    return [float(t) for t in times] + [0.0]
 
 
 class PipelineFamily:
@@ -36,6 +53,8 @@ class PipelineFamily:
             is the pipeline's fingerprint in a pair store).
         cond_keys: the tensors a pair stores as its conditioning (the denoiser's keywords).
         lora_targets: the module names a LoRA adapts.
+        pair_solver: the rectdiff solver pairs and references are made with by default (the
+            pipeline's own sampler: ``dpmpp_2m`` for the DDPM families).
     """
 
     pipeline_class: str = ""
@@ -45,6 +64,7 @@ class PipelineFamily:
     identity_parts: tuple[str, ...] = ()
     cond_keys: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
+    pair_solver: str = "dpmpp_2m"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline_class})"
@@ -82,6 +102,11 @@ class PipelineFamily:
     def form(self, pipe: Any) -> tuple[forms.Form, str]:
         """The form and prediction type of the checkpoint's own scheduler config."""
         return forms.from_diffusers(pipe.scheduler)
+
+    def pair_grid(self, scheduler: Any, steps: int, form: forms.Form) -> list[float]:
+        """The times the pair solve visits in ``steps`` steps, ending at t = 0: by default the
+        checkpoint's DPM-Solver timesteps (:func:`dpm_solver_grid`)."""
+        return dpm_solver_grid(scheduler, steps, form)
 
     def conditioning(self, pipe: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
         """What a pair stores for each prompt: the denoiser's keyword tensors, batch first."""
