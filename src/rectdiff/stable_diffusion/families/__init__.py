@@ -14,12 +14,14 @@ from typing import Any
 
 from .base import PipelineFamily
 from .sd import STABLE_DIFFUSION
+from .sdxl import STABLE_DIFFUSION_XL
 
 __all__ = ["FAMILIES", "PipelineFamily", "family_for", "family_named"]
 
 #: pipeline class name -> its family
 FAMILIES: dict[str, PipelineFamily] = {
     STABLE_DIFFUSION.pipeline_class: STABLE_DIFFUSION,
+    STABLE_DIFFUSION_XL.pipeline_class: STABLE_DIFFUSION_XL,
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from ...io.files import publish_folder, temporary_sibling
 from .parts import TINY_COLOURS, TINY_OBJECTS, byte_level_vocab, fit_network, tiny_prompts
 from .sd import SD2_SCHEDULER_CONFIG, SD2_ZSNR_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, sd_parts
+from .sdxl import SDXL_SCHEDULER_CONFIG, sdxl_parts
 
 __all__ = [
     "SD15_SCHEDULER_CONFIG",
@@ -80,6 +81,12 @@ TINY: dict[str, TinyRecipe] = {
         lambda scratch, size: sd_parts(scratch, size, "2"),
         SD2_ZSNR_SCHEDULER_CONFIG,
         "SD 2.1 with zero terminal SNR (rescale_betas_zero_snr, trailing), v-prediction",
+    ),
+    "sdxl": TinyRecipe(
+        "StableDiffusionXLPipeline",
+        sdxl_parts,
+        SDXL_SCHEDULER_CONFIG,
+        "SDXL base 1.0: two text encoders, text_time embedding, Euler config, eps",
     ),
 }
 

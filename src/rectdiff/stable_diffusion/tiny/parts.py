@@ -9,12 +9,13 @@ character per token, with no download.
 
 The fit (:func:`fit_network`): ``fit_steps`` AdamW steps of the family's own diffusion loss
 (its form, prediction and conditioning) on ``x0 = 0.6 colour_mean + 0.6 object_pattern +
-0.5 z`` for prompts "a {colour} {object}" (10 % empty prompts, so that classifier-free
-guidance has an unconditional model). A purely random network does not draw latents of order
-one (standard deviation near 15 for the SD 1.5 UNet); since SD's schedule ends at alpha_1 =
-0.068 > 0, the training input ``alpha_1 x0 + sigma_1 eps`` at t = 1 would then differ from
-the ``sigma_1 eps`` a sampler starts from by about as much as the noise itself, and no
-one-step student could be learnt from it.
+0.5 z`` for prompts "a {colour} {object}" (10 % dropped prompts, given the family's
+unconditional conditioning, so that classifier-free guidance has an unconditional model). A
+purely random network does not draw latents of order one (standard deviation near 15 for the
+SD 1.5 UNet); since SD's schedule ends at alpha_1 = 0.068 > 0, the training input
+``alpha_1 x0 + sigma_1 eps`` at t = 1 would then differ from the ``sigma_1 eps`` a sampler
+starts from by about as much as the noise itself, and no one-step student could be learnt
+from it.
 """
 
 from __future__ import annotations
@@ -161,6 +162,19 @@ def _synthetic_latents(
     return x0, prompts
 
 
+def _with_unconditional(
+    cond: dict[str, Tensor], prompts: list[str], uncond: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``cond`` with the rows of the empty prompts replaced by the family's unconditional
+    conditioning (the one classifier-free guidance uses; for SD the same tokens, for SDXL
+    the zero-embedding prompt)."""
+    empty = torch.tensor([prompt == "" for prompt in prompts])
+    return {
+        key: torch.where(empty.view(-1, *[1] * (value.ndim - 1)), uncond[key], value)
+        for key, value in cond.items()
+    }
+
+
 def fit_network(
     pipe: Any, family: Any, steps: int, seed: int, batch_size: int = 32, lr: float = 3e-3
 ) -> None:
@@ -185,13 +199,15 @@ def fit_network(
         torch.randn((len(TINY_OBJECTS), 1, height, width), generator=generator),
     )
     model = family.denoiser(pipe)
+    uncond = family.unconditional(pipe)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr)
     network.train()
     for _ in range(steps):
         x0, prompts = _synthetic_latents(batch_size, (channels, height, width), generator, patterns)
         loss, _ = diffusion_loss(
             model, x0, form=form, prediction=prediction, time_sampler=sampler,
-            cond=family.conditioning(pipe, prompts), generator=generator,
+            cond=_with_unconditional(family.conditioning(pipe, prompts), prompts, uncond),
+            generator=generator,
         )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
