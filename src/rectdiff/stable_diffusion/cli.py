@@ -15,7 +15,7 @@ __all__ = ["TINY_FAMILIES", "add_sd_parser", "main"]
 
 #: the names of ``rectdiff.stable_diffusion.tiny.TINY`` (listed here so that parsing does not
 #: import torch; a test keeps the two equal)
-TINY_FAMILIES = ("sd15", "sd2", "sd2-zsnr", "sdxl")
+TINY_FAMILIES = ("sd15", "sd2", "sd2-zsnr", "sdxl", "sd3")
 
 
 def _is_main_process() -> bool:

@@ -90,7 +90,8 @@ def pipeline_latents(
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(steps)
     t_start = form.t_from_model_time(float(scheduler.timesteps[0]))
-    scale = float(form.sigma(t_start)) / float(scheduler.init_noise_sigma)
+    # FlowMatchEulerDiscreteScheduler (SD3) has no init_noise_sigma: its pipeline starts at x = eps
+    scale = float(form.sigma(t_start)) / float(getattr(scheduler, "init_noise_sigma", 1.0))
     network = family.trained_network(pipe)
     latents = (scale * eps).to(network.device, network.dtype)
     out = pipe(

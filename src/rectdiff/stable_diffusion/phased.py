@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..forms import Form
 from ..rectify import Couplings, WindowCouplings, load_pairs, phase_edges, window_couplings
 from ..rectify.store import PairDataset
-from .families import PipelineFamily
+from .families import PipelineFamily, family_for
 from .pairs import sd_guidance
 
 __all__ = [
@@ -107,15 +107,15 @@ def check_phases(phases: int, num_train_timesteps: int) -> None:
 
 
 def check_pipeline_phases(root: Path, phases: int) -> None:
-    """:func:`check_phases` on the timesteps of the folder's ``scheduler/`` config, before
-    anything is loaded (a config without ``num_train_timesteps`` is left to
-    :func:`sd_phase_edges`)."""
+    """The folder's family's ``check_phases`` on its ``scheduler/`` config, before anything is
+    loaded (by default :func:`check_phases` on its timesteps; an unreadable config is left
+    to :func:`sd_phase_edges`)."""
     try:
         config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        n = int(config["num_train_timesteps"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return
-    check_phases(phases, n)
+    if isinstance(config, dict):
+        family_for(root).check_phases(config, phases)
 
 
 def sd_phase_edges(form: Form, phases: int) -> Tensor:

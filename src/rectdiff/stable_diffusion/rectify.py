@@ -69,7 +69,7 @@ from .families import PipelineFamily, family_for
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint
 from .output import check_out, load_record, rectify_record, save_student
 from .pairs import pipeline_differences, store_description
-from .phased import check_pipeline_phases, phase_record, sd_phase_edges, sd_window_couplings
+from .phased import check_pipeline_phases, phase_record, sd_window_couplings
 
 __all__ = [
     "RectifyResult",
@@ -117,7 +117,8 @@ def _collate(
     ``sigma(t_max) eps`` in ``form`` (the store keeps the standard-normal eps)."""
     eps = torch.stack([item["eps"] for item in items])
     x0 = torch.stack([item["x0"] for item in items])
-    cond = {key: torch.stack([item[key] for item in items]) for key in cond_keys}
+    cond = {key: torch.stack([item[key] for item in items]) for key in cond_keys
+            if key in items[0]}  # fmt: skip
     return start_noise(eps, x0, form), x0, cond
 
 
@@ -133,7 +134,8 @@ def _open_pairs(
         raise ValueError(str(err)) from None
     description = store_description(dataset.manifest)
     tensors = dataset.manifest["shards"][0].get("tensors", {})
-    if description is None or any(key not in tensors for key in family.cond_keys):
+    required = [key for key in family.cond_keys if key not in family.optional_cond_keys]
+    if description is None or any(key not in tensors for key in required):
         raise ValueError(
             f"pair store {str(pairs_dir)!r} was not made by `rectdiff sd pairs` (no prompt "
             f"conditioning {', '.join(family.cond_keys)}); make {family.title} pairs with "
@@ -203,11 +205,13 @@ def _mixed_precision(config: SDRectifyConfig) -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
 
-def _train_config(config: SDRectifyConfig, out: Path) -> TrainConfig:
+def _train_config(config: SDRectifyConfig, out: Path, train_form: forms.Form) -> TrainConfig:
     """The :class:`TrainConfig` of ``config``: AdamW, constant LR after warm-up, the default
-    time sampler of the target form."""
+    time sampler of the form it trains in (``"discrete"`` timesteps for the plain loss on a
+    ``DiscreteVP``, else ``"uniform"``)."""
     plain = config.target_form is None and config.phases == 1
-    sampler = config.time_sampler or ("discrete" if plain else "uniform")
+    discrete = plain and isinstance(train_form, forms.DiscreteVP)
+    sampler = config.time_sampler or ("discrete" if discrete else "uniform")
     return TrainConfig(
         steps=config.max_steps,
         batch_size=config.batch_size,
@@ -276,14 +280,14 @@ def rectify_sd(
     dataset = _open_pairs(pairs, root, family)
     pipe = load_pipeline(root, with_vae=False)
     form, prediction = family.form(pipe)
-    edges = sd_phase_edges(form, config.phases) if config.phases > 1 else None
+    edges = family.phase_edges(pipe.scheduler, form, config.phases) if config.phases > 1 else None
     if edges is not None:  # the phased loss compares window endpoints, in the own form
         train_form, train_prediction = form, prediction
     elif config.target_form == "fm":
         train_form, train_prediction = flow_matching_form(form), config.loss_prediction or "flow"
     else:
         train_form, train_prediction = form, config.loss_prediction or "x0"
-    train_config = _train_config(config, out)
+    train_config = _train_config(config, out, train_form)
     # the trainer's own set-up: grad_accum micro-batches per optimizer step, also across an
     # epoch's end, and the seedable sampler (seeded with config.seed by train's set_seed)
     accelerator = new_accelerator(train_config)

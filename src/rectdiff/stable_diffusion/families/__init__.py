@@ -14,6 +14,7 @@ from typing import Any
 
 from .base import PipelineFamily
 from .sd import STABLE_DIFFUSION
+from .sd3 import STABLE_DIFFUSION_3
 from .sdxl import STABLE_DIFFUSION_XL
 
 __all__ = ["FAMILIES", "PipelineFamily", "family_for", "family_named"]
@@ -22,6 +23,7 @@ __all__ = ["FAMILIES", "PipelineFamily", "family_for", "family_named"]
 FAMILIES: dict[str, PipelineFamily] = {
     STABLE_DIFFUSION.pipeline_class: STABLE_DIFFUSION,
     STABLE_DIFFUSION_XL.pipeline_class: STABLE_DIFFUSION_XL,
+    STABLE_DIFFUSION_3.pipeline_class: STABLE_DIFFUSION_3,
 }
 
 

@@ -52,6 +52,8 @@ class PipelineFamily:
         identity_parts: the parts whose files determine the generated latents (their sha256
             is the pipeline's fingerprint in a pair store).
         cond_keys: the tensors a pair stores as its conditioning (the denoiser's keywords).
+        optional_cond_keys: those of ``cond_keys`` that only some pipelines of the family
+            store (SD3's T5 ids ``input_ids_3``, absent without a T5 encoder); none by default.
         lora_targets: the module names a LoRA adapts.
         pair_solver: the rectdiff solver pairs and references are made with by default (the
             pipeline's own sampler: ``dpmpp_2m`` for the DDPM families).
@@ -63,6 +65,7 @@ class PipelineFamily:
     required_parts: tuple[str, ...] = ()
     identity_parts: tuple[str, ...] = ()
     cond_keys: tuple[str, ...] = ()
+    optional_cond_keys: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
     pair_solver: str = "dpmpp_2m"
 
@@ -135,6 +138,30 @@ class PipelineFamily:
             clip_sample=False,
             set_alpha_to_one=True,
         )
+
+    def phase_edges(self, scheduler: Any, form: forms.Form, phases: int) -> Tensor:
+        """The K + 1 window edges of phased rectification, from the sampling start to t = 0:
+        where K stock steps of :meth:`student_scheduler` land. By default SD's DDIM-trailing
+        timesteps (:func:`rectdiff.stable_diffusion.phased.sd_phase_edges`)."""
+        from ..phased import sd_phase_edges
+
+        return sd_phase_edges(form, phases)
+
+    def check_phases(self, scheduler_config: dict[str, Any], phases: int) -> None:
+        """Refuse, before anything is loaded, a K whose K stock steps miss the window edges:
+        by default one that does not divide ``num_train_timesteps`` (a config without it is
+        left to :meth:`phase_edges`).
+
+        Raises:
+            ValueError: naming K.
+        """
+        from ..phased import check_phases
+
+        try:
+            n = int(scheduler_config["num_train_timesteps"])
+        except (KeyError, TypeError, ValueError):
+            return
+        check_phases(phases, n)
 
     def save_lora_weights(self, pipe: Any, folder: Path, state: dict[str, Tensor]) -> None:
         """Write the network's LoRA ``state`` (diffusers naming) so that

@@ -23,6 +23,7 @@ import torch
 from ...io.files import publish_folder, temporary_sibling
 from .parts import TINY_COLOURS, TINY_OBJECTS, byte_level_vocab, fit_network, tiny_prompts
 from .sd import SD2_SCHEDULER_CONFIG, SD2_ZSNR_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, sd_parts
+from .sd3 import SD3_SCHEDULER_CONFIG, sd3_parts
 from .sdxl import SDXL_SCHEDULER_CONFIG, sdxl_parts
 
 __all__ = [
@@ -87,6 +88,12 @@ TINY: dict[str, TinyRecipe] = {
         sdxl_parts,
         SDXL_SCHEDULER_CONFIG,
         "SDXL base 1.0: two text encoders, text_time embedding, Euler config, eps",
+    ),
+    "sd3": TinyRecipe(
+        "StableDiffusion3Pipeline",
+        sd3_parts,
+        SD3_SCHEDULER_CONFIG,
+        "SD3 medium: MMDiT, two CLIP encoders and T5, rectified flow (FlowMatchEuler, shift 3)",
     ),
 }
 
