@@ -11,6 +11,7 @@ diffusers pipeline shares; a family subclasses it for the rest (see :mod:`.sd`).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,9 @@ class PipelineFamily:
         title: how messages name it, e.g. ``"Stable Diffusion"``.
         network: the pipeline attribute holding the trained network (``"unet"``).
         required_parts: the sub-folders besides ``vae/`` that pair generation needs.
+        optional_parts: components the pipeline runs without (SD3's T5 ``text_encoder_3``,
+            ``tokenizer_3``): loaded as None where the folder lacks them or its
+            ``model_index.json`` names none; none by default.
         identity_parts: the parts whose files determine the generated latents (their sha256
             is the pipeline's fingerprint in a pair store).
         cond_keys: the tensors a pair stores as its conditioning (the denoiser's keywords).
@@ -63,6 +67,7 @@ class PipelineFamily:
     title: str = ""
     network: str = "unet"
     required_parts: tuple[str, ...] = ()
+    optional_parts: tuple[str, ...] = ()
     identity_parts: tuple[str, ...] = ()
     cond_keys: tuple[str, ...] = ()
     optional_cond_keys: tuple[str, ...] = ()
@@ -86,6 +91,10 @@ class PipelineFamily:
         from diffusers import DiffusionPipeline
 
         extra: dict[str, Any] = {} if with_vae else {"vae": None}
+        if self.optional_parts:
+            index = json.loads((Path(root) / "model_index.json").read_text())
+            extra |= {part: None for part in self.optional_parts
+                      if index.get(part) in (None, [None, None]) or not (root / part).is_dir()}  # fmt: skip
         with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = DiffusionPipeline.from_pretrained(

@@ -200,7 +200,8 @@ class StableDiffusion3Family(PipelineFamily):
     network = "transformer"
     required_parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer",
                       "tokenizer_2", "scheduler")  # fmt: skip
-    identity_parts = required_parts + ("text_encoder_3", "tokenizer_3")
+    optional_parts = ("text_encoder_3", "tokenizer_3")
+    identity_parts = required_parts + optional_parts
     cond_keys = ("input_ids", "input_ids_2", "input_ids_3")
     optional_cond_keys = ("input_ids_3",)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
