@@ -94,6 +94,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import diagnose_pipelines
+
+    result = diagnose_pipelines(
+        args.pipeline, args.teacher, args.prompts, args.out, num=args.num, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, teacher_guidance=args.teacher_guidance,
+        solver=args.solver, height=args.height, width=args.width,
+        caption_column=args.caption_column, dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+    print(result["table"])
+    print(f"wrote {args.out}/diagnose.json and {len(result['figures'])} figure files")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -198,6 +212,9 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default=d.work_dir, help="checkpoints (default: OUT.train)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
+                   help="fraction of pairs trained with the empty prompt, for sampling the "
+                        "student with a small guidance such as 1.5 (default: %(default)s)")  # fmt: skip
     p.add_argument("--phases", type=int, default=d.phases,
                    help="K > 1: phased rectification on K windows for K-step sampling; K must "
                         "divide the 1000 timesteps (default: %(default)s, plain)")  # fmt: skip
@@ -226,14 +243,37 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diagnose", help="first-order deviation and straightness, student vs teacher"
+    )
+    p.add_argument("--pipeline", required=True, help="the rectified pipeline folder")
+    p.add_argument("--teacher", required=True, help="the teacher pipeline folder")
+    p.add_argument("--prompts", required=True, help="held-out prompts (.txt, .jsonl, .csv)")
+    p.add_argument("--out", default="out/sd-diagnose", help="output folder (default: %(default)s)")
+    p.add_argument("--num", type=int, default=16, help="trajectories (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--steps", type=int, default=25, help="solver steps (default: %(default)s)")
+    p.add_argument("--solver", default=None, help="default: the family's pair solver")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="student CFG scale (default: its rectdiff.json's, else 1)")  # fmt: skip
+    p.add_argument("--teacher-guidance", type=float, default=5.0)
+    _add_size(p)
+    p.add_argument("--caption-column", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    p.set_defaults(func=_cmd_diagnose)
+
+
 def add_sd_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``sd tiny|pairs|rectify|eval|demo`` on the main parser's subparsers."""
+    """Register ``sd tiny|pairs|rectify|eval|diagnose|demo`` on the main parser's subparsers."""
     sd = subparsers.add_parser("sd", help="rectify a Stable Diffusion pipeline (tiny, pairs, ...)")
     sub = sd.add_subparsers(dest="sd_command", required=True)
     _add_tiny(sub)
     _add_pairs(sub)
     _add_rectify(sub)
     _add_eval(sub)
+    _add_diagnose(sub)
     p = sub.add_parser("demo", help="tiny pipeline -> pairs -> rectify -> eval (minutes on a CPU)")
     p.add_argument("--out", default="out/sd-demo", help="demo folder (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)

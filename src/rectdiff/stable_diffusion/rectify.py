@@ -63,9 +63,10 @@ from ..rectify.coupling import start_noise
 from ..rectify.store import PairDataset, PairStoreError
 from ..reparametrize import reparametrize
 from ..training.config import TrainConfig
+from ..training.losses import diffusion_loss, with_cond_dropout
 from ..training.trainer import new_accelerator, train
 from .config import SDRectifyConfig
-from .families import PipelineFamily, family_for
+from .families import FAMILIES, PipelineFamily, family_for
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint
 from .output import check_out, load_record, rectify_record, save_student
 from .pairs import pipeline_differences, store_description
@@ -122,6 +123,33 @@ def _collate(
     return start_noise(eps, x0, form), x0, cond
 
 
+def _check_family(
+    pairs_dir: str | os.PathLike[str],
+    pipeline_dir: Path,
+    family: PipelineFamily,
+    description: dict[str, Any],
+    tensors: Any,
+    required: list[str],
+) -> None:
+    """Refuse pairs made by a pipeline of another family (e.g. SD 1.5 pairs for an SDXL
+    teacher): the store's fingerprinted parts must be ``family``'s and its conditioning must
+    hold the family's keys. The message names the store's pipeline class where its parts
+    are exactly one family's."""
+    parts = set(description["pipeline"])
+    if parts <= set(family.identity_parts) and all(key in tensors for key in required):
+        return
+    named = [name for name, other in FAMILIES.items() if set(other.identity_parts) == parts]
+    maker = f"a {named[0]}" if len(named) == 1 else "another kind of pipeline"
+    raise ValueError(
+        f"pair store {str(pairs_dir)!r} holds pairs made by {maker} (parts "
+        f"{', '.join(sorted(parts))}), but {str(pipeline_dir)!r} is a {family.pipeline_class} "
+        f"({', '.join(family.identity_parts)}): one family's pairs cannot train another's "
+        "network. Rectification retrains the pipeline that made the pairs: generate pairs with "
+        f"this pipeline (rectdiff sd pairs --pipeline {pipeline_dir}) or rectify the pipeline "
+        "that made them."
+    )
+
+
 def _open_pairs(
     pairs_dir: str | os.PathLike[str], pipeline_dir: Path, family: PipelineFamily
 ) -> PairDataset:
@@ -135,6 +163,8 @@ def _open_pairs(
     description = store_description(dataset.manifest)
     tensors = dataset.manifest["shards"][0].get("tensors", {})
     required = [key for key in family.cond_keys if key not in family.optional_cond_keys]
+    if description is not None:
+        _check_family(pairs_dir, pipeline_dir, family, description, tensors, required)
     if description is None or any(key not in tensors for key in required):
         raise ValueError(
             f"pair store {str(pairs_dir)!r} was not made by `rectdiff sd pairs` (no prompt "
@@ -195,6 +225,14 @@ def _student_model(pipe: Any, family: PipelineFamily, config: SDRectifyConfig) -
     if config.gradient_checkpointing:
         network.enable_gradient_checkpointing()
     return family.denoiser(pipe)
+
+
+def _with_dropout(loss_fn: Any, pipe: Any, family: PipelineFamily, config: SDRectifyConfig) -> Any:
+    """``loss_fn`` with the prompt of a ``config.cond_dropout`` fraction of each batch replaced
+    by the family's unconditional conditioning (unchanged for 0)."""
+    if config.cond_dropout == 0:
+        return loss_fn
+    return with_cond_dropout(loss_fn, config.cond_dropout, family.unconditional(pipe))
 
 
 def _mixed_precision(config: SDRectifyConfig) -> str:
@@ -306,15 +344,20 @@ def rectify_sd(
                   resume=config.resume, progress=progress, accelerator=accelerator)  # fmt: skip
     if couplings is not None:
         data, keys = couplings.training_data()
-        result = train(trained, data, loss_fn=phased_loss,
+        loss_fn = _with_dropout(phased_loss, pipe, family, config)
+        result = train(trained, data, loss_fn=loss_fn,
                        cond_fn=lambda extra: dict(zip(keys, extra, strict=True)), **common)  # fmt: skip
     else:
-        result = train(trained, _loader(dataset, family, form, config), **common)
+        loss_fn = _with_dropout(diffusion_loss, pipe, family, config)
+        result = train(trained, _loader(dataset, family, form, config), loss_fn=loss_fn, **common)
 
     record = rectify_record(root, pairs, dataset, form, prediction, config.target_form,
                             train_form, train_prediction, config.lora_rank, train_config,
                             result)  # fmt: skip
     record["phases"] = config.phases
+    record["cond_dropout"] = config.cond_dropout
+    if config.cond_dropout > 0:
+        record["sample_with"]["guidance_scale"] = 1.5
     if edges is not None:
         record |= phase_record(form, edges, dataset)
     lora_dir = out / "lora" if config.lora_rank is not None else None

@@ -23,7 +23,15 @@ from ..predictions import check_prediction, check_time_range, target
 from .time_samplers import TimeSampler, time_sampler
 from .weightings import Weighting, loss_weighting
 
-__all__ = ["LOSSES", "diffusion_loss", "reduce_loss", "sampler_for", "default_huber_c"]
+__all__ = [
+    "LOSSES",
+    "default_huber_c",
+    "diffusion_loss",
+    "drop_conditioning",
+    "reduce_loss",
+    "sampler_for",
+    "with_cond_dropout",
+]
 
 #: distances between the network output and its target
 LOSSES = ("mse", "pseudo_huber")
@@ -121,3 +129,43 @@ def sampler_for(name_or_obj: str | TimeSampler, form: Form) -> TimeSampler:
     if isinstance(name_or_obj, TimeSampler):
         return name_or_obj
     return time_sampler(name_or_obj, form)
+
+
+def drop_conditioning(
+    cond: dict[str, Tensor], uncond: dict[str, Tensor], drop: Tensor
+) -> dict[str, Tensor]:
+    """``cond`` with the rows where ``drop`` is True replaced by ``uncond`` (a batch of one,
+    broadcast): the conditioning dropout of classifier-free guidance (Ho & Salimans 2022)."""
+    missing = sorted(set(cond) ^ set(uncond))
+    if missing:
+        raise ValueError(
+            f"the unconditional conditioning must have the same keys as the conditioning; "
+            f"keys in only one of them: {', '.join(missing)}."
+        )
+    out = {}
+    for key, value in cond.items():
+        empty = uncond[key].to(value.device, value.dtype).expand_as(value)
+        mask = drop.to(value.device).reshape(-1, *([1] * (value.dim() - 1)))
+        out[key] = torch.where(mask, empty, value)
+    return out
+
+
+def with_cond_dropout(loss_fn: Any, p: float, uncond: dict[str, Tensor]) -> Any:
+    """``loss_fn`` (e.g. :func:`diffusion_loss`) training on batches whose conditioning is
+    dropped to ``uncond`` for each sample with probability ``p``.
+
+    The drop mask is drawn first from the loss's own ``generator`` (the trainer seeds it per
+    step and process), so a run is reproducible and resumes exactly.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"the conditioning dropout must be in [0, 1), got {p!r}.")
+
+    def dropped(model: Any, x0: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        cond, generator = kwargs.get("cond") or {}, kwargs.get("generator")
+        if p > 0 and cond:
+            device = generator.device if generator is not None else x0.device
+            u = torch.rand(len(x0), generator=generator, device=device)
+            kwargs["cond"] = drop_conditioning(cond, uncond, u < p)
+        return loss_fn(model, x0, **kwargs)
+
+    return dropped
