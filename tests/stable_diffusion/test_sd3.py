@@ -1,7 +1,9 @@
 """Stable Diffusion 3 (``StableDiffusion3Pipeline``): rectified flow in its own form.
 
 The tiny SD3 teacher, its pairs, a rectified and a phased student are built once per session
-(:mod:`_sd3_flow`). Measured on one core (shared machine): the whole file in about 80 s.
+(:mod:`_sd3_flow`). Measured on one thread of a busy 2-core machine (load 3.8): the file's
+tests 81 s (44 s of it the shared flow, 19 s the stock-diffusers subprocess), 106 s with
+pytest's start; 75 s of CPU time in all.
 """
 
 from __future__ import annotations
@@ -161,9 +163,9 @@ def test_pairs_and_rectify_without_t5(sd3, tmp_path):
 def test_student_is_far_closer_to_the_teacher_at_one_two_and_four_steps(sd3, tmp_path):
     """``sd eval`` on held-out noise and prompts: latent MSE to the teacher's 25-step latents,
     student (guidance 1) over the teacher's own few stock steps (guidance 5). Measured:
-    ratios 0.035 / 0.035 / 0.36 at 1 / 2 / 4 steps (student 0.096 / 0.094 / 0.060, teacher
-    2.76 / 2.70 / 0.165; with shift 3 the stock 2-step schedule is 1 -> 0.009 -> 0, nearly one
-    step)."""
+    ratios 0.060 / 0.060 / 0.38 at 1 / 2 / 4 steps (student 0.106 / 0.104 / 0.065, teacher
+    1.77 / 1.73 / 0.170; 32 samples: 0.032 / 0.032 / 0.33). With shift 3 the stock 2-step
+    schedule is 1 -> 0.009 -> 0, nearly one step."""
     code = main(["sd", "eval", "--pipeline", str(sd3.student), "--teacher", str(sd3.teacher),
                  "--prompts", str(sd3.prompts), "--out", str(tmp_path), "--num", "16",
                  "--batch-size", "16"])  # fmt: skip

@@ -8,26 +8,39 @@ SD3 is the Rectified Flow case proper (Esser et al. 2024): its network predicts 
 ``"flow"`` (t = sigma; the scheduler's ``shift`` 3.0 only moves the sigmas it visits). So:
 
 * the pair solve is the stock sampler: :meth:`StableDiffusion3Family.pair_grid` is the
-  scheduler's own shifted sigmas (:func:`rectdiff.samplers.scheduler_grid`) and the solver
-  ``"euler"``, ``x <- x + (sigma_next - sigma) u``, as ``FlowMatchEulerDiscreteScheduler.step``;
-  it starts at ``x = sigma(1) eps = eps`` (``init_noise_sigma = 1``), as the pipeline does;
+  scheduler's own shifted sigmas (:func:`rectdiff.samplers.scheduler_grid`; for 25 steps
+  1, 0.986, ..., 0.009, then 0) and the solver ``"euler"``, ``x <- x + (sigma_next - sigma)
+  u``, as ``FlowMatchEulerDiscreteScheduler.step``; it starts at ``x = sigma(1) eps = eps``,
+  where the pipeline starts (the scheduler has no ``init_noise_sigma``; latents go in as
+  given);
 * since ``alpha(1) = 0`` the coupling needs no start correction (``start_noise`` returns
   ``eps``): the student is trained on the straight line ``(1 - t) x0_hat + t eps`` itself,
-  with the time sampler ``"uniform"`` (``rectify`` draws discrete timesteps only for a
-  ``DiscreteVP``);
+  t uniform (``rectify`` draws discrete timesteps only for a ``DiscreteVP``), with the
+  default loss of ``sd rectify`` (pseudo-Huber on the x0-prediction ``x_t - t u``;
+  ``loss_prediction="flow"`` gives the plain rectified-flow loss on ``u``);
 * the student is saved with ``FlowMatchEulerDiscreteScheduler.from_config(teacher config)``,
   whose one step goes from sigma = 1 to 0; phased rectification's window edges are the
-  sigmas that scheduler visits in K steps, so every K is exact.
+  sigmas that scheduler visits in K steps, so every K is exact (K = 4 at shift 3: 1, 0.858,
+  0.602, 0.009, then 0: diffusers spaces the unshifted sigmas from 1 to the *shifted*
+  smallest training sigma and shifts them again, so the last window is nearly empty).
 
 A pair stores one token-id tensor per tokenizer: ``input_ids`` and ``input_ids_2`` (the two
-CLIP tokenizers, padded to 77) and, when the pipeline has its T5 encoder, ``input_ids_3``
-(padded to ``max_sequence_length`` 256, the pipeline's default). :class:`SD3TextConditionedTransformer`
-encodes them exactly as ``StableDiffusion3Pipeline.encode_prompt`` does: the CLIP
-penultimate hidden states concatenated on the feature axis and zero-padded to the
-transformer's ``joint_attention_dim``, then the T5 states (zeros of shape ``(256,
-joint_attention_dim)`` without T5, as the pipeline) on the sequence axis; pooled = the two
-CLIP projections concatenated. The unconditional is the encoding of the empty negative
-prompt: SD3 has no ``force_zeros_for_empty_prompt``.
+CLIP tokenizers, padded to the first's ``model_max_length``, 77 in SD3) and, when the
+pipeline has its T5 encoder, ``input_ids_3`` (padded to ``max_sequence_length`` 256, the
+pipeline's default). :class:`SD3TextConditionedTransformer` encodes them exactly as
+``StableDiffusion3Pipeline.encode_prompt`` does with its defaults: the CLIP penultimate
+hidden states concatenated on the feature axis and zero-padded to the transformer's
+``joint_attention_dim``, then the T5 states (zeros of shape ``(256, joint_attention_dim)``
+without T5, as the pipeline) on the sequence axis; pooled = the two CLIP projections
+concatenated. The unconditional is the encoding of the empty negative prompt: SD3 has no
+``force_zeros_for_empty_prompt``. A folder whose ``model_index.json`` names no
+``text_encoder_3``/``tokenizer_3`` (or lacks their sub-folders) loads with both None and
+runs without T5, as ``StableDiffusion3Pipeline.from_pretrained(..., text_encoder_3=None,
+tokenizer_3=None)``.
+
+SD 3.5 is the same pipeline class (its transformer adds ``dual_attention_layers`` and
+``qk_norm``, its scheduler config the same shift 3.0); a config with
+``use_dynamic_shifting`` is refused by :func:`rectdiff.forms.from_diffusers`.
 """
 
 from __future__ import annotations
