@@ -84,7 +84,9 @@ def pipeline_latents(
     pipe: Any, eps: Tensor, prompts: Sequence[str], steps: int, guidance: float
 ) -> Tensor:
     """``pipe(prompts, latents=sigma(t_0) eps, num_inference_steps=steps, guidance_scale=guidance,
-    output_type="latent")`` with t_0 the scheduler's first time step."""
+    output_type="latent")`` with t_0 the scheduler's first time step, and ``height``/``width``
+    the latents' size in pixels (SDXL's size conditioning is built from them, not from the
+    latents)."""
     family = family_for(pipe)
     form, _ = family.form(pipe)
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -94,8 +96,11 @@ def pipeline_latents(
     scale = float(form.sigma(t_start)) / float(getattr(scheduler, "init_noise_sigma", 1.0))
     network = family.trained_network(pipe)
     latents = (scale * eps).to(network.device, network.dtype)
+    factor = int(pipe.vae_scale_factor)
     out = pipe(
         list(prompts),
+        height=latents.shape[-2] * factor,
+        width=latents.shape[-1] * factor,
         latents=latents,
         num_inference_steps=steps,
         guidance_scale=guidance,
