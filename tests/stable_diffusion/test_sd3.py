@@ -259,3 +259,17 @@ def test_an_sd3_folder_without_its_transformer_is_refused_before_anything_is_wri
             call()
         assert "Stable Diffusion 3" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_sd_diagnose_on_sd3_shows_a_more_first_order_student(sd3, tmp_path):
+    """``sd diagnose`` on SD3 latent trajectories (the stock Euler on its shifted sigmas):
+    the student's x0-prediction drifts less than the teacher's; y = x/alpha leaves out the
+    start, where alpha = 0."""
+    from rectdiff.stable_diffusion.diagnose import diagnose_pipelines
+
+    result = diagnose_pipelines(sd3.student, sd3.teacher, tiny_prompts("held_out"), tmp_path,
+                                num=8, steps=10)  # fmt: skip
+    teacher, student = result["numbers"]["teacher"], result["numbers"]["student"]
+    assert student["first_order_deviation"] < 0.8 * teacher["first_order_deviation"], result
+    assert result["solver"] == "euler"
+    assert (tmp_path / "curvature_t.svg").stat().st_size > 0

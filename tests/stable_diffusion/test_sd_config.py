@@ -20,8 +20,9 @@ from rectdiff.stable_diffusion import (
     tokenize,
 )
 from rectdiff.stable_diffusion import rectify as rectify_module
-from rectdiff.stable_diffusion.cli import add_sd_parser, main
+from rectdiff.stable_diffusion.cli import TINY_FAMILIES, add_sd_parser, main
 from rectdiff.stable_diffusion.families import STABLE_DIFFUSION
+from rectdiff.stable_diffusion.tiny import TINY
 
 RECTIFY = ["sd", "rectify", "--pipeline", "p", "--pairs", "q", "--out", "o"]
 
@@ -160,7 +161,13 @@ def test_rectify_sd_takes_only_a_config(flow, tmp_path):
 
 
 def test_registry_holds_the_stable_diffusion_family(flow):
-    assert FAMILIES == {"StableDiffusionPipeline": STABLE_DIFFUSION}
+    assert set(FAMILIES) == {
+        "StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline"
+    }  # fmt: skip
+    assert FAMILIES["StableDiffusionPipeline"] is STABLE_DIFFUSION
+    assert all(name == family.pipeline_class for name, family in FAMILIES.items())
+    assert TINY_FAMILIES == tuple(TINY)  # the parser's choices, listed without importing torch
+    assert {FAMILIES[recipe.pipeline_class] for recipe in TINY.values()} == set(FAMILIES.values())
     assert isinstance(STABLE_DIFFUSION, PipelineFamily)
     assert family_for(flow.teacher) is STABLE_DIFFUSION
     assert family_for(str(flow.student)) is STABLE_DIFFUSION

@@ -294,3 +294,16 @@ def test_pairs_of_another_family_are_refused(xl, tmp_path):
         rectify_sd(sd15, xl.pairs, tmp_path / "b", config, progress=False)
     assert "is a StableDiffusionPipeline" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd15", "sd15_pairs"]
+
+
+def test_sd_diagnose_on_sdxl_shows_a_more_first_order_student(xl, tmp_path):
+    """``sd diagnose`` on SDXL latent trajectories (held-out prompts and noise): the
+    student's x0-prediction drifts less than the teacher's and its y-paths are straighter."""
+    from rectdiff.stable_diffusion.diagnose import diagnose_pipelines
+
+    result = diagnose_pipelines(xl.student, xl.teacher, tiny_prompts("held_out"), tmp_path,
+                                num=8, steps=10)  # fmt: skip
+    teacher, student = result["numbers"]["teacher"], result["numbers"]["student"]
+    assert student["first_order_deviation"] < 0.8 * teacher["first_order_deviation"], result
+    assert student["straightness_y"] < teacher["straightness_y"], result
+    assert (tmp_path / "x0_drift.png").stat().st_size > 0

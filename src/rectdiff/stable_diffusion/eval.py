@@ -50,8 +50,13 @@ from .prompts import read_prompts
 
 __all__ = ["evaluate", "teacher_reference", "pipeline_latents", "decode", "save_grid"]
 
-#: how ``evaluate`` samples the few-step runs (recorded in metrics.json)
-SAMPLER = "DDIM trailing, set_alpha_to_one (last step to sigma = 0)"
+
+def sampler_name(scheduler: Any) -> str:
+    """How the few-step runs are sampled, for metrics.json: the family's student scheduler
+    (DDIM trailing with ``set_alpha_to_one``, or SD3's FlowMatchEuler), ending at sigma = 0."""
+    spacing = getattr(scheduler.config, "timestep_spacing", None)
+    where = f", {spacing} spacing" if spacing else ""
+    return f"{type(scheduler).__name__}{where}, last step to sigma = 0"
 
 
 def teacher_reference(
@@ -289,12 +294,12 @@ def evaluate(
         "student": {
             "pipeline": str(student_root),
             "guidance": guidance,
-            "sampler": SAMPLER,
+            "sampler": sampler_name(student.scheduler),
         },
         "teacher": {
             "pipeline": str(teacher_root),
             "guidance": teacher_guidance,
-            "few_step_sampler": SAMPLER,
+            "few_step_sampler": sampler_name(teacher.scheduler),
             "reference": {"solver": teacher_solver or family.pair_solver, "steps": teacher_steps},
         },
     }
