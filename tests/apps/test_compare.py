@@ -317,3 +317,12 @@ def test_phased_stage_steps_on_its_windows_at_the_reflow_budget(tmp_path):
     assert "### Few-step methods: sliced_w2" in report and "| phased | fm | v |" in report
     with pytest.raises(ValueError, match=r"\[rectify\] phases must be an integer >= 0.*-1"):
         tiny(**{"rectify.phases": -1})
+
+
+def test_eps_cell_of_a_flow_form_reaching_t_1_is_refused_at_load():
+    fm1 = {"name": "fm1", "family": "fm", "t_max": 1.0}
+    with pytest.raises(
+        ValueError, match=r"form 'fm1', prediction 'eps'.*t_max=1.0.*alpha\(1.0\) = 0"
+    ):
+        tiny(**{"equal": "t", "grid.forms": [fm1], "grid.predictions": ["eps", "flow"]})
+    tiny(**{"equal": "t", "grid.forms": [fm1], "grid.predictions": ["flow", "v"]})  # these sample

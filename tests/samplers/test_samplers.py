@@ -552,3 +552,21 @@ def test_bad_input_is_named(kwargs, match):
     kwargs = {"form": FORMS["vp"], "prediction": "eps", **kwargs}
     with pytest.raises(ValueError, match=match):
         samplers.sample(ORACLE, noise(), **kwargs)
+
+
+# --- a start where the conversion divides by zero --------------------------------------------
+@pytest.mark.parametrize("solver", ["euler", "ddim", "dopri5"])
+def test_eps_prediction_from_alpha_zero_is_refused_naming_t_max(solver):
+    form = forms.FlowMatching(t_max=1.0)  # alpha(1) = 0: x0 = (x - sigma eps) / alpha is 0/0
+    eps = torch.randn(4, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"t_max=1.0: alpha\(1.0\) = 0.*t_max < 1.0.*'flow'"):
+        samplers.sample(lambda x, t: torch.zeros_like(x), eps, form=form, prediction="eps",
+                        solver=solver, steps=4)  # fmt: skip
+    # what does work from alpha = 0: a flow (SD3), v or x0 model, or an eps model started later
+    for prediction in ("flow", "v", "x0"):
+        out = samplers.sample(lambda x, t: torch.zeros_like(x), eps, form=form,
+                              prediction=prediction, solver=solver, steps=4)  # fmt: skip
+        assert torch.isfinite(out).all()
+    out = samplers.sample(lambda x, t: torch.zeros_like(x), eps, form=form, prediction="eps",
+                          solver=solver, steps=4, t_start=0.999)  # fmt: skip
+    assert torch.isfinite(out).all()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..forms import Coefficients, Form
 from ..reparametrize import reparametrize
-from .denoiser import Denoiser, clamp_time
+from .denoiser import Denoiser, check_start, clamp_time
 from .grids import TIME_GRIDS, scheduler_grid, time_grid
 from .solvers import SOLVERS, Callback, Solver, adaptive, ddim, dpmpp_2m, euler, fixed_grid, heun
 
@@ -38,6 +38,7 @@ __all__ = [
     "time_grid",
     "scheduler_grid",
     "clamp_time",
+    "check_start",
     "TIME_GRIDS",
     "SOLVERS",
     "euler",
@@ -139,6 +140,7 @@ def sample(
     if not eps.is_floating_point():
         raise ValueError(f"eps must be a floating-point tensor, got dtype {eps.dtype}.")
     t = time_grid(form, steps, t_grid, t_start=t_start, t_end=t_end)
+    check_start(form, prediction, float(t[0]) if t_start is not None else None)
     recorder = _Recorder() if return_trajectory else None
     with torch.no_grad(), tqdm(disable=not progress, desc=solver, unit="eval") as bar:
         denoise = Denoiser(

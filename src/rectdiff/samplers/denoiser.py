@@ -16,12 +16,36 @@ from torch import Tensor
 from ..forms import Coefficients, Form, as_time
 from ..predictions import check_prediction, to_x0_eps
 
-__all__ = ["Denoiser", "clamp_time"]
+__all__ = ["Denoiser", "check_start", "clamp_time"]
 
 
 def clamp_time(form: Form, t: Tensor | float) -> float:
     """``t`` clamped into the safe range ``[t_min, t_max]``, where the model is evaluated."""
     return min(max(float(t), form.t_min), form.t_max)
+
+
+def check_start(form: Form, prediction: str, t_start: float | None = None) -> None:
+    """Refuse a start where the sampler's first conversion divides by zero.
+
+    An eps (or score) prediction is turned into ``x0 = (x - sigma eps) / alpha``, undefined
+    where ``alpha = 0``: flow matching's ``t = 1``. Flow, v and x0 predictions convert there
+    without dividing by alpha (SD3 and outside flow models start at ``t_max = 1``).
+
+    Raises:
+        ValueError: naming ``t_max`` (or ``t_start``), the allowed range and the fix.
+    """
+    if prediction not in ("eps", "score"):
+        return
+    start = form.t_max if t_start is None else clamp_time(form, t_start)
+    if float(form.alpha(start)) != 0.0:
+        return
+    where = f"t_max={form.t_max}" if t_start is None else f"t_start={t_start}"
+    raise ValueError(
+        f"{form!r} with {where}: alpha({start}) = 0, so an {prediction!r} prediction cannot "
+        f"be converted to x0 (x0 = (x - sigma eps) / alpha divides by zero and samples NaN). "
+        f"An {prediction!r} model needs a start where alpha > 0, i.e. t_max < {start} (flow "
+        "matching's default is t_max = 0.999); or use a 'flow', 'v' or 'x0' prediction."
+    )
 
 
 class Denoiser:

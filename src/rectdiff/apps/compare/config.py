@@ -51,7 +51,7 @@ from ...forms import Form, from_config
 from ...io.configs import check_choice, from_mapping, read_toml, reject_unknown
 from ...io.resources import data_dir
 from ...rectify.student import RectifyConfig
-from ...samplers import SOLVERS, TIME_GRIDS
+from ...samplers import SOLVERS, TIME_GRIDS, check_start
 from ...training.trainer import TrainConfig
 from .tables import (
     DataConfig,
@@ -99,6 +99,13 @@ class CompareConfig:
         for key in ("workers", "threads"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
+        for label, form, prediction in self.cells():
+            try:
+                check_start(form, prediction)
+            except ValueError as err:
+                raise ValueError(
+                    f"[grid] form {label!r}, prediction {prediction!r}: {err}"
+                ) from None
 
     # --- derived settings --------------------------------------------------------------
     def logsnr_range(self) -> tuple[float, float]:
