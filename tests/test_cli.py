@@ -5,6 +5,7 @@ import copy
 import csv
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -197,3 +198,27 @@ def test_pairs_of_a_class_conditional_model_carry_balanced_labels(tmp_path):
     expected = samplers.sample(model, couplings.eps, form=form, prediction="flow", solver="ddim",
                                steps=3, cond=cond)  # fmt: skip
     torch.testing.assert_close(couplings.x0, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["diagnose", "--rtol", "-1"], r"--rtol -1.0: out of range; allowed: a finite number >= 0"),
+        (["diagnose", "--rtol", "0", "--atol", "0"], r"--rtol 0 --atol 0: .*at least one > 0"),
+        (["diagnose", "--atol", "nan"], r"--atol nan: out of range; allowed: a finite number >= 0"),
+        (["diagnose", "--num", "0"], r"--num 0: out of range; allowed: an integer >= 1"),
+        (["diagnose", "--steps", "-3"], r"--steps -3: out of range; allowed: an integer >= 1"),
+        (["plot", "--model", "m", "--num", "0"], r"--num 0: out of range"),
+        (["pairs", "--model", "m", "--num", "4", "--steps", "0"], r"--steps 0: out of range"),
+        (["rectify", "--model", "m", "--pairs", "p", "--lr", "inf"], r"--lr inf: out of range; allowed: a finite number > 0"),
+        (["sd", "pairs", "--pipeline", "p", "--prompts", "q", "--num", "0"], r"--num 0: out of range"),
+        (["sd", "eval", "--pipeline", "p", "--teacher", "t", "--prompts", "q", "--teacher-steps", "0"], r"--teacher-steps 0: out of range"),
+    ],
+)  # fmt: skip
+def test_numeric_flags_are_range_checked_before_any_work(argv, pattern, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(pattern, err), err
+    assert err.startswith(f"rectdiff {argv[0]}")
+    assert not out.exists()  # nothing written

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .io.flags import check_flag_ranges
+
 __all__ = ["main", "build_parser"]
 
 # where each subcommand's library defaults live ("module:attribute", a function or dataclass)
@@ -298,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flag_ranges(args)
         return int(args.func(args) or 0)
     except ValueError as err:
         print(f"rectdiff {args.command}: error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ..io.configs import field_names
+from ..io.flags import check_flag_ranges
 from .config import SDRectifyConfig
 
 __all__ = ["TINY_FAMILIES", "add_sd_parser", "main"]
@@ -286,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sd_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
+        check_flag_ranges(args)
         return int(args.func(args) or 0)
     except ValueError as err:
         print(f"rectdiff {args.command} {args.sd_command}: error: {err}", file=sys.stderr)
