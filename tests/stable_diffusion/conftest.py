@@ -28,8 +28,10 @@ from rectdiff.stable_diffusion import (
 NUM_PAIRS = 256
 PAIR_STEPS = 25
 PAIR_GUIDANCE = 5.0
-RECTIFY_STEPS = 200
+RECTIFY_STEPS = 600
 RECTIFY_LR = 1e-3
+#: the rest of the student's training: MSE on the x0-prediction, an EMA of the weights
+RECTIFY_OPTIONS = dict(batch_size=32, loss="mse", ema=True, ema_decay=0.98)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def _shared_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Pa
 @pytest.fixture(scope="session")
 def flow(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Flow:
     """Tiny teacher (fitted 150 steps), 256 pairs (25-step DPM-Solver++ at guidance 5 on the
-    'train' prompts), a student rectified for 200 steps, and a second, other tiny pipeline."""
+    'train' prompts), a student rectified for 600 steps (MSE, EMA), and a second, other tiny
+    pipeline."""
     root = _shared_root(tmp_path_factory, worker_id) / "sd_flow"
     paths = Flow(root / "teacher", root / "other", root / "pairs", root / "student", root)
     with FileLock(str(root) + ".lock"):
@@ -75,7 +78,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Flow:
                     steps=PAIR_STEPS, guidance=PAIR_GUIDANCE, batch_size=32, shard_size=64,
                     progress=False,
                 )  # fmt: skip
-                config = SDRectifyConfig(max_steps=RECTIFY_STEPS, lr=RECTIFY_LR, batch_size=32)
+                config = SDRectifyConfig(max_steps=RECTIFY_STEPS, lr=RECTIFY_LR, **RECTIFY_OPTIONS)
                 rectify_sd(paths.teacher, paths.pairs, paths.student, config, progress=False)
             finally:
                 torch.set_num_threads(threads)

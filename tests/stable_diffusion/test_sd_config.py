@@ -198,12 +198,13 @@ def test_stable_diffusion_conditioning_and_denoiser(flow):
 
 def test_unknown_pipeline_class_is_refused_naming_the_supported_ones(flow, tmp_path):
     index = json.loads((flow.teacher / "model_index.json").read_text())
-    (tmp_path / "model_index.json").write_text(
-        json.dumps(index | {"_class_name": "StableDiffusionXLPipeline"})
-    )
+    (tmp_path / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
     for part in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
         (tmp_path / part).mkdir()
-    pattern = r"is a StableDiffusionXLPipeline.*supported pipeline classes.*StableDiffusionPipeline"
+    pattern = (
+        r"is a FluxPipeline.*supported pipeline classes.*StableDiffusionPipeline, "
+        r"StableDiffusionXLPipeline, StableDiffusion3Pipeline"
+    )
     with pytest.raises(ValueError, match=pattern) as err:
         load_pipeline(tmp_path)
     assert str(tmp_path) in str(err.value)
