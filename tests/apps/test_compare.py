@@ -3,6 +3,7 @@
 import json
 import tomllib
 
+import numpy as np
 import pytest
 import torch
 
@@ -326,3 +327,37 @@ def test_eps_cell_of_a_flow_form_reaching_t_1_is_refused_at_load():
     ):
         tiny(**{"equal": "t", "grid.forms": [fm1], "grid.predictions": ["eps", "flow"]})
     tiny(**{"equal": "t", "grid.forms": [fm1], "grid.predictions": ["flow", "v"]})  # these sample
+
+
+@pytest.mark.parametrize(
+    "key, value, pattern",
+    [
+        ("train.steps", 1.5, r"\[train\]: training option steps = 1.5 has type float; expected int"),
+        ("train.lr", "fast", r"lr = 'fast' has type str; expected float"),
+        ("data.n_train", "5", r"n_train = '5' in \[data\] has type str; expected int \| None"),
+        ("evaluation.steps", [1, 2.5], r"steps = \[1, 2.5\] in \[evaluation\] has type list; expected list\[int\]"),
+    ],
+)  # fmt: skip
+def test_config_values_of_the_wrong_type_are_refused(key, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        tiny(**{key: value})
+
+
+def test_n_train_beyond_the_data_is_refused_before_anything_is_written(tmp_path):
+    data = tmp_path / "points.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    config = tiny(**{"data.name": str(data), "data.n_train": 100, "data.n_holdout": 10})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"n_train = 100, but .* has only 40 samples .*50 less "
+                       r"n_holdout = 10.*set n_train <= 40"):  # fmt: skip
+        run_compare(config, out, progress=False)
+    assert not out.exists()
+
+
+def test_quick_report_shows_the_rectify_steps_that_ran():
+    config = load_config(DEFAULT_CONFIG)
+    assert config.to_dict()["rectify"]["train"]["steps"] == config.rectify.config.train.steps
+    quick = quick_config(config)
+    ran = quick.rectify.config.train.steps
+    assert ran < config.rectify.config.train.steps
+    assert quick.to_dict()["rectify"]["train"]["steps"] == ran

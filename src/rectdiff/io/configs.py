@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping",
-    "read_toml", "read_toml_table",
+    "read_toml", "read_toml_table", "check_types",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -53,9 +54,59 @@ def parameter_names(fn: Callable[..., Any], skip: Sequence[str] = ("self",)) -> 
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any], what: str = "key", where: str = "") -> T:
-    """``cls(**values)`` for a dataclass ``cls``, after rejecting keys that are not fields."""
+    """``cls(**values)`` for a dataclass ``cls``, after rejecting keys that are not fields and
+    values whose type is not the field's (:func:`check_types`)."""
     reject_unknown(values, field_names(cls), what, where)
+    check_types(cls, values, what, where)
     return cls(**values)
+
+
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "None": lambda v: v is None,
+    "dict": lambda v: isinstance(v, Mapping),
+    "list": lambda v: isinstance(v, list | tuple),
+}
+
+
+def _annotation(field: dataclasses.Field[Any]) -> str:
+    hint = field.type
+    if isinstance(hint, str):
+        return hint
+    return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: str) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint`` (a union of int, float, str, bool, None,
+    list[...] and dict[...]); None when ``hint`` names another type (not checked)."""
+    for option in (part.strip() for part in hint.split("|")):
+        base, _, inner = option.partition("[")
+        if base not in _KINDS:
+            return None
+        if not _KINDS[base](value):
+            continue
+        item = inner.rstrip("]")
+        if base == "list" and item in _KINDS and not all(_KINDS[item](v) for v in value):
+            continue
+        return True
+    return False
+
+
+def check_types(cls: type, values: Mapping[str, Any], what: str = "key", where: str = "") -> None:
+    """Raise ``ValueError`` naming the key, value, its type and the expected type for the first
+    value of ``values`` that does not fit its field of dataclass ``cls`` (``steps = 1.5`` for an
+    ``int``); fields of other types (``Any``, objects) are not checked."""
+    hints = {f.name: _annotation(f) for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key in hints and _matches(value, hints[key]) is False:
+            place = f" {where}" if where else ""
+            raise ValueError(
+                f"{what} {key} = {value!r}{place} has type {type(value).__name__}; expected "
+                f'{hints[key]} (e.g. steps = 2000, lr = 1e-3, name = "digits").'
+            )
 
 
 def read_toml_table(path: str | Path, table: str | None = None) -> dict[str, Any]:

@@ -153,7 +153,10 @@ class CompareConfig:
         if rect.enabled:
             cfg = dataclasses.asdict(rect.config)
             cfg.pop("seed")
-            cfg["train"] = rect.train_overrides
+            used = rect.config.train.to_dict()  # the values that ran (--quick shrinks steps)
+            cfg["train"] = {
+                key: used.get(key, value) for key, value in rect.train_overrides.items()
+            }
             out["rectify"] |= cfg | {"phases": rect.phases}
             if rect.reference is not None:
                 out["rectify"]["reference"] = dataclasses.asdict(rect.reference)

@@ -70,6 +70,12 @@ def _load_datasets(config: CompareConfig) -> tuple[Tensor, Tensor]:
     reference = everything[order[: data.n_holdout]]
     rest = everything[order[data.n_holdout :]]
     if data.n_train is not None:
+        if data.n_train > len(rest):
+            raise ValueError(
+                f"[data] n_train = {data.n_train}, but {data.name!r} has only {len(rest)} "
+                f"samples to train on ({len(everything)} less n_holdout = {data.n_holdout}); "
+                f"set n_train <= {len(rest)}, or leave it out to train on all of them."
+            )
         rest = rest[: data.n_train]
     return rest, reference
 
@@ -125,11 +131,11 @@ def run_compare(
     if quick:
         config = quick_config(config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     try:
-        x_train, reference = _load_datasets(config)
+        x_train, reference = _load_datasets(config)  # validates [data] before anything is written
+        out.mkdir(parents=True, exist_ok=True)
         _warm_caches(config)
         tasks = [
             CellTask(i, label, form, prediction, config, x_train, reference, out)
