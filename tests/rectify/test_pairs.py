@@ -316,3 +316,62 @@ def test_missing_store_and_bad_arguments_raise(tmp_path):
     assert not (tmp_path / "never-written").exists()
     with pytest.raises(ValueError, match="pass shape="):
         generate_pairs(MLP(), form=forms.VP(), prediction="eps", num_pairs=4, out=tmp_path)
+
+
+# --- which model made a store -----------------------------------------------------------
+def _tree(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_a_store_made_by_another_model_is_refused_and_left_untouched(tmp_path):
+    common = dict(form=forms.VP(), prediction="eps", num_pairs=8, shard_size=4, shape=(3,),
+                  solver="ddim", steps=2, progress=False)  # fmt: skip
+    first, other = MLP(), MLP()
+    with torch.no_grad():
+        other.net[0].bias += 0.1  # MLP() seeds itself: make the second one another model
+    out = tmp_path / "pairs"
+    generate_pairs(first, out=out, **common)
+    fingerprint = json.loads((out / "manifest.json").read_text())["settings"]["model_fingerprint"]
+    assert fingerprint == couplings.model_fingerprint(first) and len(fingerprint) == 64
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"manifest.json was made by another model: "
+                       r"model_fingerprint .* in the store, .* now.*another folder"):  # fmt: skip
+        generate_pairs(other, out=out, **common)
+    assert _tree(out) == before  # nothing touched
+    generate_pairs(first, out=out, **common)  # the same model resumes
+    assert _tree(out) == before
+    # knowingly: the store is adopted and records the new model
+    generate_pairs(other, out=out, allow_other_model=True, **common)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["model_fingerprint"] == couplings.model_fingerprint(other)
+
+
+def test_a_store_from_before_fingerprints_is_refused_unless_allowed(tmp_path):
+    common = dict(form=forms.VP(), prediction="eps", num_pairs=8, shard_size=4, shape=(3,),
+                  solver="ddim", steps=2, progress=False)  # fmt: skip
+    model, out = MLP(), tmp_path / "pairs"
+    generate_pairs(model, out=out, **common)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"]["model_fingerprint"]  # as written before fingerprints
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"predates model fingerprints.*allow_other_model=True"):
+        generate_pairs(model, out=out, **common)
+    assert _tree(out) == before
+    PairDataset(out, verify=True)  # still readable
+    generate_pairs(model, out=out, allow_other_model=True, **common)
+    assert _tree(out)["shard_00000.safetensors"] == before["shard_00000.safetensors"]
+
+
+def test_the_fingerprint_ignores_a_wrapper_and_sees_every_weight():
+    model = MLP()
+    assert couplings.model_fingerprint(worker.SlowModel(model, 0.0)) == couplings.model_fingerprint(
+        model
+    )
+    assert couplings.model_fingerprint(lambda x, t: x) is None
+    changed = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-7
+    assert couplings.model_fingerprint(changed) != couplings.model_fingerprint(model)
+    doubled = pickle.loads(pickle.dumps(model)).double()
+    assert couplings.model_fingerprint(doubled) != couplings.model_fingerprint(model)

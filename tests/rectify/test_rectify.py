@@ -299,3 +299,20 @@ def test_conditional_pair_store_trains_a_conditional_student(tmp_path):
         # each class lands at its own mean (the null class would sit between the two)
         torch.testing.assert_close(one.mean(0), sign * MEAN, atol=0.1, rtol=0)
         assert rms(one, ref) < 0.25 * rms(ref, sign * MEAN.expand_as(ref)), c
+
+
+def test_rounds_rerun_with_another_teacher_refuse_the_stale_pairs(tmp_path):
+    form, prediction = forms.VP(), "eps"
+    config = RectifyConfig(
+        rounds=1, num_pairs=64, solver="ddim", steps=2, shard_size=64, pair_batch_size=64,
+        train=TrainConfig(steps=2, batch_size=32, seed=0, log_every=1),
+    )  # fmt: skip
+    run = dict(form=form, prediction=prediction, config=config, out=tmp_path, shape=(2,),
+               progress=False)  # fmt: skip
+    rectify_rounds(student(form, seed=1), **run)
+    pairs = tmp_path / "round_1" / "pairs"
+    before = {p.name: p.read_bytes() for p in pairs.iterdir()}
+    with pytest.raises(ValueError, match=r"round_1/pairs/manifest.json was made by another model"):
+        rectify_rounds(student(form, seed=2), **run)
+    assert {p.name: p.read_bytes() for p in pairs.iterdir()} == before
+    rectify_rounds(student(form, seed=1), **run)  # the same teacher resumes

@@ -32,6 +32,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..io.files import write_json_atomic
+from .fingerprint import KEY as FINGERPRINT
+from .fingerprint import check_fingerprint
 
 __all__ = [
     "FORMAT_VERSION",
@@ -96,6 +98,7 @@ class PairSettings:
     guidance: float | None = None
     solver_options: dict[str, Any] = field(default_factory=dict)
     model_description: str = ""
+    model_fingerprint: str | None = None
 
     @property
     def num_shards(self) -> int:
@@ -270,12 +273,18 @@ def new_manifest(settings: PairSettings, shards: list[dict[str, Any]], complete:
     }
 
 
-def check_settings(root: Path, settings: PairSettings) -> dict[str, Any] | None:
-    """The existing manifest if its settings equal ``settings``; raise ValueError otherwise."""
+def check_settings(
+    root: Path, settings: PairSettings, allow_other_model: bool = False
+) -> dict[str, Any] | None:
+    """The existing manifest if its settings equal ``settings`` and it was made by the same
+    model (:func:`~.fingerprint.check_fingerprint`); raise ValueError otherwise."""
     if not (root / MANIFEST).exists():
         return None
     manifest = load_manifest(root)
-    differences = settings.differences(manifest["settings"])
+    stored = dict(manifest["settings"])
+    check_fingerprint(root, stored, settings.model_fingerprint, allow_other_model)
+    stored[FINGERPRINT] = settings.model_fingerprint  # checked (or allowed) above
+    differences = settings.differences(stored)
     if differences:
         raise ValueError(
             f"{root / MANIFEST} was made with other settings: " + "; ".join(differences) + ". "

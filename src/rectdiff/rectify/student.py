@@ -209,6 +209,7 @@ def rectify_rounds(
     shape: tuple[int, ...] | None = None,
     cond_fn: Any = None,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> list[RoundResult]:
     """k rounds of rectification: pairs from the current model, then retraining on them.
 
@@ -230,6 +231,9 @@ def rectify_rounds(
         cond_fn: per-pair conditioning for a conditional model, as in
             :func:`~.pairs.generate_pairs` (e.g. class labels); stored with every round's pairs
             and passed to the student in training.
+        allow_other_model: resume round stores made by another model (see
+            :func:`~.pairs.generate_pairs`); by default a rerun whose teacher or earlier
+            round's student changed is refused instead of training on stale pairs.
 
     Returns:
         One :class:`RoundResult` per round.
@@ -247,8 +251,7 @@ def rectify_rounds(
             shard_size=config.shard_size, seed=config.seed + k - 1,
             batch_size=config.pair_batch_size, solver_options={"t_grid": config.t_grid}, shape=shape,
             model_description=f"round {k - 1} model ({current_form!r}, {current_pred})",
-            cond_fn=cond_fn,
-            progress=progress,
+            cond_fn=cond_fn, progress=progress, allow_other_model=allow_other_model,
         )  # fmt: skip
         if config.init == "previous":
             start, start_form, start_pred = current, current_form, current_pred
