@@ -140,10 +140,9 @@ def test_stock_one_step_of_the_saved_student_is_rectdiffs_one_ddim_step(sd2_flow
     """Stock diffusers with rectdiff not importable: the student's 1 step from eps equals
     rectdiff's one DDIM step (v-prediction) from t = 1 to t = 0 to 1e-5.
 
-    Zero terminal SNR: stock DDIM keeps alphas_cumprod[999] = 0 exactly, so its one step is
-    x0 = -v; rectdiff's form (like diffusers' Euler and DPM-Solver) clips it to 2**-24, so
-    its step is x0 = a x_T - s v with a = 2**-12, s = sqrt(1 - 2**-24). The two are the same
-    network output, related exactly by -v = (x0 - a x_T) / s; that is what is compared."""
+    Zero terminal SNR: the saved DDIM steps on the table with alphas_cumprod[999] clipped to
+    2**-24 (its trained_betas), as rectdiff's form, diffusers' Euler and DPM-Solver do; the
+    teacher's own DDIM config would keep it 0 and step to x0 = -v instead."""
     family, root = sd2_flow
     prompts = tiny_prompts("held_out")[:4]
     eps = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(99))
@@ -164,9 +163,10 @@ def test_stock_one_step_of_the_saved_student_is_rectdiffs_one_ddim_step(sd2_flow
         cond={"input_ids": tokenize(pipe.tokenizer, prompts)},
     )  # fmt: skip
     if family == "sd2-zsnr":
-        a, s = float(form.alpha(1.0)), float(form.sigma(1.0))
-        assert a == pytest.approx(2.0**-12, rel=1e-9)
-        ours = (ours - a * eps) / s  # x_T = eps: the stock step's x0 = -v
+        config = json.loads((root / "student" / "scheduler" / "scheduler_config.json").read_text())
+        assert config["rescale_betas_zero_snr"] is False and len(config["trained_betas"]) == 1000
+        assert float(pipe.scheduler.alphas_cumprod[-1]) == pytest.approx(2.0**-24, rel=1e-6)
+        assert float(form.alpha(1.0)) == pytest.approx(2.0**-12, rel=1e-6)
     torch.testing.assert_close(theirs["latents"], ours, rtol=0.0, atol=1e-5)
 
 

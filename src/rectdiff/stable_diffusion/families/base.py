@@ -42,6 +42,19 @@ def dpm_solver_grid(scheduler: Any, steps: int, form: forms.Form) -> list[float]
     return [float(t) for t in times] + [0.0]
 
 
+def _clipped_zero_snr_betas(config: Any) -> list[float]:
+    """The betas of a zero-terminal-SNR config's table with ``alphas_cumprod[-1]`` clipped to
+    ``2**-24``, as diffusers' Euler and DPM-Solver schedulers clip it."""
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "rescale_betas_zero_snr")  # fmt: skip
+    acp = DDPMScheduler(**{k: config[k] for k in keys if k in config}).alphas_cumprod.double()
+    acp[-1] = max(float(acp[-1]), 2.0**-24)
+    previous = torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
+    return (1.0 - acp / previous).tolist()
+
+
 class PipelineFamily:
     """One kind of pipeline, named by its ``model_index.json`` ``_class_name``.
 
@@ -138,14 +151,28 @@ class PipelineFamily:
         the last training timestep, as one-step sampling needs), ``set_alpha_to_one=True``
         (the last step lands on the clean endpoint, sigma = 0, where the pairs' latents are;
         SD's own ``False`` would stop at timestep 0, sigma = 0.029) and no x0 clipping
-        (latents are unbounded)."""
+        (latents are unbounded).
+
+        A zero-terminal-SNR schedule (``rescale_betas_zero_snr``) is saved as the
+        ``trained_betas`` of its table with ``alphas_cumprod[999]`` clipped to ``2**-24``:
+        stock DDIM would keep it exactly 0 (its step from timestep 999 is then ``x0 = -v``),
+        where diffusers' Euler and DPM-Solver, rectdiff's form and so the rectified student's
+        training all use ``2**-24``; the saved DDIM then steps on the same table as they do."""
         from diffusers import DDIMScheduler
 
+        config = teacher_scheduler.config
+        zero_snr = {}
+        if config.get("rescale_betas_zero_snr", False):
+            zero_snr = {
+                "trained_betas": _clipped_zero_snr_betas(config),
+                "rescale_betas_zero_snr": False,
+            }
         return DDIMScheduler.from_config(
-            teacher_scheduler.config,
+            config,
             timestep_spacing="trailing",
             clip_sample=False,
             set_alpha_to_one=True,
+            **zero_snr,
         )
 
     def phase_edges(self, scheduler: Any, form: forms.Form, phases: int) -> Tensor:
