@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -309,3 +310,40 @@ def test_cond_dropout_trains_that_fraction_on_the_unconditional_prompt(flow, mon
     dropped = (seen["ids"] == empty).all(1)
     assert torch.equal(seen["ids"][~dropped], ids[~dropped])
     assert abs(float(dropped.float().mean()) - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 2048)
+
+
+def _tree(*roots):
+    return {
+        str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_resume_with_other_settings_is_refused_naming_each_and_no_resume_starts_over(
+    flow, tmp_path
+):
+    out, common = tmp_path / "s", dict(batch_size=16, checkpoint_every=2)
+    rectify_sd(flow.teacher, flow.pairs, out, SDRectifyConfig(max_steps=2, lr=1e-3, **common),
+               progress=False)  # fmt: skip
+    work = tmp_path / "s.train"
+    before = _tree(out, work)
+    other = SDRectifyConfig(max_steps=4, lr=2e-3, loss="mse", **common)
+    pattern = (r"trained with other settings: loss: 'pseudo_huber' in the checkpoints, 'mse' "
+               r"now; lr: 0.001 in the checkpoints, 0.002 now\..*--no-resume")  # fmt: skip
+    with pytest.raises(ValueError, match=pattern):
+        rectify_sd(flow.teacher, flow.pairs, out, other, progress=False)
+    assert _tree(out, work) == before  # weights and their description still agree
+    with pytest.raises(ValueError, match=r"step 2, past max_steps = 1"):
+        rectify_sd(flow.teacher, flow.pairs, out,
+                   SDRectifyConfig(max_steps=1, lr=1e-3, **common), progress=False)  # fmt: skip
+    # --no-resume starts over: the same weights as a fresh folder, recorded with its settings
+    fresh = dataclasses.replace(other, resume=False)
+    again = rectify_sd(flow.teacher, flow.pairs, out, fresh, progress=False)
+    new = rectify_sd(flow.teacher, flow.pairs, tmp_path / "new", other, progress=False)
+    assert again.losses == new.losses and len(again.losses) == 4
+    assert (load_record(out)["training"]["lr"], load_record(out)["training"]["loss"]) == (
+        2e-3,
+        "mse",
+    )
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(out / weights), load_file(tmp_path / "new" / weights)
+    assert all(torch.equal(a[key], b[key]) for key in a)

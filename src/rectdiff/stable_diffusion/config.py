@@ -14,12 +14,16 @@ from typing import Any
 
 from ..io.configs import from_mapping, read_toml_table
 
-__all__ = ["MIXED_PRECISION", "SDRectifyConfig", "TARGET_FORMS"]
+__all__ = ["MIXED_PRECISION", "RESUMABLE", "SDRectifyConfig", "TARGET_FORMS"]
 
 #: ``target_form`` values: None (the checkpoint's own form) or "fm"
 TARGET_FORMS = (None, "fm")
 #: ``mixed_precision`` values; None takes ``accelerate launch``'s setting
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
+#: the fields a resume may change: they do not change the weights of the steps already
+#: trained (max_steps extends the constant-after-warm-up schedule)
+RESUMABLE = ("max_steps", "checkpoint_every", "work_dir", "resume", "num_workers",
+             "gradient_checkpointing")  # fmt: skip
 
 
 def _positive_int(value: Any) -> bool:
@@ -149,6 +153,10 @@ class SDRectifyConfig:
         values = read_toml_table(path, table)
         where = f"in {path}" + (f" [{table}]" if table is not None else "")
         return from_mapping(cls, values, what="rectify option", where=where)
+
+    def weight_settings(self) -> dict[str, Any]:
+        """The settings that change the trained weights (all but :data:`RESUMABLE`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-ready values (``work_dir`` as a string)."""

@@ -46,6 +46,8 @@ The output folder is a complete diffusers pipeline (``save_pretrained``, see
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -60,7 +62,7 @@ from .. import forms
 from ..io.files import publish_folder, temporary_sibling
 from ..rectify import phased_loss
 from ..rectify.coupling import start_noise
-from ..rectify.store import PairDataset, PairStoreError
+from ..rectify.store import PairDataset, PairStoreError, load_manifest
 from ..reparametrize import reparametrize
 from ..training.config import TrainConfig
 from ..training.losses import diffusion_loss, with_cond_dropout
@@ -68,7 +70,14 @@ from ..training.trainer import new_accelerator, train
 from .config import SDRectifyConfig
 from .families import FAMILIES, PipelineFamily, family_for
 from .load import check_pipeline_dir, load_pipeline, pipeline_fingerprint
-from .output import check_out, load_record, rectify_record, save_student
+from .output import (
+    check_out,
+    check_resume,
+    load_record,
+    record_settings,
+    rectify_record,
+    save_student,
+)
 from .pairs import pipeline_differences, store_description
 from .phased import check_pipeline_phases, phase_record, sd_window_couplings
 
@@ -271,6 +280,17 @@ def _train_config(config: SDRectifyConfig, out: Path, train_form: forms.Form) ->
     )
 
 
+def _weight_settings(config: SDRectifyConfig, pairs: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the checkpoints' weights depend on: the settings, accelerate's resolved mixed
+    precision and the pair shards (their sha256s, hashed)."""
+    shards = [entry.get("sha256") for entry in load_manifest(pairs)["shards"]]
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    return config.weight_settings() | {
+        "mixed_precision": _mixed_precision(config),
+        "pairs_sha256": digest,
+    }
+
+
 def rectify_sd(
     pipeline: str | os.PathLike[str],
     pairs: str | os.PathLike[str],
@@ -316,6 +336,10 @@ def rectify_sd(
             )
         check_pipeline_phases(root, config.phases)
     dataset = _open_pairs(pairs, root, family)
+    settings = _weight_settings(config, pairs)
+    work_dir = Path(config.work_dir if config.work_dir is not None else f"{out}.train")
+    if config.resume:  # before the pipeline is loaded or anything is written
+        check_resume(work_dir, settings, config.max_steps)
     pipe = load_pipeline(root, with_vae=False)
     form, prediction = family.form(pipe)
     edges = family.phase_edges(pipe.scheduler, form, config.phases) if config.phases > 1 else None
@@ -340,6 +364,9 @@ def rectify_sd(
         trained = reparametrize(model, form, prediction, train_form, train_prediction)
 
     model.to(accelerator.device)  # the frozen encoders follow the network
+    if accelerator.is_main_process:
+        record_settings(work_dir, settings, config.resume)
+    accelerator.wait_for_everyone()
     common = dict(form=train_form, prediction=train_prediction, config=train_config, pairs=True,
                   resume=config.resume, progress=progress, accelerator=accelerator)  # fmt: skip
     if couplings is not None:
