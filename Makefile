@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests
 
 demo: $(STAMP)
 	$(BIN)/rectdiff compare --out $(OUT)

@@ -200,7 +200,3 @@ def test_diagnose_shows_the_student_more_first_order_than_its_teacher(sd2_flow, 
     rows = (tmp_path / "x0_drift.csv").read_text().splitlines()
     t_k, drift = result["curves"]["student"]["x0_drift"]
     assert len(rows) >= len(t_k)
-
-
-#: one xdist worker runs this family's tests (`make test` uses --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("sd2")

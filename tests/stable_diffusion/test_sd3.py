@@ -273,7 +273,3 @@ def test_sd_diagnose_on_sd3_shows_a_more_first_order_student(sd3, tmp_path):
     assert student["first_order_deviation"] < 0.8 * teacher["first_order_deviation"], result
     assert result["solver"] == "euler"
     assert (tmp_path / "curvature_t.svg").stat().st_size > 0
-
-
-#: one xdist worker runs this family's tests (`make test` uses --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("sd3")

@@ -213,8 +213,3 @@ def test_unknown_pipeline_class_is_refused_naming_the_supported_ones(flow, tmp_p
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(ValueError, match="names no pipeline class"):
         family_for(tmp_path)
-
-
-#: every test here shares the SD 1.5 flow: one xdist worker runs them (`make test` uses
-#: --dist loadgroup), so the other never waits on the fixture lock
-pytestmark = pytest.mark.xdist_group("sd15")

@@ -197,8 +197,3 @@ def test_cli_tiny_then_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "rectdiff sd pairs: error:" in err and "model_index.json" in err
     assert not (tmp_path / "pairs").exists()
-
-
-#: every test here shares the SD 1.5 flow: one xdist worker runs them (`make test` uses
-#: --dist loadgroup), so the other never waits on the fixture lock
-pytestmark = pytest.mark.xdist_group("sd15")

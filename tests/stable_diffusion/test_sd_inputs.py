@@ -88,8 +88,3 @@ def test_read_prompts_errors(tmp_path):
     (tmp_path / "p.parquet").write_text("")
     with pytest.raises(ValueError, match=r"allowed: \.txt, \.jsonl, \.csv"):
         read_prompts(tmp_path / "p.parquet")
-
-
-#: every test here shares the SD 1.5 flow: one xdist worker runs them (`make test` uses
-#: --dist loadgroup), so the other never waits on the fixture lock
-pytestmark = pytest.mark.xdist_group("sd15")

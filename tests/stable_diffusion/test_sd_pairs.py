@@ -173,8 +173,3 @@ def test_manifest_records_the_pipeline_identity_and_settings(flow):
     assert description["pipeline"]["unet"] == digest.hexdigest()
     assert (settings["steps"], settings["guidance"], settings["shape"]) == (25, 5.0, [4, 8, 8])
     assert settings["form"]["family"] == "discrete-vp" and settings["prediction"] == "eps"
-
-
-#: every test here shares the SD 1.5 flow: one xdist worker runs them (`make test` uses
-#: --dist loadgroup), so the other never waits on the fixture lock
-pytestmark = pytest.mark.xdist_group("sd15")

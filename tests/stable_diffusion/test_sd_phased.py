@@ -124,8 +124,3 @@ def test_phases_that_do_not_divide_the_timesteps_are_refused(flow, tmp_path, cap
     assert not out.exists() and not (tmp_path / "student.train").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert json.loads((flow.pairs / "manifest.json").read_text())["settings"]["num_pairs"] == 256
-
-
-#: every test here shares the SD 1.5 flow: one xdist worker runs them (`make test` uses
-#: --dist loadgroup), so the other never waits on the fixture lock
-pytestmark = pytest.mark.xdist_group("sd15")

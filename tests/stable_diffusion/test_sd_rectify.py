@@ -347,8 +347,3 @@ def test_resume_with_other_settings_is_refused_naming_each_and_no_resume_starts_
     weights = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(out / weights), load_file(tmp_path / "new" / weights)
     assert all(torch.equal(a[key], b[key]) for key in a)
-
-
-#: every test here shares the SD 1.5 flow: one xdist worker runs them (`make test` uses
-#: --dist loadgroup), so the other never waits on the fixture lock
-pytestmark = pytest.mark.xdist_group("sd15")

@@ -307,7 +307,3 @@ def test_sd_diagnose_on_sdxl_shows_a_more_first_order_student(xl, tmp_path):
     assert student["first_order_deviation"] < 0.8 * teacher["first_order_deviation"], result
     assert student["straightness_y"] < teacher["straightness_y"], result
     assert (tmp_path / "x0_drift.png").stat().st_size > 0
-
-
-#: one xdist worker runs this family's tests (`make test` uses --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("sdxl")
