@@ -1,7 +1,8 @@
 """How first-order a rectified pipeline's sampling trajectories are, next to its teacher's.
 
 For ``num`` held-out noises ``eps`` (seeded) and prompts, the teacher and the student are
-each solved with the pair solver on the checkpoint's own time steps (what pair generation
+each solved as :func:`~rectdiff.stable_diffusion.eval.teacher_reference` solves, with the
+pair solver on the checkpoint's own time steps (what pair generation
 uses: for the DDPM families the DPM-Solver timesteps, for SD3 its shifted sigmas), from
 ``x = sigma(t_0) eps``, keeping every state and every (guided) x0-prediction. The teacher
 runs at ``teacher_guidance`` (the pairs' guidance), the student at ``guidance`` (1 unless it
@@ -33,45 +34,17 @@ from torch import Tensor
 from .. import plots, samplers
 from ..diagnostics.model import DIAGNOSTICS, Probe
 from ..io.files import write_json_atomic
+from .eval import teacher_reference
 from .families import family_for
 from .load import check_pipeline_dir, load_pipeline, vae_scale_factor
 from .output import RECORD, load_record
-from .pairs import resolution, sd_guidance
+from .pairs import resolution
 from .prompts import read_prompts
 
-__all__ = ["COLUMNS", "diagnose_pipelines", "latent_trajectory"]
+__all__ = ["COLUMNS", "diagnose_pipelines"]
 
 #: the numbers of one trajectory, in the order the table shows them
 COLUMNS = ("first_order_deviation", "straightness_t", "straightness_y")
-
-
-@torch.no_grad()
-def latent_trajectory(
-    pipe: Any,
-    eps: Tensor,
-    prompts: Sequence[str],
-    *,
-    steps: int,
-    guidance: float,
-    solver: str | None = None,
-) -> samplers.Trajectory:
-    """The pipeline's latent trajectory from ``sigma(t_0) eps``: ``solver`` (default the
-    family's pair solver) on the family's pair grid, with classifier-free guidance."""
-    family = family_for(pipe)
-    form, prediction = family.form(pipe)
-    return samplers.sample(
-        family.denoiser(pipe),
-        eps.to(family.trained_network(pipe).device, torch.float32),
-        form=form,
-        prediction=prediction,
-        solver=solver or family.pair_solver,
-        steps=steps,
-        t_grid=family.pair_grid(pipe.scheduler, steps, form),
-        cond=family.conditioning(pipe, prompts),
-        guidance=sd_guidance(guidance),
-        uncond=family.unconditional(pipe),
-        return_trajectory=True,
-    )
 
 
 def _measure(pipe: Any, traj: samplers.Trajectory, eps: Tensor) -> tuple[dict, dict]:
@@ -179,9 +152,9 @@ def diagnose_pipelines(
     numbers: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, Any]] = {}
     for who, pipe in pipes.items():
-        traj = latent_trajectory(
-            pipe, eps, chosen, steps=steps, guidance=scales[who], solver=solver
-        )
+        with torch.no_grad():
+            traj = teacher_reference(pipe, eps, chosen, steps=steps, guidance=scales[who],
+                                     solver=solver, return_trajectory=True)  # fmt: skip
         numbers[who], curves[who] = _measure(pipe, traj, eps)
     root = Path(out)
     figures = _figures(curves, root)

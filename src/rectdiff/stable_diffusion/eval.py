@@ -67,11 +67,15 @@ def teacher_reference(
     steps: int = 25,
     guidance: float = 5.0,
     solver: str | None = None,
-) -> Tensor:
-    """The teacher's latents for ``eps`` and ``prompts``, solved as pair generation does."""
+    return_trajectory: bool = False,
+) -> Tensor | samplers.Trajectory:
+    """The pipeline's latents for ``eps`` and ``prompts``, solved as pair generation does:
+    ``solver`` (default the family's pair solver) on the family's pair grid from
+    ``sigma(t_0) eps``, with classifier-free guidance; with ``return_trajectory`` the whole
+    :class:`~rectdiff.samplers.Trajectory` (on the pipeline's device) instead."""
     family = family_for(pipe)
     form, prediction = family.form(pipe)
-    return samplers.sample(
+    out = samplers.sample(
         family.denoiser(pipe),
         eps.to(family.trained_network(pipe).device, torch.float32),
         form=form,
@@ -82,7 +86,9 @@ def teacher_reference(
         cond=family.conditioning(pipe, prompts),
         guidance=sd_guidance(guidance),
         uncond=family.unconditional(pipe),
-    ).cpu()
+        return_trajectory=return_trajectory,
+    )
+    return out if return_trajectory else out.cpu()
 
 
 def pipeline_latents(

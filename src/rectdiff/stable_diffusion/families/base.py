@@ -42,15 +42,11 @@ def dpm_solver_grid(scheduler: Any, steps: int, form: forms.Form) -> list[float]
     return [float(t) for t in times] + [0.0]
 
 
-def _clipped_zero_snr_betas(config: Any) -> list[float]:
-    """The betas of a zero-terminal-SNR config's table with ``alphas_cumprod[-1]`` clipped to
-    ``2**-24``, as diffusers' Euler and DPM-Solver schedulers clip it."""
-    from diffusers import DDPMScheduler
-
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-            "rescale_betas_zero_snr")  # fmt: skip
-    acp = DDPMScheduler(**{k: config[k] for k in keys if k in config}).alphas_cumprod.double()
-    acp[-1] = max(float(acp[-1]), 2.0**-24)
+def _clipped_zero_snr_betas(scheduler: Any) -> list[float]:
+    """The betas of the table :func:`rectdiff.forms.from_diffusers` reads off ``scheduler``:
+    for a zero-terminal-SNR config, ``alphas_cumprod[-1]`` clipped to ``2**-24`` as
+    diffusers' Euler and DPM-Solver schedulers clip it."""
+    acp = forms.from_diffusers(scheduler)[0].alphas_cumprod
     previous = torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
     return (1.0 - acp / previous).tolist()
 
@@ -164,7 +160,7 @@ class PipelineFamily:
         zero_snr = {}
         if config.get("rescale_betas_zero_snr", False):
             zero_snr = {
-                "trained_betas": _clipped_zero_snr_betas(config),
+                "trained_betas": _clipped_zero_snr_betas(teacher_scheduler),
                 "rescale_betas_zero_snr": False,
             }
         return DDIMScheduler.from_config(
