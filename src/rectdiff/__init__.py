@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "forms", "predictions", "reparametrize", "training", "samplers", "rectify", "couplings",
     "diagnostics", "metrics", "models", "oracles", "data", "plots", "io", "apps",
-    "stable_diffusion",
+    "stable_diffusion", "errors",
 )  # fmt: skip
 __all__ = [*_SUBMODULES, "Diffusion", "Reflow", "__version__"]
 

@@ -13,12 +13,12 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .io.flags import check_flag_ranges
+from .errors import run_command
+from .io.flags import add_debug_flag, check_flag_ranges
 
 __all__ = ["main", "build_parser"]
 
@@ -210,7 +210,7 @@ def _add_model_dir_commands(sub: Any) -> None:
     p.add_argument("--shard-size", type=int, default=library, help="pairs per shard")
     p.add_argument("--batch-size", type=int, default=library, help="pairs per solve")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_pairs)
+    p.set_defaults(func=_cmd_pairs, interrupted=_pairs_kept)
 
     p = _library_parser(
         sub, "rectify", _TRAIN, help="retrain a saved model on its pairs (rectification)"
@@ -234,7 +234,7 @@ def _add_model_dir_commands(sub: Any) -> None:
     )
     p.add_argument("--prediction", default=None, help="train with this prediction (Reflow: flow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_rectify)
+    p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)
 
     p = _library_parser(
         sub, "diagnose", _DIAGNOSE, help="straightness and first-order diagnostics of saved models"
@@ -294,17 +294,41 @@ def build_parser() -> argparse.ArgumentParser:
     from .stable_diffusion.cli import add_sd_parser  # light: loads no torch or diffusers
 
     add_sd_parser(sub)
+    add_debug_flag(parser)
     return parser
 
 
+def interrupt_hint(args: argparse.Namespace) -> str:
+    """What a subcommand stopped by Ctrl-C kept, and how to resume (its ``interrupted``)."""
+    hint = getattr(args, "interrupted", None)
+    return hint(args) if callable(hint) else ""
+
+
+def _pairs_kept(args: argparse.Namespace) -> str:
+    return f"complete shards are kept in {args.out}; rerun the same command to resume."
+
+
+def _rectify_kept(args: argparse.Namespace) -> str:
+    return (
+        f"nothing was written to {args.out} (rectify keeps no checkpoints); rerun the same "
+        "command to start again."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, range-check the flags (before any heavy import) and run the subcommand inside the
+    error boundary (:func:`rectdiff.errors.run_command`): an expected error is one line on
+    stderr and exit code 2, Ctrl-C says how to resume and exits 130."""
     args = build_parser().parse_args(argv)
-    try:
+    prog = " ".join(
+        ["rectdiff", args.command, *([args.sd_command] if args.command == "sd" else [])]
+    )
+
+    def command() -> int:
         check_flag_ranges(args)
         return int(args.func(args) or 0)
-    except ValueError as err:
-        print(f"rectdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+    return run_command(command, prog, debug=args.debug, interrupted=interrupt_hint(args))
 
 
 if __name__ == "__main__":

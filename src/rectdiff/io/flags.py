@@ -1,6 +1,6 @@
 """Range checks of the command line's numeric flags, run right after parsing (before any heavy
 import or work), so that ``--rtol -1`` or ``--num 0`` is one line and exit code 2, not a changed
-result or a traceback minutes later."""
+result or a traceback minutes later; and ``--debug``, which every subcommand takes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FLAG_RANGES", "check_flag_ranges"]
+from ..errors import ConfigError
+
+__all__ = ["FLAG_RANGES", "check_flag_ranges", "add_debug_flag"]
 
 
 def _count(value: Any) -> bool:
@@ -46,16 +48,29 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
     """Check every numeric flag of :data:`FLAG_RANGES` that ``args`` holds.
 
     Raises:
-        ValueError: naming the flag, its value and the allowed range.
+        ConfigError: naming the flag, its value and the allowed range.
     """
     for dest, (allowed, ok) in FLAG_RANGES.items():
         value = getattr(args, dest, None)
         for item in value if isinstance(value, list) else [value]:
             if item is not None and not ok(item):
-                raise ValueError(f"{_flag(dest)} {item}: out of range; allowed: {allowed}.")
+                raise ConfigError(f"{_flag(dest)} {item}: out of range; allowed: {allowed}.")
     rtol, atol = getattr(args, "rtol", None), getattr(args, "atol", None)
     if rtol == 0 and atol == 0:
-        raise ValueError(
+        raise ConfigError(
             "--rtol 0 --atol 0: an adaptive solver cannot meet a zero tolerance; "
             "allowed: rtol >= 0 and atol >= 0, at least one > 0."
         )
+
+
+def add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` on ``parser`` and on every subcommand below it, so that it may be given
+    anywhere on the line."""
+    parser.add_argument(
+        "--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+        help="show the traceback of expected errors and of Ctrl-C too",
+    )  # fmt: skip
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                add_debug_flag(child, top=False)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import StoreError
 from ..io.files import write_json_atomic
 from .fingerprint import KEY as FINGERPRINT
 from .fingerprint import check_fingerprint
@@ -73,8 +74,9 @@ DTYPES = {
 }
 
 
-class PairStoreError(RuntimeError):
-    """A pair store that is missing, incomplete or corrupted."""
+class PairStoreError(StoreError):
+    """A pair store that is missing, incomplete, corrupted or made by another model (a
+    :class:`~rectdiff.errors.StoreError`, hence also a ``RuntimeError``)."""
 
 
 @dataclass(frozen=True)

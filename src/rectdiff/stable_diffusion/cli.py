@@ -5,11 +5,12 @@ under ``accelerate launch``) as ``python -m rectdiff.stable_diffusion.cli sd ...
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
 from collections.abc import Sequence
 
+from ..errors import run_command
 from ..io.configs import field_names
-from ..io.flags import check_flag_ranges
+from ..io.flags import add_debug_flag, check_flag_ranges
 from .config import SDRectifyConfig
 
 __all__ = ["TINY_FAMILIES", "add_sd_parser", "main"]
@@ -116,6 +117,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs_kept(args: argparse.Namespace) -> str:
+    return f"complete shards are kept in {args.out}; rerun the same command to resume."
+
+
+def _rectify_kept(args: argparse.Namespace) -> str:
+    work_dir = args.work_dir or f"{args.out}.train"
+    if args.checkpoint_every > 0:
+        return (
+            f"the checkpoints in {work_dir} are kept; rerun the same command to resume from "
+            "the latest."
+        )
+    return (
+        "no checkpoint was kept (--checkpoint-every 0); rerun the same command to start again, "
+        "with --checkpoint-every N to make the run resumable."
+    )
+
+
 def _steps(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -171,7 +189,7 @@ def _add_pairs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-column", default=None, help="caption column of .jsonl/.csv")
     p.add_argument("--no-store-eps", action="store_true",
                    help="store only latents; the noise is regenerated from the seed on reading")  # fmt: skip
-    p.set_defaults(func=_cmd_pairs)
+    p.set_defaults(func=_cmd_pairs, interrupted=_pairs_kept)
 
 
 def _add_rectify(sub: argparse._SubParsersAction) -> None:
@@ -179,7 +197,8 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", required=True, help="the teacher pipeline folder")
     p.add_argument("--pairs", required=True, help="pair store made with that pipeline")
     p.add_argument("--out", required=True, help="student pipeline folder to write")
-    d = SDRectifyConfig()  # the defaults
+    # the defaults, read off the fields (instantiating would import torch before parsing)
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(SDRectifyConfig)})
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument(
@@ -219,7 +238,7 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phases", type=int, default=d.phases,
                    help="K > 1: phased rectification on K windows for K-step sampling; K must "
                         "divide the 1000 timesteps (default: %(default)s, plain)")  # fmt: skip
-    p.set_defaults(func=_cmd_rectify)
+    p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -282,16 +301,20 @@ def add_sd_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rectdiff.stable_diffusion.cli sd ...`` (the same arguments as ``rectdiff``)."""
+    """``python -m rectdiff.stable_diffusion.cli sd ...`` (the same arguments as ``rectdiff``),
+    inside the same error boundary (:func:`rectdiff.errors.run_command`)."""
     parser = argparse.ArgumentParser(prog="rectdiff")
     add_sd_parser(parser.add_subparsers(dest="command", required=True))
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
         check_flag_ranges(args)
         return int(args.func(args) or 0)
-    except ValueError as err:
-        print(f"rectdiff {args.command} {args.sd_command}: error: {err}", file=sys.stderr)
-        return 2
+
+    hint = args.interrupted(args) if hasattr(args, "interrupted") else ""
+    return run_command(command, f"rectdiff {args.command} {args.sd_command}", debug=args.debug,
+                       interrupted=hint)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""rectdiff's expected errors, and the command line's error boundary.
+
+An *expected* error is one a user can fix: a bad value, a damaged or foreign file, a full
+disk. Its message names the value, what was allowed and how to fix it, and the command line
+prints it as one line on stderr with exit code 2. Anything else is a bug and keeps its
+traceback. The hierarchy::
+
+    RectdiffError
+    ├── ConfigError (also a ValueError)    a setting: flag, config key, argument
+    ├── DataError   (also a ValueError)    the user's data: non-finite values, unreadable files
+    └── StoreError  (also a RuntimeError)  a pair store or saved model: missing, damaged, foreign
+        └── rectdiff.rectify.store.PairStoreError
+
+The library also raises plain ``ValueError`` for bad arguments (documented per function);
+the boundary treats those as expected too. Expected OS errors are the ones a user causes or
+fixes: a missing path, no permission, a read-only file system, no space left.
+
+This module imports nothing heavy: the command line uses it before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import traceback
+from collections.abc import Callable
+
+__all__ = [
+    "RectdiffError", "ConfigError", "DataError", "StoreError", "EXIT_ERROR", "EXIT_INTERRUPTED",
+    "is_expected", "one_line", "run_command",
+]  # fmt: skip
+
+#: exit code of an expected error (as argparse's own usage errors)
+EXIT_ERROR = 2
+#: exit code after Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
+
+
+class RectdiffError(Exception):
+    """An error the user can fix; the message says what was wrong, what was allowed and how."""
+
+
+class ConfigError(RectdiffError, ValueError):
+    """A setting (command-line flag, config key, function argument) out of its allowed values."""
+
+
+class DataError(RectdiffError, ValueError):
+    """The user's data: non-finite values, an empty set, an unreadable file."""
+
+
+class StoreError(RectdiffError, RuntimeError):
+    """A pair store or saved model that is missing, damaged, or made by another model."""
+
+
+#: OS errors a user causes and fixes, with what to do about each
+_OS_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path (a part of it is a file)",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EEXIST: "choose another path or remove it",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENOSPC: "free some space or choose another folder, then rerun",
+    errno.EDQUOT: "free some space or choose another folder, then rerun",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def _other_expected() -> tuple[type[BaseException], ...]:
+    """Expected errors defined outside this hierarchy, when their module is already loaded
+    (looked up here so that this module imports nothing heavy)."""
+    trainer = sys.modules.get("rectdiff.training.trainer")
+    error = getattr(trainer, "NonFiniteLossError", None)
+    return (error,) if isinstance(error, type) else ()
+
+
+def is_expected(err: BaseException) -> bool:
+    """Whether ``err`` is a user's error (one line, exit 2) rather than a bug (traceback)."""
+    if isinstance(err, (RectdiffError, ValueError, *_other_expected())):
+        return True
+    return isinstance(err, OSError) and err.errno in _OS_HINTS
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message on one line; an OS error as what failed, on which path, and what to do."""
+    if isinstance(err, OSError) and err.errno in _OS_HINTS:
+        paths = " -> ".join(repr(str(p)) for p in (err.filename, err.filename2) if p is not None)
+        where = f" {paths}" if paths else ""
+        return f"{err.strerror or errno.errorcode[err.errno]}:{where}; {_OS_HINTS[err.errno]}."
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def run_command(
+    command: Callable[[], int | None], prog: str, *, debug: bool = False, interrupted: str = ""
+) -> int:
+    """Run ``command`` inside the error boundary and return the exit code.
+
+    An expected error prints ``{prog}: error: {message}`` on one line and returns 2; Ctrl-C
+    prints ``{prog}: interrupted; {interrupted}`` (what was kept, how to resume) and returns
+    130; anything else propagates with its traceback. ``debug`` prints the traceback of
+    expected errors and interrupts too (before the line).
+    """
+    try:
+        return int(command() or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted; {interrupted or 'nothing to resume.'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if not is_expected(err):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
