@@ -124,7 +124,8 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
     out = rectify_from_dir(
         args.model, args.pairs, args.out, config=TrainConfig.from_dict(_given(args, _TRAIN_FLAGS)),
         distill=args.distill, form=None if args.form is None else forms.load(args.form),
-        prediction=args.prediction, progress=not args.no_progress, **_source(args),
+        prediction=args.prediction, progress=not args.no_progress, verify=not args.no_verify,
+        allow_other_teacher=args.allow_other_teacher, **_source(args),
     )  # fmt: skip
     print(f"wrote {out}")
     return 0
@@ -233,6 +234,14 @@ def _add_model_dir_commands(sub: Any) -> None:
         "--form", default=None, help="train in this form (preset or TOML; classic Reflow: fm)"
     )
     p.add_argument("--prediction", default=None, help="train with this prediction (Reflow: flow)")
+    p.add_argument(
+        "--no-verify", action="store_true",
+        help="skip the shards' sha256 (sizes, shapes, dtypes, finiteness are still checked)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-other-teacher", action="store_true",
+        help="train on pairs made by another model, form or prediction than --model's",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)
 

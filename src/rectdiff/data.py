@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DataError
+
 __all__ = [
     "TOYS",
+    "check_finite",
     "DATASETS",
     "IMAGE_SUFFIXES",
     "load_data",
@@ -142,26 +145,60 @@ def from_file(path: str | Path) -> Labelled:
     ``"x"`` and optional ``"labels"``)."""
     path = Path(path)
     labels = None
-    if path.suffix == ".npy":
-        x = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict):
-            if "x" not in obj:
-                raise ValueError(f"{path}: a dict must hold the data under 'x', got {list(obj)}.")
-            x, labels = obj["x"], obj.get("labels")
-        else:
-            x = obj
-    else:
+    if path.suffix not in (".npy", ".pt", ".pth"):
         raise ValueError(
             f"{path}: unknown tensor file type {path.suffix!r}; use .npy, .pt or .pth."
         )
+    obj = _read_tensor_file(path)
+    if isinstance(obj, np.ndarray):
+        x = torch.from_numpy(obj)
+    elif isinstance(obj, dict):
+        if "x" not in obj:
+            raise DataError(f"{path}: a dict must hold the data under 'x', got {list(obj)}.")
+        x, labels = obj["x"], obj.get("labels")
+    else:
+        x = obj
     if not isinstance(x, Tensor) or x.ndim < 2:
-        raise ValueError(
+        raise DataError(
             f"{path}: expected a tensor of shape (N, ...) with N samples, got "
             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}."
         )
-    return x.float(), None if labels is None else torch.as_tensor(labels).long()
+    x = x.float()
+    check_finite(x, str(path))
+    return x, None if labels is None else torch.as_tensor(labels).long()
+
+
+def _read_tensor_file(path: Path) -> Any:
+    """The array (``.npy``) or object (``.pt``, weights only) in ``path``."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # numpy and torch raise several types for a damaged file
+        raise DataError(
+            f"{path}: not a readable {path.suffix} file ({' '.join(str(err).split())[:200]})."
+        ) from None
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Refuse data ``x`` (N, ...) that is empty or holds a NaN or infinity, naming the first
+    bad sample's index, so the error is found at load and not as a diverging loss.
+
+    Raises:
+        DataError: naming ``what``, the index, the value and how many samples are bad.
+    """
+    if x.shape[0] == 0:
+        raise DataError(f"{what}: no samples (shape {tuple(x.shape)}); give at least one.")
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        value = x[index].reshape(-1)[~torch.isfinite(x[index].reshape(-1))][0].item()
+        raise DataError(
+            f"{what}: sample {index} holds the non-finite value {value} ({int(bad.sum())} of "
+            f"{x.shape[0]} samples do); remove or fix them before training."
+        )
 
 
 def from_image_folder(path: str | Path, image_size: int | None = None) -> Labelled:
@@ -175,11 +212,14 @@ def from_image_folder(path: str | Path, image_size: int | None = None) -> Labell
     files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder.")
-    images = [Image.open(f) for f in files]
+    images = [_open_image(f) for f in files]
     mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
     arrays = []
     for f, im in zip(files, images, strict=True):
-        im = im.convert(mode)
+        try:
+            im = im.convert(mode)
+        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for a damaged file
+            raise DataError(f"{f}: not a readable image ({err}); remove or replace it.") from None
         if image_size is not None:
             im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(im, dtype=np.float32))
@@ -191,6 +231,17 @@ def from_image_folder(path: str | Path, image_size: int | None = None) -> Labell
     x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
     x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2)
     return x.contiguous(), None
+
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: not a readable image ({err}); remove or replace it.") from None
+    return image
 
 
 _TOY_FUNCTIONS: dict[str, Callable[..., Labelled]] = {

@@ -18,8 +18,10 @@ from accelerate import PartialState
 
 from ..forms import Form
 from ..predictions import check_prediction
+from ..rectify.coupling import load_pairs
 from ..rectify.pairs import generate_pairs
 from ..rectify.student import rectify
+from ..samplers import check_start
 from .model_sources import ModelSource, as_source, class_labels_fn, sample_shape
 
 __all__ = ["sample_shape", "class_labels_fn", "generate_pairs_from_dir", "rectify_from_dir"]
@@ -77,6 +79,8 @@ def rectify_from_dir(
     form: Form | None = None,
     prediction: str | None = None,
     progress: bool = True,
+    verify: bool = True,
+    allow_other_teacher: bool = False,
     **source: Any,
 ) -> Path:
     """Rectify a saved model on a pair store and save the student as the same kind of folder.
@@ -98,10 +102,18 @@ def rectify_from_dir(
         config: a :class:`~rectdiff.training.TrainConfig` (its defaults when None).
         distill: train only at t = t_max (one-step distillation).
         form, prediction: the student's form and prediction (default: the teacher's).
+        verify: check every shard's sha256 (False: ``--no-verify``; sizes, shapes, dtypes and
+            finiteness are checked either way, :mod:`rectdiff.rectify.verify`).
+        allow_other_teacher: train on pairs that another model made, or made in another form
+            or prediction than the teacher's (refused by default, naming the difference).
         source: the user's own network (:func:`~.model_sources.open_source`'s options).
 
     Returns:
         The student's folder.
+
+    Raises:
+        PairStoreError: the pair store is missing, damaged, or not this teacher's (naming the
+            shard and field); nothing is written then.
     """
     teacher = as_source(model_dir, **source)
     if prediction is not None:
@@ -109,9 +121,14 @@ def rectify_from_dir(
     out = teacher.check_out(out)
     if out.resolve() == Path(pairs).resolve():
         raise ValueError(f"out {str(out)!r} is the pair store; choose another folder.")
+    couplings = load_pairs(
+        pairs, verify=verify, model=teacher.model, form=teacher.form,
+        prediction=teacher.prediction, allow_other_model=allow_other_teacher,
+    )  # fmt: skip
     student, form, prediction = teacher.student(form, prediction)
+    check_start(form, prediction)  # a student that could not start sampling is refused now
     result = rectify(
-        student.train(), pairs, form=form, prediction=prediction, config=config,
+        student.train(), couplings, form=form, prediction=prediction, config=config,
         distill=distill, progress=progress,
     )  # fmt: skip
     if PartialState().is_main_process:

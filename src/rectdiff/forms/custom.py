@@ -19,7 +19,9 @@ from torch import Tensor
 
 from .base import Form
 
-__all__ = ["Custom", "compile_expression", "ALLOWED_FUNCTIONS", "ALLOWED_NAMES"]
+__all__ = [
+    "Custom", "compile_expression", "ALLOWED_FUNCTIONS", "ALLOWED_NAMES", "MAX_EXPRESSION_LENGTH",
+]  # fmt: skip
 
 _F64 = torch.float64
 
@@ -32,6 +34,8 @@ ALLOWED_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tan": torch.tan,
 }
 ALLOWED_NAMES = ("t", "pi")
+#: longest expression accepted (a schedule is a line; a huge one would exhaust the parser)
+MAX_EXPRESSION_LENGTH = 1000
 _BINARY = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -100,13 +104,24 @@ def compile_expression(source: str, label: str = "schedule") -> Fn:
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"{label} expression must be a non-empty string, got {source!r}.")
+    if len(source) > MAX_EXPRESSION_LENGTH:
+        raise ValueError(
+            f"{label} expression {source[:40]!r}... has {len(source)} characters; allowed: at "
+            f"most {MAX_EXPRESSION_LENGTH}. Shorten it, or pass a Python callable "
+            "(forms.Custom(alpha=fn, sigma=fn))."
+        )
     try:
         tree = ast.parse(source.strip(), mode="eval")
+        return _compile(tree, source.strip(), label)
     except SyntaxError as err:
         raise ValueError(
             f"{label} expression {source!r} is not valid: {err.msg} at column {err.offset}."
         ) from None
-    return _compile(tree, source.strip(), label)
+    except (RecursionError, MemoryError):
+        raise ValueError(
+            f"{label} expression {source[:40]!r}... is nested too deeply to parse; write it "
+            "with fewer nested parentheses and operators."
+        ) from None
 
 
 class Custom(Form):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..io.configs import check_argument_types
 from ..io.resources import data_dir
 from .base import Form
 from .custom import Custom
@@ -151,11 +152,13 @@ def from_config(config: dict[str, Any], source: str = "config") -> Form:
         missing = [k for k in _DIFFUSERS_KEYS if k not in schedule]
         if missing:
             raise ValueError(f"{source}: discrete-vp schedule is missing {', '.join(missing)}.")
+        check_argument_types(ddpm_betas, schedule, "schedule key", f"in {source}")
         config["betas"] = ddpm_betas(**schedule)
         config["label"] = name or (
             f"{schedule['beta_schedule']} {schedule['beta_start']}-{schedule['beta_end']}, "
             f"{schedule['num_train_timesteps']} steps"
         )
+    check_argument_types(cls.__init__, config, "schedule key", f"in {source}")
     return cls(**config)
 
 

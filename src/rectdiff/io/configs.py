@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping",
-    "read_toml", "read_toml_table", "check_types",
+    "read_toml", "read_toml_table", "check_types", "check_argument_types",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -73,9 +73,14 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
 
 
 def _annotation(field: dataclasses.Field[Any]) -> str:
-    hint = field.type
+    return _annotation_name(field.type)
+
+
+def _annotation_name(hint: Any) -> str:
     if isinstance(hint, str):
         return hint
+    if hint is inspect.Parameter.empty:
+        return "Any"
     return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
 
 
@@ -99,7 +104,34 @@ def check_types(cls: type, values: Mapping[str, Any], what: str = "key", where: 
     """Raise ``ValueError`` naming the key, value, its type and the expected type for the first
     value of ``values`` that does not fit its field of dataclass ``cls`` (``steps = 1.5`` for an
     ``int``); fields of other types (``Any``, objects) are not checked."""
-    hints = {f.name: _annotation(f) for f in dataclasses.fields(cls)}
+    _check_hints({f.name: _annotation(f) for f in dataclasses.fields(cls)}, values, what, where)
+
+
+def check_argument_types(
+    fn: Callable[..., Any], values: Mapping[str, Any], what: str = "key", where: str = ""
+) -> None:
+    """:func:`check_types` for the annotated parameters of ``fn`` (a class's ``__init__``), and
+    a ``ValueError`` naming every required parameter missing from ``values``. Values come from
+    a config file, so a ``Callable`` option of a union is not one a value can take."""
+    params = inspect.signature(fn).parameters.values()
+    named = [
+        p for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in values]
+    if missing:
+        place = f" {where}" if where else ""
+        raise ValueError(f"missing {what} {', '.join(missing)}{place}; it has no default.")
+    hints = {}
+    for p in named:
+        hint = p.annotation if isinstance(p.annotation, str) else _annotation_name(p.annotation)
+        options = [o.strip() for o in hint.split("|") if not o.strip().startswith("Callable")]
+        hints[p.name] = " | ".join(options)
+    _check_hints(hints, values, what, where)
+
+
+def _check_hints(
+    hints: Mapping[str, str], values: Mapping[str, Any], what: str, where: str
+) -> None:
     for key, value in values.items():
         if key in hints and _matches(value, hints[key]) is False:
             place = f" {where}" if where else ""

@@ -3,6 +3,8 @@
 pairs     generate_pairs: a teacher's deterministic (eps, x0_hat) couplings, sharded, resumable,
           independent of the number of processes
 store     the pair store on disk: manifest, safetensors shards, verification, PairDataset
+verify    a store checked before training: manifest, sizes, sha256, shapes, dtypes, finiteness,
+          and the model, form and prediction that made it
 coupling  Couplings in memory (eps, x0, cond), load_pairs, start_noise (the student's line)
 student   rectify (one retraining), rectify_rounds (k-rectified), RectifyConfig
 phased    rectify_phased: K windows, one first-order step each (Rectified Diffusion's phased
@@ -37,6 +39,7 @@ from .store import (
     verify_store,
 )
 from .student import AtTime, RectifyConfig, RoundResult, rectify, rectify_rounds
+from .verify import verified_shards, verify_pairs
 
 __all__ = [
     "Couplings", "start_noise", "Diffusion", "Reflow", "generate_pairs", "infer_shape", "process_state", "FORMAT_VERSION",
@@ -44,4 +47,5 @@ __all__ = [
     "shard_seed", "verify_store", "AtTime", "RectifyConfig", "RoundResult", "load_pairs",
     "rectify", "rectify_rounds", "rectify_phased", "phase_edges", "phased_loss",
     "window_couplings", "window_grid", "window_line", "WindowCouplings", "PhasedResult",
+    "verified_shards", "verify_pairs",
 ]  # fmt: skip

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..forms import Form
 from .store import PairDataset
+from .verify import verified_shards
 
 __all__ = ["Couplings", "load_pairs", "start_noise"]
 
@@ -74,13 +76,25 @@ class Couplings:
         return load_pairs(pairs)
 
 
-def load_pairs(pairs: PairDataset | str | os.PathLike[str]) -> Couplings:
+def load_pairs(
+    pairs: PairDataset | str | os.PathLike[str], *, verify: bool = True, **checks: Any
+) -> Couplings:
     """Every pair of a store in memory, with every stored conditioning tensor.
 
-    String conditioning (prompts) stays in the store; the Stable Diffusion path reads it.
+    A store given by its folder is checked as it is read, each shard file read once
+    (:func:`~.verify.verified_shards`: manifest, sizes, sha256 unless ``verify=False``,
+    shapes, dtypes, finiteness; and with ``checks`` such as ``model=``, ``form=``,
+    ``prediction=`` the store's origin). String conditioning (prompts) stays in the store;
+    the Stable Diffusion path reads it.
+
+    Raises:
+        PairStoreError: a missing, damaged or (with ``checks``) foreign store, naming the
+            shard and field.
     """
-    dataset = pairs if isinstance(pairs, PairDataset) else PairDataset(pairs)
-    shards = [dataset.shard(k) for k in range(dataset.num_shards)]
+    if isinstance(pairs, PairDataset):
+        shards = [pairs.shard(k) for k in range(pairs.num_shards)]
+    else:
+        shards = list(verified_shards(pairs, checksums=verify, **checks))
     keys = [k for k, v in shards[0].items() if k not in ("eps", "x0") and isinstance(v, Tensor)]
     return Couplings(
         eps=torch.cat([s["eps"] for s in shards]),

@@ -157,6 +157,12 @@ def _solver_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     if isinstance(options.get("t_grid"), Tensor):
         options["t_grid"] = options["t_grid"].tolist()
+    grid = options.get("t_grid")
+    if isinstance(grid, str) and grid not in samplers.TIME_GRIDS:
+        raise ValueError(
+            f"t_grid {grid!r} is not a time grid; allowed: {', '.join(samplers.TIME_GRIDS)} "
+            "(or a list of times)."
+        )
     return json.loads(json.dumps(options))
 
 
@@ -232,6 +238,7 @@ def _make_shard(
     data = safetensors_save({key: v.contiguous() for key, v in tensors.items()}, metadata=meta)
     write_bytes_atomic(root / entry["file"], data)
     entry["sha256"] = hashlib.sha256(data).hexdigest()
+    entry["bytes"] = len(data)
     entry["tensors"] = {
         key: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
         for key, v in tensors.items()
