@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
+# e.g. https://download.pytorch.org/whl/cpu: torch is installed from that index first (on Linux,
+# plain PyPI's torch is the CUDA build); empty: torch comes from PyPI with the rest
+TORCH_INDEX ?=
 
 .PHONY: test demo lint venv clean
 
@@ -13,6 +16,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX) "$$(grep '^torch==' requirements.txt)")
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
