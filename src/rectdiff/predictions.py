@@ -32,6 +32,7 @@ __all__ = [
     "DERIVED",
     "check_prediction",
     "to_x0_eps",
+    "x0_eps_weights",
     "from_x0_eps",
     "convert",
     "target",
@@ -98,6 +99,33 @@ def to_x0_eps(
     if src == "score":
         eps = -sigma * out
         return (x_t - sigma * eps) / alpha, eps
+    check_prediction(src, allow_derived=True)
+    raise AssertionError("unreachable")
+
+
+def x0_eps_weights(src: str, coefficients: tuple[float, float, float, float]) -> tuple[
+    float, float, float, float
+]:  # fmt: skip
+    """``(p, q, r, s)`` with ``x0 = p x_t + q out`` and ``eps = r x_t + s out``: the solution
+    of :func:`to_x0_eps` as weights, for a ``src`` prediction ``out`` at one time.
+
+    A sampler step that is linear in ``(x0, eps)`` is then linear in ``(x_t, out)``, so it can
+    be taken directly in the model's prediction (two tensor operations, no round trip).
+    ``coefficients`` = ``(alpha, sigma, d_alpha, d_sigma)`` at that time, as floats.
+    """
+    alpha, sigma, d_alpha, d_sigma = coefficients
+    if src == "eps":
+        return 1.0 / alpha, -sigma / alpha, 0.0, 1.0
+    if src == "x0":
+        return 0.0, 1.0, 1.0 / sigma, -alpha / sigma
+    if src == "v":
+        norm = alpha**2 + sigma**2
+        return alpha / norm, -sigma / norm, sigma / norm, alpha / norm
+    if src == "flow":
+        det = alpha * d_sigma - sigma * d_alpha
+        return d_sigma / det, -sigma / det, -d_alpha / det, alpha / det
+    if src == "score":  # eps = -sigma out
+        return 1.0 / alpha, sigma**2 / alpha, 0.0, -sigma
     check_prediction(src, allow_derived=True)
     raise AssertionError("unreachable")
 

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from ..forms import Form
 from ..predictions import check_prediction
+from ..training.losses import DiffusionLoss
+from ..training.time_samplers import TimeSampler
+from ..training.weightings import Weighting
 from .coupling import start_noise
 
 __all__ = ["Diffusion", "Reflow"]
@@ -55,10 +58,26 @@ class Diffusion(nn.Module):
         self.net = net
         self.form = form
         self.prediction = check_prediction(prediction)
-        self.time_sampler = time_sampler
-        self.weighting = weighting
-        self.loss_type = loss
+        # names, parameters and coefficient functions resolved here, once, not every step
+        self.objective = DiffusionLoss(
+            form, self.prediction, time_sampler=time_sampler, weighting=weighting, loss=loss
+        )
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+
+    @property
+    def time_sampler(self) -> TimeSampler:
+        """The training time sampler (resolved for ``form``)."""
+        return self.objective.time_sampler
+
+    @property
+    def weighting(self) -> Weighting:
+        """The loss weighting."""
+        return self.objective.weighting
+
+    @property
+    def loss_type(self) -> str:
+        """``"mse"`` or ``"pseudo_huber"``."""
+        return self.objective.loss
 
     def forward(
         self,
@@ -70,23 +89,9 @@ class Diffusion(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """The mean diffusion loss of the batch ``x0`` (``eps`` and ``t`` drawn unless given)."""
-        from ..training.losses import diffusion_loss
-
         if self.sample_shape is None:
             self.sample_shape = tuple(x0.shape[1:])
-        mean, _ = diffusion_loss(
-            self.net,
-            x0,
-            form=self.form,
-            prediction=self.prediction,
-            time_sampler=self.time_sampler,
-            weighting=self.weighting,
-            loss=self.loss_type,
-            eps=eps,
-            t=t,
-            cond=cond,
-            generator=generator,
-        )
+        mean, _ = self.objective(self.net, x0, eps=eps, t=t, cond=cond, generator=generator)
         return mean
 
     @torch.no_grad()

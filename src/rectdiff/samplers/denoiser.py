@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..forms import Coefficients, Form, as_time
-from ..predictions import check_prediction, to_x0_eps
+from ..predictions import check_prediction, to_x0_eps, x0_eps_weights
 
 __all__ = ["Denoiser", "check_start", "clamp_time"]
 
@@ -90,6 +90,8 @@ class Denoiser:
         if self.guidance is not None and batch_size is not None:
             self._batched = _concat_kwargs(self.uncond, self.cond, batch_size)
         self._points: dict[float, tuple[Tensor, Coefficients[float]]] = {}
+        self._inputs: dict[float, Tensor] = {}  # model time per batch, by clamped t
+        self._weights: dict[float, tuple[float, float, float, float]] = {}
         self.nfe = 0
 
     def coefficients(self, t: Tensor | float) -> Coefficients[float]:
@@ -118,16 +120,39 @@ class Denoiser:
             )
         return self._points[key]
 
-    def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
-        """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
-        t = clamp_time(self.form, t)
-        model_time = self._point(t)[0].to(device=x.device, dtype=x.dtype)
-        out = self._evaluate(x, model_time.expand(x.shape[0]))
+    def weights(self, t: Tensor | float) -> tuple[float, float, float, float]:
+        """``(p, q, r, s)`` with ``x0_pred = p x + q out`` and ``eps_pred = r x + s out`` for the
+        native output ``out`` at ``t`` (clamped), float64 numbers
+        (:func:`~rectdiff.predictions.x0_eps_weights`; cached)."""
+        key = clamp_time(self.form, t)
+        found = self._weights.get(key)
+        if found is None:
+            found = x0_eps_weights(self.prediction, tuple(self._point(key)[1]))
+            self._weights[key] = found
+        return found
+
+    def output(self, x: Tensor, t: Tensor | float, count: bool = True) -> Tensor:
+        """The model's native (guided) prediction at state ``x`` and time ``t`` (clamped)."""
+        key = clamp_time(self.form, t)
+        model_time = self._inputs.get(key)
+        if model_time is None or model_time.shape[0] != x.shape[0] or model_time.dtype != x.dtype:
+            model_time = self._point(key)[0].to(device=x.device, dtype=x.dtype)
+            model_time = self._inputs[key] = model_time.expand(x.shape[0])
+        out = self._evaluate(x, model_time)
         if count:
             self.nfe += 1 if self.guidance is None else 2
             if self.on_evaluation is not None:
                 self.on_evaluation()
-        return to_x0_eps(out, self.prediction, x, t, self.form, coefficients=self._point(t)[1])
+        return out
+
+    def convert(self, out: Tensor, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(x0_pred, eps_pred)`` of the native output ``out`` at ``(x, t)``."""
+        key = clamp_time(self.form, t)
+        return to_x0_eps(out, self.prediction, x, key, self.form, coefficients=self._point(key)[1])
+
+    def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
+        """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
+        return self.convert(self.output(x, t, count), x, t)
 
     def _evaluate(self, x: Tensor, model_time: Tensor) -> Tensor:
         if self.guidance is None:

@@ -63,22 +63,63 @@ def _clamped(denoise: Denoiser, t: Tensor) -> Coefficients[float]:
     return denoise.coefficients(clamp_time(denoise.form, t))
 
 
+def _euler_weights(denoise: Denoiser, t: float, t_next: float) -> tuple[float, float]:
+    """``(a, b)`` with Euler's step ``x + h (alpha' x0_pred + sigma' eps_pred) = a x + b out``
+    in the model's native output ``out`` at ``t`` (:meth:`Denoiser.weights`); a flow
+    prediction is the velocity itself: ``(1, h)``."""
+    h = t_next - t
+    if denoise.prediction == "flow":
+        return 1.0, h
+    p, q, r, s = denoise.weights(t)
+    _, _, d_alpha, d_sigma = _clamped(denoise, t)
+    return 1.0 + h * (d_alpha * p + d_sigma * r), h * (d_alpha * q + d_sigma * s)
+
+
+def _first_order_weights(denoise: Denoiser, t: float, t_next: float) -> tuple[float, float]:
+    """``(a, b)`` with the first-order step ``alpha_s x0_pred + sigma_s eps_pred = a x + b out``
+    from ``t`` to ``s = t_next``, in the model's native output at ``t``."""
+    p, q, r, s = denoise.weights(t)
+    alpha_next, sigma_next, _, _ = denoise.coefficients(t_next)
+    return alpha_next * p + sigma_next * r, alpha_next * q + sigma_next * s
+
+
+def _linear_step(a: float, x: Tensor, b: float, out: Tensor) -> Tensor:
+    """``a x + b out`` in one fused operation where ``a`` is 1 (an Euler step on a flow)."""
+    if a == 1.0:
+        return torch.add(x, out, alpha=b)
+    return torch.add(a * x, out, alpha=b)
+
+
+def _record(
+    denoise: Denoiser, callback: Callback | None, k: int, x: Tensor, t: float, out: Tensor
+) -> None:
+    """Hand ``(k, x, x0_pred, eps_pred)`` to ``callback``; the conversion is made only then."""
+    if callback is not None:
+        callback(k, x, *denoise.convert(out, x, t))
+
+
 def euler(
     denoise: Denoiser, x: Tensor, t: Tensor, callback: Callback | None = None, **_: Any
 ) -> Tensor:
     """Euler's method on the probability-flow ODE in t; first order, one NFE per step.
 
+    Each step ``x + h (alpha' x0_pred + sigma' eps_pred)`` is taken in the model's own
+    prediction as ``a x + b out`` (:func:`_euler_weights`; ``x + h out`` for a flow model),
+    the weights float64 numbers from the cached coefficients.
+
     Endpoint: the ODE solution at t_end, except that a last step to sigma = 0 or below t_min
     is the first-order step ``alpha x0_pred + sigma eps_pred`` (EDM's last Euler step in
     sigma/alpha), returning E[x0 | x_t] at sigma = 0.
     """
-    for k in range(len(t) - 1):
-        x0_pred, eps_pred = denoise(x, t[k])
-        if callback is not None:
-            callback(k, x, x0_pred, eps_pred)
-        if k == len(t) - 2 and _leaves_range(denoise, t[k + 1]):
-            return _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
-        x = x + float(t[k + 1] - t[k]) * _velocity(_clamped(denoise, t[k]), x0_pred, eps_pred)
+    times = t.tolist()
+    for k in range(len(times) - 1):
+        out = denoise.output(x, times[k])
+        _record(denoise, callback, k, x, times[k], out)
+        if k == len(times) - 2 and _leaves_range(denoise, t[k + 1]):
+            a, b = _first_order_weights(denoise, times[k], times[k + 1])
+        else:
+            a, b = _euler_weights(denoise, times[k], times[k + 1])
+        x = _linear_step(a, x, b, out)
     return x
 
 
@@ -112,14 +153,16 @@ def ddim(
 
     DDIM (Song et al. 2021a, eq. 12, eta = 0) = DPM-Solver-1 (Lu et al. 2022, eq. 3.7) = Euler
     in ``y = x/alpha`` against ``s = sigma/alpha``; exact in any form whenever x0_pred is
-    constant along the trajectory. One NFE per step. Endpoint: at sigma(t_end) = 0 the
+    constant along the trajectory. Taken in the model's own prediction as ``a x + b out``
+    (:func:`_first_order_weights`). One NFE per step. Endpoint: at sigma(t_end) = 0 the
     x0-prediction E[x0 | x_t] of the last evaluation.
     """
-    for k in range(len(t) - 1):
-        x0_pred, eps_pred = denoise(x, t[k])
-        if callback is not None:
-            callback(k, x, x0_pred, eps_pred)
-        x = _first_order_step(denoise.coefficients(t[k + 1]), x0_pred, eps_pred)
+    times = t.tolist()
+    for k in range(len(times) - 1):
+        out = denoise.output(x, times[k])
+        _record(denoise, callback, k, x, times[k], out)
+        a, b = _first_order_weights(denoise, times[k], times[k + 1])
+        x = _linear_step(a, x, b, out)
     return x
 
 
@@ -170,10 +213,11 @@ def _finish(
 
     ``last`` = ``[t, state, prediction]`` of the solve's last evaluation: dopri5 evaluates the
     accepted end state ("first same as last"), so when it is the final step's input (same t up
-    to rounding, equal state) the step reuses it instead of another NFE."""
+    to rounding, equal state) the step reuses it instead of another NFE. A solve ending at
+    t = 0 evaluates its last stage at a subnormal t (5e-324), hence the absolute tolerance."""
     if final_jump:
         t_last, x_last = float(ode_t[-1]), states[-1]
-        reuse = last and math.isclose(last[0], t_last, rel_tol=1e-12)
+        reuse = last and math.isclose(last[0], t_last, rel_tol=1e-12, abs_tol=1e-300)
         if reuse and torch.equal(last[1], x_last):
             prediction = last[2]
         else:

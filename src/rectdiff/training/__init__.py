@@ -3,8 +3,10 @@
 time_samplers   p(t): uniform, logit_normal, u_shaped, uniform_logsnr, discrete,
                 equalized, AtTime; the TIME_SAMPLERS registry
 weightings      loss weightings (none, snr, min_snr) and the weight over logsnr any set-up
-                implies (implied_weighting, equalize; Kingma & Gao 2023)
-losses          diffusion_loss (MSE or pseudo-Huber on any prediction's target)
+                implies (implied_weighting, equalize by importance sampling; Kingma & Gao
+                2023); effective_sample_size / weighting_ess of a batch's loss weights
+losses          diffusion_loss (MSE or pseudo-Huber on any prediction's target) and
+                DiffusionLoss, the same resolved once for a hot loop
 config          TrainConfig (a dataclass loaded from TOML)
 batches         resumable in-memory / DataLoader batch streams
 trainer         Trainer and train(): accelerate, EMA, LR schedule, checkpoints, resume
@@ -13,7 +15,7 @@ trainer         Trainer and train(): accelerate, EMA, LR schedule, checkpoints, 
 from __future__ import annotations
 
 from .config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
-from .losses import LOSSES, default_huber_c, diffusion_loss
+from .losses import LOSSES, DiffusionLoss, default_huber_c, diffusion_loss
 from .time_samplers import (
     TIME_SAMPLERS,
     AtTime,
@@ -30,6 +32,7 @@ from .time_samplers import (
 from .trainer import NonFiniteLossError, Trainer, TrainResult, train
 from .weightings import (
     WEIGHTINGS,
+    EqualizedWeighting,
     InverseFactorWeighting,
     MinSNRWeighting,
     NoWeighting,
@@ -37,17 +40,20 @@ from .weightings import (
     Weighting,
     X0Weighting,
     common_logsnr_range,
+    effective_sample_size,
     equalize,
     implied_weighting,
     loss_weighting,
     prediction_factor,
+    weighting_ess,
 )
 
 __all__ = [
-    "TrainConfig", "LR_SCHEDULES", "MIXED_PRECISION", "LOSSES", "default_huber_c",
+    "TrainConfig", "LR_SCHEDULES", "MIXED_PRECISION", "LOSSES", "DiffusionLoss", "default_huber_c",
     "diffusion_loss", "TIME_SAMPLERS", "AtTime", "Discrete", "Equalized", "LogitNormal",
     "TimeSampler", "Uniform", "UniformLogSNR", "UShaped", "dlogsnr_dt", "time_sampler",
     "NonFiniteLossError", "Trainer", "TrainResult", "train", "WEIGHTINGS",
     "InverseFactorWeighting", "MinSNRWeighting", "NoWeighting", "SNRWeighting", "Weighting", "X0Weighting",
-    "common_logsnr_range", "equalize", "implied_weighting", "loss_weighting", "prediction_factor",
+    "EqualizedWeighting", "common_logsnr_range", "effective_sample_size", "equalize",
+    "implied_weighting", "loss_weighting", "prediction_factor", "weighting_ess",
 ]  # fmt: skip

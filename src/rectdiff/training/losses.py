@@ -19,14 +19,16 @@ import torch
 from torch import Tensor
 
 from ..forms import Form, as_time
-from ..predictions import check_prediction, check_time_range, target
+from ..predictions import check_prediction, check_time_range
 from .time_samplers import TimeSampler, time_sampler
-from .weightings import Weighting, loss_weighting
+from .weightings import Weighting, effective_sample_size, loss_weighting
 
 __all__ = [
     "LOSSES",
+    "DiffusionLoss",
     "default_huber_c",
     "diffusion_loss",
+    "distance",
     "drop_conditioning",
     "reduce_loss",
     "sampler_for",
@@ -40,6 +42,119 @@ LOSSES = ("mse", "pseudo_huber")
 def default_huber_c(x0: Tensor) -> float:
     """Song & Dhariwal 2023's pseudo-Huber constant ``c = 0.00054 sqrt(dim)``, dim per sample."""
     return 0.00054 * math.sqrt(x0[0].numel())
+
+
+class DiffusionLoss:
+    """:func:`diffusion_loss` with its form, prediction, time sampler, weighting and distance
+    resolved once, at construction: the training step then runs no name look-ups or
+    parameter checks, only tensor arithmetic.
+
+    Per step it draws ``t`` (float64, from the sampler) and ``eps``, evaluates the
+    coefficients it needs in float64 (``alpha``, ``sigma``, the model time and, for a v or
+    flow target, that target's two coefficients), casts them to the data's dtype in one
+    call and forms ``x_t = alpha x0 + sigma eps`` and the target
+    (:func:`~rectdiff.predictions.target`'s formulas, so the numbers are the same).
+
+    Args:
+        form, prediction, time_sampler, weighting, loss, huber_c: as :func:`diffusion_loss`.
+
+    Raises:
+        ValueError: for an unknown prediction, loss, time sampler or weighting.
+    """
+
+    def __init__(
+        self,
+        form: Form,
+        prediction: str,
+        *,
+        time_sampler: str | TimeSampler = "uniform",
+        weighting: str | Weighting = "none",
+        loss: str = "mse",
+        huber_c: float | None = None,
+    ) -> None:
+        self.form = form
+        self.prediction = check_prediction(prediction)
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
+        self.loss, self.huber_c = loss, huber_c
+        self.time_sampler = sampler_for(time_sampler, form)
+        self.weighting = loss_weighting(weighting)
+        #: set ``track_ess`` to keep the effective sample size of each batch's loss weights
+        #: (``weightings.effective_sample_size``) in ``last_ess`` (a 0-d tensor; stays None
+        #: for an unweighted loss, whose ESS is 1)
+        self.track_ess = False
+        self.last_ess: Tensor | None = None
+
+    def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, ...]:
+        """``(model_time, alpha, sigma[, a, b])`` at float64 ``t`` in ``like``'s dtype: the model
+        time of shape ``(B,)``, the rest shaped to broadcast over ``like``; ``a, b`` are the
+        target's coefficients (``alpha, sigma`` for v, ``alpha', sigma'`` for flow)."""
+        form = self.form
+        rows = [form.model_time(t), form.alpha(t), form.sigma(t)]
+        if self.prediction == "v":
+            rows += rows[1:3]
+        elif self.prediction == "flow":
+            rows += [form.d_alpha(t), form.d_sigma(t)]
+        table = torch.stack(rows).to(like.dtype)
+        shaped = table.view(len(rows), *like.shape[:1], *([1] * (like.ndim - 1)))
+        return (table[0], *shaped[1:])
+
+    def __call__(
+        self,
+        model: Any,
+        x0: Tensor,
+        *,
+        eps: Tensor | None = None,
+        t: Any = None,
+        cond: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(mean_loss, per_sample_loss)`` of ``model`` on the batch ``x0`` (see
+        :func:`diffusion_loss`)."""
+        form, batch = self.form, x0.shape[0]
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        elif eps.shape != x0.shape:
+            raise ValueError(
+                f"x0 and eps must have the same shape, got {tuple(x0.shape)} and "
+                f"{tuple(eps.shape)}."
+            )
+        if t is None:
+            t = self.time_sampler.sample(batch, generator, x0.device)
+        else:
+            t = as_time(t).to(x0.device)
+            check_time_range(t, form)
+            if t.ndim == 0:
+                t = t.expand(batch)
+            elif t.shape != (batch,):
+                raise ValueError(
+                    f"t must be a scalar or have shape (B,) = ({batch},) to match a batch of "
+                    f"shape {tuple(x0.shape)}; got shape {tuple(t.shape)}."
+                )
+        model_time, alpha, sigma, *ab = self.coefficients(t, x0)
+        x_t = alpha * x0 + sigma * eps
+        out = model(x_t, model_time, **(cond or {}))
+        if self.prediction == "eps":
+            diff = out - eps
+        elif self.prediction == "x0":
+            diff = out - x0
+        elif self.prediction == "v":  # v = alpha eps - sigma x0
+            diff = out - (ab[0] * eps - ab[1] * x0)
+        else:  # flow u = alpha' x0 + sigma' eps
+            diff = out - (ab[0] * x0 + ab[1] * eps)
+        per_sample = distance(diff, self.loss, self.huber_c)
+        if not self.weighting.identity:
+            weight = self.weighting(t, form=form, prediction=self.prediction)
+            per_sample = per_sample * weight.to(per_sample)
+            if self.track_ess:
+                self.last_ess = effective_sample_size(weight)
+        return per_sample.mean(), per_sample
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionLoss({self.form!r}, {self.prediction!r}, time_sampler="
+            f"{self.time_sampler!r}, weighting={self.weighting!r}, loss={self.loss!r})"
+        )
 
 
 def diffusion_loss(
@@ -58,6 +173,9 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The diffusion loss of ``model`` on the batch ``x0``.
+
+    A hot loop builds a :class:`DiffusionLoss` once instead (or passes sampler and
+    weighting objects, never names, as :class:`~rectdiff.training.trainer.Trainer` does).
 
     Args:
         model: called as ``model(x_t, form.model_time(t), **cond)``.
@@ -79,24 +197,11 @@ def diffusion_loss(
     Raises:
         ValueError: for an unknown prediction or loss, or given t outside the safe range.
     """
-    check_prediction(prediction)
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
-    batch = x0.shape[0]
-    if eps is None:
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if t is None:
-        t = sampler_for(time_sampler, form).sample(batch, generator, x0.device)
-    else:
-        t = as_time(t).to(x0.device)
-        check_time_range(t, form)
-        if t.ndim == 0:
-            t = t.expand(batch)
-    x_t = form.add_noise(x0, eps, t)
-    out = model(x_t, form.model_time(t).to(x0.dtype), **(cond or {}))
-    diff = out - target(x0, eps, t, prediction=prediction, form=form)
-    return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
-                       weighting=weighting)  # fmt: skip
+    objective = DiffusionLoss(
+        form, prediction, time_sampler=time_sampler, weighting=weighting, loss=loss,
+        huber_c=huber_c,
+    )  # fmt: skip
+    return objective(model, x0, eps=eps, t=t, cond=cond, generator=generator)
 
 
 def reduce_loss(
@@ -112,16 +217,21 @@ def reduce_loss(
     """``(mean, per_sample)`` loss of a ``(B, ...)`` prediction error: the MSE over the
     dimensions, or the pseudo-Huber ``sqrt(||diff||^2 + c^2) - c`` (Song & Dhariwal 2023),
     times the weighting at ``t``."""
-    diff = diff.flatten(1)
-    if loss == "mse":
-        per_sample = diff.square().mean(1)
-    else:
-        c = default_huber_c(diff) if huber_c is None else float(huber_c)
-        per_sample = torch.sqrt(diff.square().sum(1) + c * c) - c
-    weight_fn = loss_weighting(weighting)
+    per_sample = distance(diff, loss, huber_c)
+    weight_fn = weighting if isinstance(weighting, Weighting) else loss_weighting(weighting)
     if not weight_fn.identity:
         per_sample = per_sample * weight_fn(t, form=form, prediction=prediction).to(per_sample)
     return per_sample.mean(), per_sample
+
+
+def distance(diff: Tensor, loss: str = "mse", huber_c: float | None = None) -> Tensor:
+    """The per-sample distance of a ``(B, ...)`` prediction error: the MSE over the dimensions,
+    or the pseudo-Huber ``sqrt(||diff||^2 + c^2) - c`` (Song & Dhariwal 2023)."""
+    diff = diff.flatten(1)
+    if loss == "mse":
+        return diff.square().mean(1)
+    c = default_huber_c(diff) if huber_c is None else float(huber_c)
+    return torch.sqrt(diff.square().sum(1) + c * c) - c
 
 
 def sampler_for(name_or_obj: str | TimeSampler, form: Form) -> TimeSampler:

@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from ..io.files import publish_folder, write_text_atomic
 from ..predictions import check_prediction
 from .batches import LoaderBatches, TensorBatches
 from .config import TrainConfig
-from .losses import diffusion_loss
+from .losses import DiffusionLoss, diffusion_loss
 from .time_samplers import time_sampler
 from .weightings import loss_weighting
 
@@ -81,6 +81,9 @@ class TrainResult:
         step: the last step trained.
         checkpoint: the last checkpoint written or loaded, if any.
         ema: the ``EMAModel``, when EMA was on.
+        ess: effective sample size of every step's loss weights, ``(sum w)^2 / (n sum w^2)``
+            over the batch (``weightings.effective_sample_size``; 1 for an unweighted loss),
+            aligned with ``losses``; empty for a custom ``loss_fn``.
     """
 
     model: nn.Module
@@ -88,6 +91,7 @@ class TrainResult:
     step: int
     checkpoint: Path | None = None
     ema: EMAModel | None = None
+    ess: list[float] = field(default_factory=list)
 
 
 class _State:
@@ -101,6 +105,7 @@ class _State:
         return {
             "step": tr.step_count,
             "losses": list(tr.losses),
+            "ess": list(tr.ess),
             "data_generator": tr.data_generator.get_state(),
             "batches": tr.batches.state_dict(),
             "ema": None if tr.ema is None else tr.ema.state_dict(),
@@ -109,6 +114,7 @@ class _State:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tr = self.trainer
         tr.step_count, tr.losses = int(state["step"]), list(state["losses"])
+        tr.ess = list(state.get("ess", []))
         tr.data_generator.set_state(state["data_generator"])
         if isinstance(tr.batches, LoaderBatches):
             tr.batches.load_state_dict(state["batches"], tr.accelerator)
@@ -162,6 +168,15 @@ class Trainer:
         plain = acc.scaler is None and acc.distributed_type != DistributedType.XLA
         raw = self.optimizer.optimizer if plain else self.optimizer
         self._optimizer_step, self._zero_grad = raw.step, raw.zero_grad
+        # One micro-batch per step and nothing for accelerate to scale or sync: its
+        # accumulate() context is then a no-op and its backward() divides the loss by 1,
+        # so the hot loop calls loss.backward() itself (the same gradients, bit for bit).
+        self._direct = (
+            plain
+            and config.grad_accum == 1
+            and acc.gradient_accumulation_steps == 1
+            and acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        )
         self.ema = (
             EMAModel(self.params, decay=config.ema_decay, foreach=True)
             if config.ema_decay > 0
@@ -173,7 +188,19 @@ class Trainer:
         self.batches: TensorBatches | LoaderBatches = self._batches(data_or_loader)
         self.sampler = time_sampler(config.time_sampler, form, **config.time_sampler_params)
         self.weighting = loss_weighting(config.weighting, **config.weighting_params)
+        self._objective = (
+            DiffusionLoss(
+                form, prediction, time_sampler=self.sampler, weighting=self.weighting,
+                loss=config.loss, huber_c=config.huber_c,
+            )
+            if loss_fn is diffusion_loss
+            else None
+        )  # fmt: skip
+        if self._objective is not None:
+            self._objective.track_ess = not self.weighting.identity
         self.step_count, self.losses = 0, []
+        self.ess: list[float] = []
+        self._pending_ess: list[Tensor] = []
         self.last_checkpoint: Path | None = None
         self._pending: list[Tensor] = []
         acc.register_for_checkpointing(_State(self))
@@ -223,15 +250,16 @@ class Trainer:
         # gathering per-process generator states (ints and tuples of ints hash unsalted)
         step_seed = hash((config.seed, acc.process_index, self.step_count)) & (2**63 - 1)
         self.noise_generator.manual_seed(step_seed)
+        return self._direct_step() if self._direct else self._accumulated_step()
+
+    def _accumulated_step(self) -> Tensor:
+        """:meth:`step`'s body through accelerate's ``accumulate`` and ``backward``."""
+        acc, config = self.accelerator, self.config
         total = None
         for _ in range(config.grad_accum):
             eps, x0, cond = self._unpack(next(self.batches))
             with acc.accumulate(self.model):
-                loss, _ = self.loss_fn(
-                    self.model, x0, form=self.form, prediction=self.prediction,
-                    time_sampler=self.sampler, weighting=self.weighting, loss=config.loss,
-                    huber_c=config.huber_c, eps=eps, cond=cond, generator=self.noise_generator,
-                )  # fmt: skip
+                loss = self._loss(x0, eps, cond)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if config.grad_clip > 0:
@@ -244,6 +272,37 @@ class Trainer:
             self.ema.step(self.params)
         self.step_count += 1
         return total / config.grad_accum if config.grad_accum > 1 else total
+
+    def _loss(self, x0: Tensor, eps: Tensor | None, cond: dict[str, Any]) -> Tensor:
+        """The mean loss of one micro-batch (the resolved objective for the default loss)."""
+        if self._objective is not None:
+            loss, _ = self._objective(
+                self.model, x0, eps=eps, cond=cond, generator=self.noise_generator
+            )
+            return loss
+        config = self.config
+        loss, _ = self.loss_fn(
+            self.model, x0, form=self.form, prediction=self.prediction,
+            time_sampler=self.sampler, weighting=self.weighting, loss=config.loss,
+            huber_c=config.huber_c, eps=eps, cond=cond, generator=self.noise_generator,
+        )  # fmt: skip
+        return loss
+
+    def _direct_step(self) -> Tensor:
+        """:meth:`step`'s body for one micro-batch without scaler, XLA or DeepSpeed."""
+        config = self.config
+        eps, x0, cond = self._unpack(next(self.batches))
+        loss = self._loss(x0, eps, cond)
+        loss.backward()
+        if config.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.params, config.grad_clip)
+        self._optimizer_step()
+        self.scheduler.step()
+        self._zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        self.step_count += 1
+        return loss.detach()
 
     # --- loss history and checkpoints -------------------------------------------------
     def _flush(self) -> None:
@@ -261,6 +320,16 @@ class Trainer:
             if not math.isfinite(value):
                 raise NonFiniteLossError(first_step + i, value, self.last_checkpoint)
         self.losses.extend(values)
+        if self._objective is None:
+            return
+        if not self._pending_ess:  # an unweighted loss: every sample counts alike
+            self.ess.extend([1.0] * len(values))
+            return
+        ess = torch.stack(self._pending_ess).float()
+        if self.accelerator.num_processes > 1:
+            ess = self.accelerator.reduce(ess, reduction="mean")
+        self._pending_ess.clear()
+        self.ess.extend(ess.cpu().tolist())
 
     def checkpoint_root(self) -> Path | None:
         """``out_dir/checkpoints`` or None."""
@@ -327,11 +396,16 @@ class Trainer:
         with bar:
             while self.step_count < config.steps:
                 self._pending.append(self.step())
+                if self._objective is not None and self._objective.track_ess:
+                    self._pending_ess.append(self._objective.last_ess)
                 bar.update(1)
                 done = self.step_count == config.steps
                 if self.step_count % config.log_every == 0 or done:
                     self._flush()
-                    bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
+                    postfix = {"loss": f"{self.losses[-1]:.4g}"}
+                    if self._pending_ess or (self.ess and self.ess[-1] != 1.0):
+                        postfix["ess"] = f"{self.ess[-1]:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
                 if (
                     config.checkpoint_every
                     and config.out_dir is not None
@@ -345,8 +419,9 @@ class Trainer:
             self.ema.copy_to(self.params)
         model.eval()
         return TrainResult(
-            model, list(self.losses), self.step_count, self.last_checkpoint, self.ema
-        )
+            model, list(self.losses), self.step_count, self.last_checkpoint, self.ema,
+            list(self.ess),
+        )  # fmt: skip
 
 
 def new_accelerator(config: TrainConfig) -> Accelerator:

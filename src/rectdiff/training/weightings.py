@@ -48,12 +48,15 @@ __all__ = [
     "MinSNRWeighting",
     "InverseFactorWeighting",
     "X0Weighting",
+    "EqualizedWeighting",
     "WEIGHTINGS",
     "loss_weighting",
     "prediction_factor",
     "implied_weighting",
     "equalize",
     "common_logsnr_range",
+    "effective_sample_size",
+    "weighting_ess",
 ]
 
 
@@ -168,6 +171,30 @@ class X0Weighting(Weighting):
         return prediction_factor(form, "x0", t64) / prediction_factor(form, prediction, t64)
 
 
+class EqualizedWeighting(Weighting):
+    """weight = ``w_ref / (c_pred^2 q)``: the importance weight of an :class:`Equalized` sampler
+    (:meth:`Equalized.importance_weight`), nearly constant for the prediction it was built for.
+
+    Built by :func:`equalize` with its sampler; not in :data:`WEIGHTINGS` (it needs one).
+    """
+
+    name = "equalized"
+
+    def __init__(self, sampler: Equalized) -> None:
+        self.sampler = sampler
+
+    def params(self) -> dict[str, Any]:
+        return {"sampler": self.sampler}
+
+    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
+        if form is not self.sampler.form and form != self.sampler.form:
+            raise ValueError(
+                f"this equalized weighting was built for {self.sampler.form!r}, not {form!r}; "
+                "build it with equalize() for that form."
+            )
+        return self.sampler.importance_weight(t, prediction)
+
+
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,
     "snr": SNRWeighting,
@@ -255,12 +282,14 @@ def equalize(
 ) -> tuple[Equalized, InverseFactorWeighting]:
     """The time sampler and weighting that give ``form``/``prediction`` a reference w(lambda).
 
-    logsnr is sampled from ``reference_weight`` restricted to ``logsnr_range`` (normalised,
-    piecewise linear on ``grid_size`` nodes) and mapped to t; the weighting
-    ``total / c_pred(t)^2`` cancels the prediction factor. The implied weighting is then the
-    reference weight itself (its interpolant) on that range, in absolute scale, so losses
-    stay comparable at equal learning rates. To compare forms, pass every form the same
-    reference and ``logsnr_range=common_logsnr_range(*forms)``.
+    Importance sampling in logsnr: lambda is drawn with density ``q ∝ w_ref / c_pred^2``
+    (restricted to ``logsnr_range``, piecewise linear on ``grid_size`` nodes) and mapped to
+    t, and each sample is weighted by ``w_ref / (c_pred^2 q)`` (:class:`EqualizedWeighting`),
+    which is nearly the constant ``int w_ref / c_pred^2 dlambda``: the whole batch carries
+    weight (:func:`weighting_ess` ~1). The implied weighting is the reference weight itself
+    (its interpolant) on that range, in absolute scale, so losses stay comparable at equal
+    learning rates. To compare forms, pass every form the same reference and
+    ``logsnr_range=common_logsnr_range(*forms)``.
 
     Args:
         form: the form to train.
@@ -281,5 +310,38 @@ def equalize(
             f"logsnr_range ({lo:.6g}, {hi:.6g}) must lie inside the range "
             f"({range_lo:.6g}, {range_hi:.6g}) of {form!r}; use common_logsnr_range(*forms)."
         )
-    sampler = Equalized(form, reference_weight, lo, hi, grid_size)
-    return sampler, InverseFactorWeighting(sampler.total)
+    sampler = Equalized(form, reference_weight, lo, hi, grid_size, prediction=prediction)
+    return sampler, EqualizedWeighting(sampler)
+
+
+def effective_sample_size(weights: Tensor) -> Tensor:
+    """Kish's effective sample size as a fraction of the batch, ``(sum w)^2 / (n sum w^2)``.
+
+    1 when every sample carries the same weight, ``1/n`` when one carries all of it; the
+    batch then trains like ``ESS * n`` samples of equal weight.
+    """
+    weights = weights.detach().flatten()
+    return weights.sum() ** 2 / (len(weights) * weights.square().sum())
+
+
+def weighting_ess(
+    form: Form,
+    prediction: str,
+    time_sampler: str | TimeSampler,
+    weighting: str | Weighting,
+    n: int = 65536,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The :func:`effective_sample_size` of a training set-up's loss weights over ``n`` times
+    drawn from its sampler: what a batch of that size keeps of its samples, with no training.
+
+    1 for an unweighted loss; :func:`equalize`'s importance sampling keeps it near 1 for any
+    form, prediction and reference.
+    """
+    check_prediction(prediction)
+    weight_fn = loss_weighting(weighting)
+    if weight_fn.identity:
+        return 1.0
+    sampler = build_time_sampler(time_sampler, form)
+    t = sampler.sample(n, generator if generator is not None else torch.Generator().manual_seed(0))
+    return float(effective_sample_size(weight_fn(t, form=form, prediction=prediction)))
