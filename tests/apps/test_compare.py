@@ -16,6 +16,7 @@ from rectdiff.apps.compare.config import (
     quick_config,
 )
 from rectdiff.apps.compare.evaluate import evaluate_model, standard_noise
+from rectdiff.apps.compare.figures import draw_result_figures
 from rectdiff.apps.compare.hyperparameters import (
     cell_train_config,
     implied_weightings,
@@ -289,10 +290,13 @@ def test_every_cell_network_sees_time_on_one_scale():
         torch.testing.assert_close(seen[name], t.float(), rtol=0, atol=1e-6)
 
 
-def test_phased_stage_steps_on_its_windows_at_the_reflow_budget(tmp_path):
-    """``[rectify] phases = 2``: a phased student beside the rectified one, its windows the
-    2-step evaluation grid, the same teacher budget, in the methods table of the report."""
-    config = tiny(**{"rectify.phases": 2, "grid.forms": ["fm"], "grid.predictions": ["v"]})
+def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
+    """``[rectify] methods = ["reflow", "reflow+distill", "phased"]``, ``phases = 2``: the
+    phased student's windows are the 2-step evaluation grid at one reflow round's budget; the
+    distilled student is the reflow student distilled on its own pairs (twice the budget);
+    all three in the methods table and with a quality-against-NFE figure each."""
+    config = tiny(**{"rectify.phases": 2, "rectify.methods": ["reflow", "reflow+distill",
+                     "phased"], "grid.forms": ["fm"], "grid.predictions": ["v"]})  # fmt: skip
     results = run_compare(config, tmp_path, progress=False)
     model, form, prediction = load_model_dir(tmp_path / "models" / "fm_v" / "phased")
     edges = sampling_grid(form, 2, config)
@@ -309,15 +313,50 @@ def test_phased_stage_steps_on_its_windows_at_the_reflow_budget(tmp_path):
     assert record["sliced_w2"] == direct["sliced_w2"]
     cell = results["cells"][0]
     assert cell["budgets"]["phased"] == cell["budgets"]["rectified"] == 256 * 8
+    assert cell["budgets"]["distilled"] == 2 * 256 * 8
+    steps = config.rectify.config.train.steps
+    assert cell["student_steps"] == {"rectified": steps, "phased": steps, "distilled": 2 * steps}
+    distilled = json.loads((tmp_path / "models" / "fm_v" / "distilled" / "model.json").read_text())
+    assert distilled["info"]["from"] == "rectified"
+    assert distilled["info"]["pairs"] == "pairs/fm_v/distill"
+    written = {p.name for p in draw_result_figures(results, tmp_path / "figures")}
+    for slug in ("reflow", "reflow_distill", "phased"):
+        assert f"quality_vs_nfe_{slug}_v.png" in written
     diag_noise = standard_noise((2,), config.evaluation.n_diagnostic, config.seed, "diagnostics")
     traj = samplers.sample(model, diag_noise, form=form, prediction=prediction, solver="ddim",
                            t_grid=window_grid(form, edges, 8), return_trajectory=True)  # fmt: skip
     direct = float(diagnostics.window_first_order_deviation(traj, edges).mean())
     assert cell["diagnostics"]["phased"]["window_first_order_deviation"] == direct
     report = (tmp_path / "report.md").read_text()
-    assert "### Few-step methods: sliced_w2" in report and "| phased | fm | v |" in report
+    assert "### Few-step methods: sliced_w2" in report
+    for method in ("reflow", "reflow+distill", "phased"):
+        assert f"| {method} | fm | v |" in report
     with pytest.raises(ValueError, match=r"\[rectify\] phases must be an integer >= 0.*-1"):
         tiny(**{"rectify.phases": -1})
+
+
+@pytest.mark.parametrize(
+    "changes, pattern",
+    [
+        ({"rectify.methods": ["reflow", "consistency"]},
+         r"unknown \[rectify\] method 'consistency'; allowed: reflow, reflow\+distill, phased"),
+        ({"rectify.methods": "phased"}, r"methods must be a non-empty list.*got 'phased'"),
+        ({"rectify.methods": []}, r"methods must be a non-empty list"),
+        ({"rectify.methods": ["phased", "phased"]}, r"lists a method twice"),
+        ({"rectify.methods": ["phased"], "rectify.phases": 0}, r"'phased' but phases = 0"),
+    ],
+)  # fmt: skip
+def test_bad_methods_are_named(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        tiny(**changes)
+
+
+def test_methods_default_and_phases_shorthand():
+    assert tiny().rectify.methods == ["reflow"]
+    shorthand = tiny(**{"rectify.phases": 3}).rectify
+    assert (shorthand.methods, shorthand.phases) == (["reflow", "phased"], 3)
+    listed = tiny(**{"rectify.methods": ["phased"]}).rectify
+    assert (listed.methods, listed.phases) == (["phased"], 4)
 
 
 def test_eps_cell_of_a_flow_form_reaching_t_1_is_refused_at_load():

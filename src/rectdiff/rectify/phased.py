@@ -27,6 +27,7 @@ gathered: they do not depend on the number of processes.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -270,31 +271,49 @@ def phased_loss(
     eps: Tensor | None = None,
     cond: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    start_mass: float = 0.0,
+    sigma_data: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The phased loss on window couplings ``(eps*, x0*)`` (signature of ``diffusion_loss``).
 
     ``cond["window_start"]``, ``cond["window_end"]`` give each coupling's window; t is the
     time sampler's draw mapped affinely from ``[t_min, t_max]`` into the window (clipped to
-    the safe range). The loss compares the one DDIM step to the window end,
-    ``alpha_e x0_pred + sigma_e eps_pred``, with the teacher's endpoint
-    ``alpha_e x0* + sigma_e eps*`` (MSE over dimensions, or pseudo-Huber), times the
-    weighting at t.
+    the safe range), or, with probability ``start_mass``, the window's start itself: the
+    only time at which K-step sampling evaluates the student, and where a continuous-time
+    network has to make the jump from the previous window's line to this one's. The loss
+    compares the one DDIM step to the window end, ``alpha_e x0_pred + sigma_e eps_pred``, with
+    the teacher's endpoint ``alpha_e x0* + sigma_e eps*`` (MSE over dimensions, or
+    pseudo-Huber), times the weighting at t.
+
+    ``sigma_data`` (None: off) measures each endpoint error in what it does to the final
+    sample: for data of std ``sigma_data`` per dimension the teacher's flow from ``t_e`` to 0
+    is the linear map ``x -> x sigma_data / sqrt(alpha_e^2 sigma_data^2 + sigma_e^2)``, so the
+    difference is scaled by that factor. Without it a VE form's early windows, whose endpoints
+    are ``sigma_e`` times larger, outweigh the last window by ``sigma_e^2``.
 
     Returns:
         ``(mean_loss, per_sample_loss)``.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
+    if not 0.0 <= start_mass < 1.0:
+        raise ValueError(f"start_mass must be in [0, 1), got {start_mass!r}.")
     cond = dict(cond or {})
     start, end = (as_time(cond.pop(key)).to(x0.device) for key in WINDOW_KEYS)
     u = sampler_for(time_sampler, form).sample(x0.shape[0], generator, x0.device)
     lo, hi = end.clamp(min=form.t_min), start.clamp(max=form.t_max)
-    t = lo + (hi - lo) * (u - form.t_min) / (form.t_max - form.t_min)
+    frac = (u - form.t_min) / (form.t_max - form.t_min)
+    if start_mass > 0:
+        draw = torch.rand(frac.shape, generator=generator, dtype=frac.dtype, device=frac.device)
+        frac = torch.where(draw < start_mass, torch.ones_like(frac), frac)
+    t = lo + (hi - lo) * frac
     x_t = form.add_noise(x0, eps, t)
     out = model(x_t, form.model_time(t).to(x0.dtype), **cond)
     x0_pred, eps_pred = to_x0_eps(out, prediction, x_t, t, form)
     a_e, s_e = broadcast(form.alpha(end), x0), broadcast(form.sigma(end), x0)
     diff = a_e * (x0_pred - x0) + s_e * (eps_pred - eps)
+    if sigma_data is not None:
+        diff = diff * (sigma_data / (a_e**2 * sigma_data**2 + s_e**2).sqrt()).to(diff.dtype)
     return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
                        weighting=weighting)  # fmt: skip
 
@@ -327,6 +346,8 @@ def rectify_phased(
     solver: str = "dpmpp_2m",
     steps: int = 8,
     config: TrainConfig | None = None,
+    start_mass: float = 0.25,
+    sigma_data: float | str | None = "auto",
     seed: int = 0,
     progress: bool = True,
     accelerator: Any = None,
@@ -347,6 +368,11 @@ def rectify_phased(
         solver, steps: the teacher's solve inside each window.
         config: the student's training (:class:`TrainConfig`; its time sampler is mapped
             into each window, its loss and weighting apply to the window endpoint).
+        start_mass: the fraction of training times placed exactly at their window's start,
+            where K-step sampling evaluates the student (:func:`phased_loss`).
+        sigma_data: scale each endpoint error by what the teacher's flow does to it
+            (:func:`phased_loss`): ``"auto"`` uses the std of the data (or of the pairs'
+            samples), a float that value, None turns it off.
         seed: seeds the couplings' noise.
 
     Returns:
@@ -354,6 +380,15 @@ def rectify_phased(
         ``samplers.sample(result.model, eps, form=form, prediction=prediction, solver="ddim",
         t_grid=result.edges)``.
     """
+    bad_scale = isinstance(sigma_data, str) and sigma_data != "auto"
+    if isinstance(sigma_data, (int, float)):
+        bad_scale = not (sigma_data > 0 and math.isfinite(sigma_data))
+    if bad_scale:
+        raise ValueError(
+            f"sigma_data must be 'auto', a positive number or None, got {sigma_data!r}."
+        )
+    if not 0.0 <= start_mass < 1.0:
+        raise ValueError(f"start_mass must be in [0, 1), got {start_mass!r}.")
     edges = phase_edges(form, phases, spacing) if edges is None else _check_edges(edges, form)
     source, cond = _source(data_or_pairs)
     couplings = window_couplings(
@@ -362,10 +397,13 @@ def rectify_phased(
     )  # fmt: skip
     data, keys = couplings.training_data()
     student = copy.deepcopy(teacher) if student is None else student
+    if sigma_data == "auto":
+        sigma_data = float((source.x0 if isinstance(source, Couplings) else source).double().std())
+    loss_fn = functools.partial(phased_loss, start_mass=start_mass, sigma_data=sigma_data)
     result = train(
         student.train(), data, form=form, prediction=prediction, config=config or TrainConfig(),
         pairs=True, cond_fn=lambda extra: dict(zip(keys, _as_tuple(extra), strict=True)),
-        progress=progress, accelerator=accelerator, loss_fn=phased_loss,
+        progress=progress, accelerator=accelerator, loss_fn=loss_fn,
     )  # fmt: skip
     return PhasedResult(result, edges, couplings)
 

@@ -27,6 +27,7 @@ from ...io.model_dir import build_model, save_model_dir
 from ...rectify.coupling import load_pairs
 from ...rectify.pairs import generate_pairs
 from ...rectify.phased import rectify_phased, window_grid
+from ...rectify.store import PairDataset
 from ...rectify.student import rectify
 from ...training.trainer import train
 from .config import CompareConfig
@@ -62,7 +63,9 @@ class CellResult:
         samples: stage -> solve name -> samples (for the figures).
         trajectories: stage -> a few diagnostic trajectories.
         losses: stage -> final training loss.
-        budgets: stage -> teacher evaluations spent on its training couplings.
+        budgets: stage -> model evaluations spent on its training couplings (cumulative
+            over the stages it builds on).
+        student_steps: stage -> training steps of its students (cumulative likewise).
         seconds: wall time of the cell.
     """
 
@@ -76,6 +79,7 @@ class CellResult:
     trajectories: dict[str, samplers.Trajectory] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
+    student_steps: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -175,48 +179,102 @@ def run_cell(task: CellTask) -> CellResult:
     _measure(result, "teacher", teacher, task, grid, independent)
 
     stage_cfg = config.rectify
-    current, current_name = teacher, "teacher"
     if stage_cfg.enabled:
-        rc = stage_cfg.config
-        for k in range(1, rc.rounds + 1):
-            stage = "rectified" if k == 1 else f"rectified_{k}"
-            pairs_dir = task.out / "pairs" / result.name / f"round_{k}"
-            shutil.rmtree(pairs_dir, ignore_errors=True)
-            pairs = generate_pairs(
-                current, form=form, prediction=prediction, num_pairs=rc.num_pairs,
-                out=pairs_dir, solver=rc.solver, steps=rc.steps, shard_size=rc.shard_size,
-                seed=config.seed + k - 1, batch_size=rc.pair_batch_size,
-                shape=tuple(task.x_train.shape[1:]),
-                solver_options={"t_grid": _json_grid(grid(form, rc.steps))},
-                model_description=f"{result.name} {current_name} {_weights_digest(current)}",
-                progress=False,
-            )  # fmt: skip
-            if rc.init == "scratch":
-                torch.manual_seed(config.seed)
-                student = build_model(net_config, form)
-            else:
-                student = copy.deepcopy(teacher)
-            fitted = rectify(
-                student.train(), pairs, form=form, prediction=prediction,
-                config=cell_train_config(config, form, prediction, "rectify"),
-                distill=rc.distill, progress=False,
-            )  # fmt: skip
-            student = fitted.model.eval()
-            result.losses[stage] = fitted.losses[-1]
-            save_model_dir(
-                models_dir / stage, student, form=form, prediction=prediction,
-                net_config=net_config,
-                info=_model_info(
-                    task, stage, fitted.losses, {"pairs": str(pairs_dir.relative_to(task.out))}
-                ),
-            )  # fmt: skip
-            _measure(result, stage, student, task, grid, load_pairs(pairs))
-            result.budgets[stage] = rc.num_pairs * rc.steps
-            current, current_name = student, stage
-        if stage_cfg.phases > 0:
+        methods = stage_cfg.methods
+        if "reflow" in methods or "reflow+distill" in methods:
+            last, last_name = _reflow_stages(result, task, teacher, net_config, models_dir, grid)
+            if "reflow+distill" in methods:
+                _distill_stage(result, task, last, last_name, net_config, models_dir, grid)
+        if "phased" in methods:
             _phased_stage(result, task, teacher, net_config, models_dir, grid)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _pairs(
+    task: CellTask, model: nn.Module, name: str, cell: str, folder: str, seed: int, grid: Any
+) -> tuple[PairDataset, str]:
+    """Couplings of ``model`` (a pair store under ``pairs/<cell>/<folder>``), with the
+    rectification stage's solver, steps and number of pairs, and the store's relative path."""
+    rc = task.config.rectify.config
+    pairs_dir = task.out / "pairs" / cell / folder
+    shutil.rmtree(pairs_dir, ignore_errors=True)
+    dataset = generate_pairs(
+        model, form=task.form, prediction=task.prediction, num_pairs=rc.num_pairs,
+        out=pairs_dir, solver=rc.solver, steps=rc.steps, shard_size=rc.shard_size, seed=seed,
+        batch_size=rc.pair_batch_size, shape=tuple(task.x_train.shape[1:]),
+        solver_options={"t_grid": _json_grid(grid(task.form, rc.steps))},
+        model_description=f"{cell} {name} {_weights_digest(model)}", progress=False,
+    )  # fmt: skip
+    return dataset, str(pairs_dir.relative_to(task.out))
+
+
+def _reflow_stages(
+    result: CellResult, task: CellTask, teacher: nn.Module, net_config: dict[str, Any],
+    models_dir: Path, grid: Any,
+) -> tuple[nn.Module, str]:  # fmt: skip
+    """``rounds`` reflow rounds (stages ``rectified``, ``rectified_2``, ...), each retrained
+    on the previous model's pairs (Liu, Gong & Liu 2023, Algorithm 1; Rectified Diffusion
+    in the cell's own form). Budgets are cumulative over rounds."""
+    config, form, prediction = task.config, task.form, task.prediction
+    rc = config.rectify.config
+    current, current_name = teacher, "teacher"
+    for k in range(1, rc.rounds + 1):
+        stage = "rectified" if k == 1 else f"rectified_{k}"
+        pairs, where = _pairs(task, current, current_name, result.name, f"round_{k}",
+                       config.seed + k - 1, grid)  # fmt: skip
+        if rc.init == "scratch":
+            torch.manual_seed(config.seed)
+            student = build_model(net_config, form)
+        else:
+            student = copy.deepcopy(teacher)
+        fitted = rectify(
+            student.train(), pairs, form=form, prediction=prediction,
+            config=cell_train_config(config, form, prediction, "rectify"),
+            distill=rc.distill, progress=False,
+        )  # fmt: skip
+        student = fitted.model.eval()
+        result.losses[stage] = fitted.losses[-1]
+        save_model_dir(
+            models_dir / stage, student, form=form, prediction=prediction,
+            net_config=net_config,
+            info=_model_info(task, stage, fitted.losses, {"pairs": where}),
+        )  # fmt: skip
+        _measure(result, stage, student, task, grid, load_pairs(pairs))
+        result.budgets[stage] = k * rc.num_pairs * rc.steps
+        result.student_steps[stage] = k * rc.train.steps
+        current, current_name = student, stage
+    return current, current_name
+
+
+def _distill_stage(
+    result: CellResult, task: CellTask, reflowed: nn.Module, reflowed_name: str,
+    net_config: dict[str, Any], models_dir: Path, grid: Any,
+) -> None:  # fmt: skip
+    """``reflow+distill`` (stage ``distilled``): the last reflow student, fine-tuned only at
+    ``t = t_max`` on its own pairs so that one step maps noise to its sample (Liu, Gong & Liu
+    2023, sec. 2.3; InstaFlow's 2-rectified flow + distillation). It costs one more round:
+    as many couplings (of the reflowed model) and student steps again."""
+    config, form, prediction = task.config, task.form, task.prediction
+    rc = config.rectify.config
+    pairs, where = _pairs(task, reflowed, reflowed_name, result.name, "distill",
+                   config.seed + rc.rounds, grid)  # fmt: skip
+    fitted = rectify(
+        copy.deepcopy(reflowed).train(), pairs, form=form, prediction=prediction,
+        config=cell_train_config(config, form, prediction, "rectify"), distill=True,
+        progress=False,
+    )  # fmt: skip
+    student = fitted.model.eval()
+    result.losses["distilled"] = fitted.losses[-1]
+    save_model_dir(
+        models_dir / "distilled", student, form=form, prediction=prediction,
+        net_config=net_config,
+        info=_model_info(task, "distilled", fitted.losses,
+                         {"pairs": where, "from": reflowed_name}),
+    )  # fmt: skip
+    _measure(result, "distilled", student, task, grid, load_pairs(pairs))
+    result.budgets["distilled"] = result.budgets[reflowed_name] + rc.num_pairs * rc.steps
+    result.student_steps["distilled"] = result.student_steps[reflowed_name] + rc.train.steps
 
 
 def _phased_stage(
@@ -249,6 +307,7 @@ def _phased_stage(
     student = fitted.model.eval()
     result.losses["phased"] = fitted.train.losses[-1]
     result.budgets["phased"] = num * per_window
+    result.student_steps["phased"] = train_config.steps
     save_model_dir(
         models_dir / "phased", student, form=form, prediction=prediction, net_config=net_config,
         info=_model_info(task, "phased", fitted.train.losses,

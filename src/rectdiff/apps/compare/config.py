@@ -18,8 +18,9 @@ hyperparameters, rectifies each, and evaluates everything alike. The file (see
                   ema_decay, time_sampler, weighting, loss, ...)
     [reference]   equal = "logsnr" only: the set-up whose implied weighting every cell gets
     [rectify]     the rectification stage (RectifyConfig keys, ``enabled``, ``train``
-                  overrides of [train], its own ``reference``, and ``phases`` = K > 0 for
-                  a phased student beside the rectified one, at the same teacher budget)
+                  overrides of [train], its own ``reference``, ``methods``: the few-step
+                  methods "reflow" (``rounds``), "reflow+distill", "phased" (``phases`` = K
+                  windows), each from the same teacher at the same budget per stage)
     [evaluation]  solvers, steps, reference_solver, metrics, diagnostics, ...
 
 ``equal = "t"``: every cell trains with the same time sampler and loss weighting in its own
@@ -54,6 +55,7 @@ from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS, check_start
 from ...training.trainer import TrainConfig
 from .tables import (
+    METHODS,
     DataConfig,
     EvaluationConfig,
     GridConfig,
@@ -157,7 +159,7 @@ class CompareConfig:
             cfg["train"] = {
                 key: used.get(key, value) for key, value in rect.train_overrides.items()
             }
-            out["rectify"] |= cfg | {"phases": rect.phases}
+            out["rectify"] |= cfg | {"methods": list(rect.methods), "phases": rect.phases}
             if rect.reference is not None:
                 out["rectify"]["reference"] = dataclasses.asdict(rect.reference)
         return out
@@ -189,7 +191,7 @@ def restrict_form(form: Form, lo: float, hi: float) -> Form:
 # --- parsing ------------------------------------------------------------------------------
 _TOP_KEYS = ("seed", "equal", "workers", "threads", "data", "grid", "network", "train", "reference",
              "rectify", "evaluation")  # fmt: skip
-_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases")
+_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases", "methods")
 
 
 def _table(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -216,9 +218,7 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     allowed = [f.name for f in dataclasses.fields(RectifyConfig) if f.name != "train"]
     reject_unknown(values, allowed + list(_RECTIFY_EXTRA), where="in [rectify]")
     enabled = bool(values.pop("enabled", True))
-    phases = values.pop("phases", 0)
-    if isinstance(phases, bool) or not isinstance(phases, int) or phases < 0:
-        raise ValueError(f"[rectify] phases must be an integer >= 0 (0: off), got {phases!r}.")
+    methods, phases = _methods(values.pop("methods", None), values.pop("phases", None))
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
     train = _train_config({**shared, **overrides}, seed, "[rectify.train]")
@@ -232,7 +232,36 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
         if reference is None
         else from_mapping(ReferenceConfig, dict(reference), where="in [rectify.reference]")
     )
-    return RectifyStage(enabled, config, ref, overrides, phases)
+    return RectifyStage(enabled, config, ref, overrides, phases, methods)
+
+
+def _methods(methods: Any, phases: Any) -> tuple[list[str], int]:
+    """``[rectify] methods`` and ``phases``: a list of :data:`METHODS` (default ``["reflow"]``,
+    plus ``"phased"`` when only ``phases`` = K > 0 is given) and K (default 4 with
+    ``"phased"``, else 0)."""
+    if phases is not None and (
+        isinstance(phases, bool) or not isinstance(phases, int) or phases < 0
+    ):
+        raise ValueError(f"[rectify] phases must be an integer >= 0 (0: off), got {phases!r}.")
+    if methods is None:
+        methods = ["reflow", "phased"] if phases else ["reflow"]
+    if isinstance(methods, str) or not isinstance(methods, list) or not methods:
+        raise ValueError(
+            f"[rectify] methods must be a non-empty list of {', '.join(map(repr, METHODS))}, "
+            f'got {methods!r}; e.g. methods = ["reflow", "phased"].'
+        )
+    for method in methods:
+        check_choice(method, METHODS, "[rectify] method")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"[rectify] methods lists a method twice: {methods!r}.")
+    if "phased" not in methods:
+        return list(methods), int(phases or 0)
+    if phases == 0:
+        raise ValueError(
+            "[rectify] methods has 'phased' but phases = 0; set phases = K >= 1 (e.g. 4, the "
+            "K-step evaluation grid's windows) or drop 'phased'."
+        )
+    return list(methods), 4 if phases is None else phases
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareConfig:

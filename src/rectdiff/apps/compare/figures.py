@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from ... import plots
-from .report import distance_metrics
+from .report import distance_metrics, method_name, method_stages
 
 __all__ = ["draw_result_figures", "draw_figures"]
 
@@ -72,11 +72,44 @@ def draw_result_figures(results: dict[str, Any], out: str | os.PathLike[str]) ->
                     ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$"
                     + f"   ({prediction}-prediction)",
                 )  # fmt: skip
+    if metric is not None and ev["solvers"]:
+        written += _method_figures(results, out, metric, ev["solvers"][0], predictions)
     implied = results["curves"].get("implied_weighting")
     if implied:
         written += plots.plot_implied_weighting(
             {label: tuple(value) for label, value in implied.items()}, out / "implied_weighting"
         )
+    return written
+
+
+def _method_figures(
+    results: dict[str, Any], out: Path, metric: str, solver: str, predictions: Sequence[str]
+) -> list[Path]:
+    """One quality-against-NFE figure per few-step method and prediction: each form's
+    student solid, its teacher dashed in the same colour."""
+    records, written = results["records"], []
+    for stage in method_stages(results):
+        name = method_name(stage)
+        for prediction in predictions:
+            curves = {}
+            for cell in results["cells"]:
+                if cell["prediction"] != prediction:
+                    continue
+                for which, label in ((stage, name), ("teacher", "teacher")):
+                    points = [r for r in records if r["form"] == cell["form"]
+                              and r["prediction"] == prediction and r["stage"] == which
+                              and r["solver"] == solver]  # fmt: skip
+                    if points:
+                        curves[f"{cell['form']} {label}"] = (
+                            [r["nfe"] for r in points],
+                            [r[metric] for r in points],
+                        )
+            slug = name.replace("+", "_").replace(" ", "_")
+            written += plots.plot_quality_vs_nfe(
+                curves, out / f"quality_vs_nfe_{slug}_{prediction}",
+                f"{metric} to held-out data ({name}, {solver}, {prediction}-prediction)",
+                _rectified_map(list(curves)), logy=True,
+            )  # fmt: skip
     return written
 
 

@@ -126,7 +126,8 @@ def summarize(config: Any, cells: Sequence[Any], version: str) -> dict[str, Any]
         results["cells"].append(
             {"form": cell.label, "prediction": cell.prediction, "form_config": cell.form.config(),
              "final_loss": cell.losses, "diagnostics": cell.diagnostics,
-             "budgets": getattr(cell, "budgets", {})}
+             "budgets": getattr(cell, "budgets", {}),
+             "student_steps": getattr(cell, "student_steps", {})}
         )  # fmt: skip
         results["records"] += cell.records
         for stage, curves in cell.curves.items():
@@ -219,34 +220,55 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def method_stages(results: dict[str, Any]) -> list[str]:
+    """The stages of the few-step methods in ``results``, in the order they ran (reflow
+    rounds, distilled, phased)."""
+    present = {r["stage"] for r in results["records"]} - {"teacher"}
+    order = ["rectified", *(f"rectified_{k}" for k in range(2, 100)), "distilled", "phased"]
+    return [s for s in order if s in present] + sorted(present - set(order))
+
+
 def _methods_table(results: dict[str, Any]) -> list[str]:
     """Few-step methods side by side: method x form x prediction x NFE of the first solver,
-    in the first distance metric, with the teacher evaluations each method's couplings cost
-    and the teacher's adaptive solve as the target."""
+    in the first distance metric, with the model evaluations each method's couplings cost,
+    its student steps (both cumulative over the stages it builds on) and the teacher's
+    adaptive solve as the target."""
     records, config = results["records"], results["config"]
     ev = config["evaluation"]
     metric = next(iter(distance_metrics(config, records)), None)
-    methods = sorted({r["stage"] for r in records} - {"teacher"})
+    methods = method_stages(results)
     if metric is None or not ev["solvers"] or not methods:
         return []
     solver, reference = ev["solvers"][0], ev.get("reference_solver")
     header = ["method", "form", "prediction", *(f"NFE {k}" for k in ev["steps"]),
-              f"teacher {reference}", "teacher NFE for couplings"]  # fmt: skip
+              f"teacher {reference}", "couplings NFE", "student steps"]  # fmt: skip
     rows = []
     for method in methods:
         for cell in results["cells"]:
             key = {"form": cell["form"], "prediction": cell["prediction"]}
-            row: list[Any] = [method, cell["form"], cell["prediction"]]
+            row: list[Any] = [method_name(method), cell["form"], cell["prediction"]]
             for k in ev["steps"]:
                 rec = _find(records, **key, stage=method, solver=solver, steps=k)
                 row.append(None if rec is None else rec[metric])
             ref = _find(records, **key, stage="teacher", solver=reference) if reference else None
-            row += [None if ref is None else ref[metric], cell.get("budgets", {}).get(method)]
+            row += [None if ref is None else ref[metric], cell.get("budgets", {}).get(method),
+                    cell.get("student_steps", {}).get(method)]  # fmt: skip
             rows.append(row)
     return [
         f"### Few-step methods: {metric} to held-out data, {solver} (lower is better)", "",
+        "Every method starts from the same teacher. *couplings NFE*: model evaluations spent "
+        "on its training couplings; *student steps*: its training steps (both cumulative: "
+        "a second reflow round or a distillation costs one round more).", "",
         *_table(header, rows, "lll" + "r" * (len(header) - 3)), "",
     ]  # fmt: skip
+
+
+def method_name(stage: str) -> str:
+    """The method a stage belongs to, as the report names it: ``rectified`` -> ``reflow``,
+    ``rectified_2`` -> ``reflow-2``, ``distilled`` -> ``reflow+distill``."""
+    if stage.startswith("rectified"):
+        return "reflow" if stage == "rectified" else f"reflow-{stage.rsplit('_', 1)[1]}"
+    return {"distilled": "reflow+distill"}.get(stage, stage)
 
 
 def _summary_table(results: dict[str, Any]) -> list[str]:

@@ -194,8 +194,13 @@ class RectifyStage:
             with the ``[rectify.train]`` overrides applied.
         reference: ``equal = "logsnr"``: the implied weighting of the rectification
             training (None: the teacher's [reference]).
-        phases: K > 0 also trains a phased student (``rectify.rectify_phased``) with the
-            same number of student steps and of teacher evaluations as one reflow round.
+        methods: the few-step methods (:data:`METHODS`), each trained from the same teacher
+            with the same student steps and couplings per stage: ``"reflow"`` (``rounds``
+            rounds, stages ``rectified``, ``rectified_2``, ...), ``"reflow+distill"`` (stage
+            ``distilled``: the last reflow student distilled to one step on its own pairs),
+            ``"phased"`` (stage ``phased``: ``rectify.rectify_phased`` with ``phases``
+            windows, at one reflow round's teacher evaluations and student steps).
+        phases: K, the windows of ``"phased"``.
     """
 
     enabled: bool = True
@@ -203,6 +208,11 @@ class RectifyStage:
     reference: ReferenceConfig | None = None
     train_overrides: dict[str, Any] = field(default_factory=dict)
     phases: int = 0
+    methods: list[str] = field(default_factory=lambda: ["reflow"])
+
+
+#: the few-step methods ``[rectify] methods`` can list
+METHODS = ("reflow", "reflow+distill", "phased")
 
 
 @dataclass
