@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,10 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def interrupt_hint(args: argparse.Namespace) -> str:
-    """What a subcommand stopped by Ctrl-C kept, and how to resume (its ``interrupted``)."""
+def interrupt_hint(args: argparse.Namespace) -> Callable[[], str]:
+    """What a subcommand stopped by Ctrl-C kept and how to resume (its ``interrupted``), asked
+    when the interrupt comes."""
     hint = getattr(args, "interrupted", None)
-    return hint(args) if callable(hint) else ""
+    return lambda: hint(args) if callable(hint) else ""
 
 
 def _pairs_kept(args: argparse.Namespace) -> str:

@@ -93,21 +93,27 @@ def one_line(err: BaseException) -> str:
 
 
 def run_command(
-    command: Callable[[], int | None], prog: str, *, debug: bool = False, interrupted: str = ""
+    command: Callable[[], int | None],
+    prog: str,
+    *,
+    debug: bool = False,
+    interrupted: str | Callable[[], str] = "",
 ) -> int:
     """Run ``command`` inside the error boundary and return the exit code.
 
     An expected error prints ``{prog}: error: {message}`` on one line and returns 2; Ctrl-C
-    prints ``{prog}: interrupted; {interrupted}`` (what was kept, how to resume) and returns
-    130; anything else propagates with its traceback. ``debug`` prints the traceback of
-    expected errors and interrupts too (before the line).
+    prints ``{prog}: interrupted; {interrupted}`` (what was kept, how to resume; a callable is
+    asked then, so it can look at what is on disk) and returns 130; anything else propagates
+    with its traceback. ``debug`` prints the traceback of expected errors and interrupts too
+    (before the line).
     """
     try:
         return int(command() or 0)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: interrupted; {interrupted or 'nothing to resume.'}", file=sys.stderr)
+        hint = interrupted() if callable(interrupted) else interrupted
+        print(f"{prog}: interrupted; {hint or 'nothing to resume.'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         if not is_expected(err):

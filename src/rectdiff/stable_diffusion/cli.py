@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import run_command
 from ..io.configs import field_names
@@ -122,11 +123,18 @@ def _pairs_kept(args: argparse.Namespace) -> str:
 
 
 def _rectify_kept(args: argparse.Namespace) -> str:
-    work_dir = args.work_dir or f"{args.out}.train"
+    """Asked when Ctrl-C comes: whether a checkpoint is on disk to resume from."""
+    latest = Path(args.work_dir or f"{args.out}.train") / "checkpoints" / "latest"
+    if latest.is_file():
+        checkpoint = latest.parent / latest.read_text().strip()
+        return (
+            f"the latest checkpoint, {checkpoint}, is kept; rerun the same command to resume "
+            "from it."
+        )
     if args.checkpoint_every > 0:
         return (
-            f"the checkpoints in {work_dir} are kept; rerun the same command to resume from "
-            "the latest."
+            f"no checkpoint was written yet (one every {args.checkpoint_every} steps); rerun "
+            "the same command to start again."
         )
     return (
         "no checkpoint was kept (--checkpoint-every 0); rerun the same command to start again, "
@@ -312,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_flag_ranges(args)
         return int(args.func(args) or 0)
 
-    hint = args.interrupted(args) if hasattr(args, "interrupted") else ""
+    def hint() -> str:
+        return args.interrupted(args) if hasattr(args, "interrupted") else ""
+
     return run_command(command, f"rectdiff {args.command} {args.sd_command}", debug=args.debug,
                        interrupted=hint)  # fmt: skip
 
