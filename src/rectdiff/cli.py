@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import run_command
+from .errors import ConfigError, run_command
 from .io.flags import add_debug_flag, check_flag_ranges
 
 __all__ = ["main", "build_parser"]
@@ -132,6 +132,8 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
+    if Path(args.out).is_dir():  # found now, not after the trajectories are solved
+        raise ConfigError(f"--out {args.out!r} is a folder; give the JSON file to write.")
     from .apps.compare.report import diagnose_markdown
     from .apps.compare.saved import diagnose_dirs
     from .apps.model_sources import open_sources

@@ -256,6 +256,12 @@ def bad_solver(base, tmp):
     return argv, r"unknown solver 'rk9'; allowed:"
 
 
+def diagnose_out_folder(base, tmp):
+    (tmp / "d").mkdir()
+    argv = ["diagnose", "--model", str(base / "teacher"), "--out", str(tmp / "d")]
+    return argv, r"--out '[^']*d' is a folder; give the JSON file to write"
+
+
 # --- config files ---------------------------------------------------------------------------
 def compare_config(body: str, pattern: str, name: str, files: dict | None = None):
     def case(base, tmp):
@@ -313,6 +319,9 @@ CASES = [
     flag("diagnose", "--model", "m", "--rtol", "-1", pattern=r"--rtol -1.0: out of range"),
     flag("pairs", "--model", "m", "--num", "4", "--shard-size", "0", pattern=r"--shard-size 0: out of range"),
     flag("sd", "rectify", "--pipeline", "p", "--pairs", "q", "--max-steps", "0", pattern=r"--max-steps 0: out of range"),
+    flag("schedules", "--t", "0.5", "nan", pattern=r"--t nan: out of range; allowed: a time in \[0, 1\]"),
+    flag("schedules", "--t", "1.5", pattern=r"--t 1\.5: out of range"),
+    diagnose_out_folder,
     flag("diagnose", "--model", str(Path("/nonexistent/model")), pattern=r"--model '/nonexistent/model' is not a folder"),
     compare_config('[train]\nlr = "fast"\n', r"training option lr = 'fast' has type str; expected float", "lr_fast"),
     compare_config("[train]\nsteps = 1.5\n", r"steps = 1\.5 has type float; expected int", "steps_float"),

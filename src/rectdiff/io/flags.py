@@ -26,6 +26,10 @@ def _positive(value: Any) -> bool:
     return math.isfinite(value) and value > 0
 
 
+def _time(value: Any) -> bool:
+    return math.isfinite(value) and 0 <= value <= 1
+
+
 #: flag destination -> (allowed range in words, check)
 FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "num": ("an integer >= 1", _count),
@@ -37,11 +41,14 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "rtol": ("a finite number >= 0", _tolerance),
     "atol": ("a finite number >= 0", _tolerance),
     "lr": ("a finite number > 0", _positive),
+    "ts": ("a time in [0, 1] (t = 0 data, t = 1 noise)", _time),
 }
+#: flags whose destination is not their name
+_FLAG_NAMES = {"ts": "--t"}
 
 
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    return _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
 
 
 def check_flag_ranges(args: argparse.Namespace) -> None:
