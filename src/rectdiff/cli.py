@@ -30,7 +30,9 @@ _DIAGNOSE = "rectdiff.apps.compare.saved:diagnose_dirs"
 _PLOT = "rectdiff.apps.compare.saved:plot_model_dirs"
 #: TrainConfig fields ``rectdiff rectify`` has flags for
 _TRAIN_FLAGS = ("steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "ema_decay", "seed",
-                "time_sampler", "weighting")  # fmt: skip
+                "time_sampler", "weighting", "checkpoint_every")  # fmt: skip
+#: ``rectdiff rectify``'s checkpoint interval (the library's TrainConfig keeps none by default)
+RECTIFY_CHECKPOINT_EVERY = 500
 
 
 def _library_default(target: str, name: str) -> Any:
@@ -125,7 +127,7 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
         args.model, args.pairs, args.out, config=TrainConfig.from_dict(_given(args, _TRAIN_FLAGS)),
         distill=args.distill, form=None if args.form is None else forms.load(args.form),
         prediction=args.prediction, progress=not args.no_progress, verify=not args.no_verify,
-        allow_other_teacher=args.allow_other_teacher, **_source(args),
+        allow_other_teacher=args.allow_other_teacher, fresh=args.fresh, **_source(args),
     )  # fmt: skip
     print(f"wrote {out}")
     return 0
@@ -244,6 +246,12 @@ def _add_model_dir_commands(sub: Any) -> None:
         "--allow-other-teacher", action="store_true",
         help="train on pairs made by another model, form or prediction than --model's",
     )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int, default=RECTIFY_CHECKPOINT_EVERY,
+        help="save a resumable checkpoint in OUT.train every N steps; 0: none (default: "
+        "%(default)s). A rerun resumes only under the same teacher, pairs and settings",
+    )  # fmt: skip
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)
 
@@ -321,10 +329,15 @@ def _pairs_kept(args: argparse.Namespace) -> str:
 
 
 def _rectify_kept(args: argparse.Namespace) -> str:
-    return (
-        f"nothing was written to {args.out} (rectify keeps no checkpoints); rerun the same "
-        "command to start again."
-    )
+    """Asked when Ctrl-C comes: whether a checkpoint is on disk to resume from."""
+    from .io.resume import latest_checkpoint
+
+    checkpoint = latest_checkpoint(f"{Path(args.out)}.train")
+    if checkpoint is not None:
+        return f"the latest checkpoint, {checkpoint}, is kept; rerun the same command to resume."
+    every = args.checkpoint_every
+    why = f"no checkpoint yet: one every {every} steps" if every else "--checkpoint-every 0"
+    return f"nothing was written to {args.out} ({why}); rerun the same command to start again."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

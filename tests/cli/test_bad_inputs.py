@@ -322,6 +322,7 @@ CASES = [
     flag("schedules", "--t", "0.5", "nan", pattern=r"--t nan: out of range; allowed: a time in \[0, 1\]"),
     flag("schedules", "--t", "1.5", pattern=r"--t 1\.5: out of range"),
     diagnose_out_folder,
+    flag("rectify", "--model", "m", "--pairs", "p", "--checkpoint-every", "-1", pattern=r"--checkpoint-every -1: out of range; allowed: an integer >= 0"),
     flag("diagnose", "--model", str(Path("/nonexistent/model")), pattern=r"--model '/nonexistent/model' is not a folder"),
     compare_config('[train]\nlr = "fast"\n', r"training option lr = 'fast' has type str; expected float", "lr_fast"),
     compare_config("[train]\nsteps = 1.5\n", r"steps = 1\.5 has type float; expected int", "steps_float"),

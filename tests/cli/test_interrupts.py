@@ -1,5 +1,5 @@
 """Ctrl-C: `rectdiff pairs` and `rectdiff rectify` stop within seconds, keep what is complete,
-say how to resume and exit 130 (a real SIGINT to a real process)."""
+say how to resume and exit 130 (a real SIGINT to a real process); a rerun resumes exactly."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rectdiff import forms
 from rectdiff.cli import main
@@ -86,22 +87,38 @@ def test_pairs_stops_and_keeps_its_complete_shards(teacher, tmp_path):
     assert len(shards) == len(done)
 
 
-def test_rectify_stops_writes_nothing_and_says_so(teacher, tmp_path):
+def test_rectify_stops_keeps_a_checkpoint_and_resumes_to_the_same_weights(teacher, tmp_path):
+    """Interrupted after a checkpoint, rerun with the same command: the student is bit for bit
+    the uninterrupted run's (tolerance 0); the same rerun with another --lr is refused."""
     pairs = tmp_path / "pairs"
     assert main(["pairs", "--model", str(teacher), "--out", str(pairs), "--num", "32",
                  "--steps", "2", "--solver", "ddim", "--no-progress"]) == 0  # fmt: skip
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["rectify", "--model", str(teacher), "--pairs", str(pairs), "--out", str(out),
+                "--steps", "200", "--batch-size", "8", "--checkpoint-every", "10", *extra]  # fmt: skip
+
     out = tmp_path / "student"
-    argv = ["rectify", "--model", str(teacher), "--pairs", str(pairs), "--out", str(out),
-            "--steps", "1000000", "--batch-size", "8"]  # fmt: skip
-    code, err, seconds = interrupt(argv, lambda text: "train:" in text, tmp_path)
+    step_20 = tmp_path / "student.train" / "checkpoints" / "step_20"
+    code, err, seconds = interrupt(argv(out), lambda _: step_20.exists(), tmp_path)
     assert code == 130 and seconds < STOP_WITHIN, (code, seconds, err)
     assert "Traceback" not in err, err
+    kept = (tmp_path / "student.train" / "checkpoints" / "latest").read_text().strip()
     assert (
         err.strip()
         .splitlines()[-1]
         .endswith(
-            f"rectdiff rectify: interrupted; nothing was written to {out} (rectify keeps no "
-            "checkpoints); rerun the same command to start again."
+            f"rectdiff rectify: interrupted; the latest checkpoint, {step_20.parent / kept}, is "
+            "kept; rerun the same command to resume."
         )
     )
-    assert not out.exists() and not list(tmp_path.glob(".student*"))
+    assert int(kept.removeprefix("step_")) < 200 and not out.exists()
+
+    assert main([*argv(out, "--lr", "2e-3"), "--no-progress"]) == 2  # other settings: refused
+    assert main([*argv(out), "--no-progress"]) == 0  # resumed
+    assert main([*argv(tmp_path / "whole"), "--no-progress"]) == 0  # never interrupted
+    resumed = load_file(out / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key

@@ -10,6 +10,7 @@ folder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,15 @@ from typing import Any
 from accelerate import PartialState
 
 from ..forms import Form
+from ..io.resume import check_resume, record_settings
 from ..predictions import check_prediction
 from ..rectify.coupling import load_pairs
+from ..rectify.fingerprint import model_fingerprint
 from ..rectify.pairs import generate_pairs
+from ..rectify.store import load_manifest
 from ..rectify.student import rectify
 from ..samplers import check_start
+from ..training.config import TrainConfig
 from .model_sources import ModelSource, as_source, class_labels_fn, sample_shape
 
 __all__ = ["sample_shape", "class_labels_fn", "generate_pairs_from_dir", "rectify_from_dir"]
@@ -69,6 +74,20 @@ def generate_pairs_from_dir(
     )  # fmt: skip
 
 
+def _weight_settings(
+    teacher: ModelSource, pairs: Any, form: Form, prediction: str, distill: bool,
+    config: TrainConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """What decides the student's weights: the teacher's weights, the pairs' shards, the form,
+    prediction and training settings (not where or how often checkpoints are written)."""
+    train = config.to_dict()
+    for key in ("out_dir", "checkpoint_every", "keep_checkpoints", "log_every"):
+        train.pop(key)
+    shards = [entry["sha256"] for entry in load_manifest(pairs)["shards"]]
+    return {"teacher_fingerprint": model_fingerprint(teacher.model), "pairs_sha256": shards,
+            "form": form.config(), "prediction": prediction, "distill": distill, **train}  # fmt: skip
+
+
 def rectify_from_dir(
     model_dir: Model,
     pairs: str | os.PathLike[str],
@@ -81,6 +100,7 @@ def rectify_from_dir(
     progress: bool = True,
     verify: bool = True,
     allow_other_teacher: bool = False,
+    fresh: bool = False,
     **source: Any,
 ) -> Path:
     """Rectify a saved model on a pair store and save the student as the same kind of folder.
@@ -106,6 +126,10 @@ def rectify_from_dir(
             finiteness are checked either way, :mod:`rectdiff.rectify.verify`).
         allow_other_teacher: train on pairs that another model made, or made in another form
             or prediction than the teacher's (refused by default, naming the difference).
+        fresh: with ``config.checkpoint_every``, start over instead of resuming the
+            checkpoints in ``config.out_dir`` (default ``OUT.train``); a resume is refused when
+            the teacher, pairs, form, prediction or training settings differ from the
+            recorded ones (:mod:`rectdiff.io.resume`), naming each.
         source: the user's own network (:func:`~.model_sources.open_source`'s options).
 
     Returns:
@@ -127,6 +151,16 @@ def rectify_from_dir(
     )  # fmt: skip
     student, form, prediction = teacher.student(form, prediction)
     check_start(form, prediction)  # a student that could not start sampling is refused now
+    config = config or TrainConfig()
+    if config.checkpoint_every > 0:  # resumable: checked, then recorded, before training
+        work_dir = Path(config.out_dir or f"{out}.train")
+        config = dataclasses.replace(config, out_dir=str(work_dir))
+        settings = _weight_settings(teacher, pairs, form, prediction, distill, config)
+        if not fresh:
+            check_resume(work_dir, settings, None, "Pass --fresh (fresh=True) to start over.")
+        if PartialState().is_main_process:
+            record_settings(work_dir, settings, resume=not fresh)
+        PartialState().wait_for_everyone()
     result = rectify(
         student.train(), couplings, form=form, prediction=prediction, config=config,
         distill=distill, progress=progress,

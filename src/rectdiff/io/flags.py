@@ -18,6 +18,10 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and value >= 1
 
 
+def _count_or_zero(value: Any) -> bool:
+    return isinstance(value, int) and value >= 0
+
+
 def _tolerance(value: Any) -> bool:
     return math.isfinite(value) and value >= 0
 
@@ -38,6 +42,7 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_steps": ("an integer >= 1", _count),
     "batch_size": ("an integer >= 1", _count),
     "shard_size": ("an integer >= 1", _count),
+    "checkpoint_every": ("an integer >= 0 (0: no checkpoints)", _count_or_zero),
     "rtol": ("a finite number >= 0", _tolerance),
     "atol": ("a finite number >= 0", _tolerance),
     "lr": ("a finite number > 0", _positive),

@@ -124,7 +124,7 @@ def _pairs_kept(args: argparse.Namespace) -> str:
 
 def _rectify_kept(args: argparse.Namespace) -> str:
     """Asked when Ctrl-C comes: whether a checkpoint is on disk to resume from."""
-    latest = Path(args.work_dir or f"{args.out}.train") / "checkpoints" / "latest"
+    latest = Path(args.work_dir or f"{Path(args.out)}.train") / "checkpoints" / "latest"
     if latest.is_file():
         checkpoint = latest.parent / latest.read_text().strip()
         return (

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import forms
+from ..io import resume
 from ..io.files import write_json_atomic
+from ..io.resume import SETTINGS, record_settings
 from ..rectify.pairs import PairDataset
 from ..training.config import TrainConfig
 from .families import PipelineFamily
@@ -33,52 +35,12 @@ __all__ = ["RECORD", "SETTINGS", "check_out", "check_resume", "load_record", "re
 
 #: what ``out/rectdiff.json`` is called; its presence marks a folder this module wrote
 RECORD = "rectdiff.json"
-#: the training settings of the checkpoints in ``work_dir`` (beside ``checkpoints/``)
-SETTINGS = "rectify_settings.json"
+_NO_RESUME = "Pass --no-resume (resume=False) to start over; its checkpoints are then replaced."
 
 
 def check_resume(work_dir: Path, settings: dict[str, Any], max_steps: int) -> None:
-    """Refuse to resume the checkpoints in ``work_dir`` when they were trained with other
-    ``settings`` (naming each differing one with both values), have no recorded settings,
-    or are past ``max_steps``; nothing to check without a checkpoint."""
-    latest = work_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return
-    fix = "Pass --no-resume (resume=False) to start over; its checkpoints are then replaced."
-    recorded = work_dir / SETTINGS
-    if not recorded.is_file():
-        raise ValueError(
-            f"{work_dir / 'checkpoints'} has no {SETTINGS}, so nothing says what its "
-            f"checkpoints were trained with and resuming could mislabel the weights. {fix}"
-        )
-    stored = json.loads(recorded.read_text())
-    current = json.loads(json.dumps(settings))
-    differences = [
-        f"{key}: {stored.get(key, '<absent>')!r} in the checkpoints, "
-        f"{current.get(key, '<absent>')!r} now"
-        for key in sorted(set(stored) | set(current))
-        if stored.get(key, recorded) != current.get(key, recorded)
-    ]
-    if differences:
-        raise ValueError(
-            f"the checkpoints in {work_dir / 'checkpoints'} were trained with other settings: "
-            + "; ".join(differences)
-            + f". Rerun with the recorded settings to resume, or choose another out. {fix}"
-        )
-    step = int(latest.read_text().strip().removeprefix("step_"))
-    if step > max_steps:
-        raise ValueError(
-            f"the newest checkpoint in {work_dir / 'checkpoints'} is at step {step}, past "
-            f"max_steps = {max_steps}; set max_steps >= {step} to resume. {fix}"
-        )
-
-
-def record_settings(work_dir: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Write ``settings`` beside the checkpoints; without ``resume`` first unlink
-    ``checkpoints/latest``, so that older checkpoints are never resumed under them."""
-    if not resume:
-        (work_dir / "checkpoints" / "latest").unlink(missing_ok=True)
-    write_json_atomic(work_dir / SETTINGS, settings, indent=1)
+    """:func:`rectdiff.io.resume.check_resume`, whose refusal names ``--no-resume``."""
+    resume.check_resume(work_dir, settings, max_steps, _NO_RESUME)
 
 
 def check_out(out: Path, pipeline_dir: Path, pairs_dir: Path) -> None:
