@@ -235,6 +235,24 @@ def out_is_the_store(base, tmp):
     return argv, r"out '[^']*' exists and is not a rectdiff student folder"
 
 
+# --- model folders ----------------------------------------------------------------------
+def damaged_model(damage, pattern: str, name: str):
+    """``rectdiff pairs`` from a copy of the teacher damaged by ``damage(folder)``."""
+
+    def case(base, tmp):
+        shutil.copytree(base / "teacher", tmp / "model")
+        damage(tmp / "model")
+        argv = ["pairs", "--model", str(tmp / "model"), "--out", str(tmp / "out"), "--num", "4"]
+        return argv, pattern
+
+    case.__name__ = name
+    return case
+
+
+def _truncate_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+
+
 # --- flags ----------------------------------------------------------------------------------
 def flag(*argv, pattern):
     def case(base, tmp):
@@ -310,6 +328,9 @@ CASES = [
     manifest_prediction, manifest_entry_count, manifest_not_json, manifest_newer_version,
     incomplete_store, other_teacher, store_without_fingerprint, out_is_the_store,
     bad_t_grid, bad_solver,
+    damaged_model(_truncate_weights, r"model\.safetensors is not a readable safetensors file", "truncated_weights"),
+    damaged_model(lambda f: (f / "model.json").write_text("{"), r"model\.json is not valid JSON", "model_json_not_json"),
+    damaged_model(lambda f: (f / "model.safetensors").unlink(), r"has model\.json but no model\.safetensors", "weights_missing"),
     flag("diagnose", "--model", "m", "--num", "0", pattern=r"--num 0: out of range; allowed: an integer >= 1"),
     flag("plot", "--model", "m", "--num", "0", pattern=r"--num 0: out of range"),
     flag("pairs", "--model", "m", "--num", "0", pattern=r"--num 0: out of range"),

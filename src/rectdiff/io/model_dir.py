@@ -34,6 +34,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .. import __version__
+from ..errors import StoreError
 from ..forms import Form, from_config
 from ..models import MLP, Preconditioned, UNet
 from ..predictions import check_prediction
@@ -221,10 +222,16 @@ def load_model_dir(path: str | os.PathLike[str]) -> tuple[nn.Module, Form, str]:
     form = from_config(record["form"], source=str(Path(path) / INFO))
     prediction = check_prediction(record["prediction"])
     model = build_model(record["net"], form, prediction)
+    weights = Path(path) / WEIGHTS
     try:
-        load_model(model, str(Path(path) / WEIGHTS))
+        load_model(model, str(weights))
     except RuntimeError as err:
-        raise ValueError(
-            f"{Path(path) / WEIGHTS} does not fit the network in {INFO}: {err}"
+        raise ValueError(f"{weights} does not fit the network in {INFO}: {err}") from None
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' own error type: a truncated or damaged file
+        raise StoreError(
+            f"{weights} is not a readable safetensors file ({' '.join(str(err).split())}); "
+            "the folder is damaged: save or copy the model again."
         ) from None
     return model.eval(), form, prediction
