@@ -100,18 +100,17 @@ def test_stock_k_steps_are_rectdiffs_ddim_steps_on_the_window_edges(flow, phased
 
 def test_phased_student_beats_the_teachers_own_k_steps(flow, phased, tmp_path):
     """Held-out noise and prompts, latent MSE to the teacher's 25-step latents (``sd eval``)
-    at 4 steps. Measured: phased student 0.0688, the teacher's own 4 DDIM-trailing steps
-    0.128: ratio 0.54 (the plain student of the shared flow, 200 steps: 0.25 at 4 steps).
-    The issue's target is 0.5x; this tiny UNet reaches it only with more training than the
-    test budget (200 steps here, ~35 s on one core; without the EMA 1.24 at 200 steps and
-    0.56 at 400, lr 1e-3; with the EMA but the uniform time sampler 0.60-0.63): the test
-    asserts 0.75x, a margin over the measured 0.54."""
+    at 4 steps. Measured: phased student 0.0626, the teacher's own 4 DDIM-trailing steps
+    0.128: ratio 0.487, under the issue's 0.5x (with ``phase_start_mass`` = 0: 0.54; the
+    plain student of the shared flow reaches 0.87 at 4 steps). The test budget is 200 steps
+    with the EMA and the u-shaped time sampler; the assertion keeps a margin (0.6) for
+    BLAS differences across machines over the measured 0.487."""
     metrics = evaluate(phased, flow.teacher, tiny_prompts("held_out"), tmp_path, steps=(PHASES,),
                        num=32, batch_size=32)  # fmt: skip
     mse, ratio = metrics["latent_mse"], metrics["ratio"][str(PHASES)]
     print(f"\n4-step latent MSE: phased student {mse['student']['4']:.4g}, teacher "
           f"{mse['teacher']['4']:.4g} (ratio {ratio:.3f})")  # fmt: skip
-    assert ratio < 0.75
+    assert ratio < 0.6
 
 
 def test_phases_that_do_not_divide_the_timesteps_are_refused(flow, tmp_path, capsys):

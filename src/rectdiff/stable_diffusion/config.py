@@ -71,6 +71,9 @@ class SDRectifyConfig:
             ``"uniform"`` time sampler by default and no ``loss_prediction`` or
             ``target_form`` (``rectify_sd`` refuses them); the student then samples in
             exactly K stock DDIM steps.
+        phase_start_mass: with K > 1, the fraction of training times placed exactly at their
+            window's start, where the K stock steps evaluate the student
+            (:func:`rectdiff.rectify.phased_loss`'s ``start_mass``).
 
     Raises:
         ValueError: on construction, for a bad ``max_steps``, ``lora_rank``, ``target_form``,
@@ -102,6 +105,7 @@ class SDRectifyConfig:
     resume: bool = True
     num_workers: int = 0
     phases: int = 1
+    phase_start_mass: float = 0.25
     cond_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -122,6 +126,11 @@ class SDRectifyConfig:
             check_prediction(self.loss_prediction)
         if not _positive_int(self.phases):
             raise ValueError(f"phases must be a positive integer, got phases={self.phases!r}.")
+        mass = self.phase_start_mass
+        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 <= mass < 1:
+            raise ValueError(
+                f"phase_start_mass must be a number in [0, 1), got phase_start_mass={mass!r}."
+            )
         dropout = self.cond_dropout
         if (
             isinstance(dropout, bool)

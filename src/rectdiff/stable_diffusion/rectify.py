@@ -46,6 +46,7 @@ The output folder is a complete diffusers pipeline (``save_pretrained``, see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -371,7 +372,8 @@ def rectify_sd(
                   resume=config.resume, progress=progress, accelerator=accelerator)  # fmt: skip
     if couplings is not None:
         data, keys = couplings.training_data()
-        loss_fn = _with_dropout(phased_loss, pipe, family, config)
+        phased = functools.partial(phased_loss, start_mass=config.phase_start_mass)
+        loss_fn = _with_dropout(phased, pipe, family, config)
         result = train(trained, data, loss_fn=loss_fn,
                        cond_fn=lambda extra: dict(zip(keys, extra, strict=True)), **common)  # fmt: skip
     else:
