@@ -246,6 +246,9 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phases", type=int, default=d.phases,
                    help="K > 1: phased rectification on K windows for K-step sampling; K must "
                         "divide the 1000 timesteps (default: %(default)s, plain)")  # fmt: skip
+    p.add_argument("--phase-start-mass", type=float, default=d.phase_start_mass,
+                   help="with --phases: fraction of training times placed at the window start, "
+                        "where the K stock steps evaluate (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)
 
 
