@@ -103,16 +103,18 @@ def run_command(
 
     An expected error prints ``{prog}: error: {message}`` on one line and returns 2; Ctrl-C
     prints ``{prog}: interrupted; {interrupted}`` (what was kept, how to resume; a callable is
-    asked then, so it can look at what is on disk) and returns 130; anything else propagates
+    asked then, so it can look at what is on disk; a ``KeyboardInterrupt`` raised with a
+    message, as a library function re-raises it once it knows what it kept, says it instead)
+    and returns 130; anything else propagates
     with its traceback. ``debug`` prints the traceback of expected errors and interrupts too
     (before the line).
     """
     try:
         return int(command() or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             traceback.print_exc()
-        hint = interrupted() if callable(interrupted) else interrupted
+        hint = str(stop) or (interrupted() if callable(interrupted) else interrupted)
         print(f"{prog}: interrupted; {hint or 'nothing to resume.'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:

@@ -122,3 +122,96 @@ def test_rectify_stops_keeps_a_checkpoint_and_resumes_to_the_same_weights(teache
     assert resumed.keys() == whole.keys()
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
+
+
+#: a compare of four tiny cells in two worker processes
+COMPARE = """
+seed = 3
+workers = 2
+[data]
+name = "8gaussians"
+n_train = 256
+n_eval = 64
+[grid]
+forms = ["vp", "fm"]
+predictions = ["eps", "v"]
+[network]
+options = { hidden = 8, depth = 1 }
+[train]
+steps = 300
+batch_size = 64
+[rectify]
+num_pairs = 64
+steps = 2
+shard_size = 64
+pair_batch_size = 64
+[evaluation]
+steps = [1]
+metrics = ["energy"]
+n_diagnostic = 16
+figures = false
+"""
+
+
+def _workers(parent: int) -> list[int]:
+    """Pids of ``parent``'s multiprocessing workers (spawned, so ``spawn_main`` in the command)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_compare_with_workers_stops_them_and_exits(tmp_path):
+    """SIGINT to the parent of a two-worker compare while its workers run: exit 130 within
+    seconds (was: ran on to the end, writing no report), both workers ended, no report."""
+    config, out = tmp_path / "tiny.toml", tmp_path / "out"
+    config.write_text(COMPARE)
+    command = [sys.executable, "-c", "import sys; from rectdiff.cli import main; sys.exit(main())",
+               "compare", "--config", str(config), "--out", str(out), "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        start = time.monotonic()
+        while len(workers := _workers(process.pid)) < 2:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() - start < 240, "the workers never started"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        err = process.stderr.read().decode(errors="replace")
+        code = process.wait(timeout=60)
+        seconds = time.monotonic() - sent
+    finally:
+        process.kill()
+    assert code == 130 and seconds < STOP_WITHIN, (code, seconds, err)
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"rectdiff compare: interrupted; no cell had finished; nothing to keep in {out} (no "
+        "report was written)."
+    )
+    assert [pid for pid in workers if _alive(pid)] == []
+    assert not (out / "report.md").exists() and not (out / "results.json").exists()
+
+
+def test_compare_interrupt_names_the_finished_cells(tmp_path):
+    from rectdiff.apps.compare.cells import CellResult
+    from rectdiff.apps.compare.run import _kept
+
+    done = [CellResult("vp", "eps", forms.VP()), None, CellResult("fm", "v", forms.FlowMatching())]
+    assert _kept(tmp_path, done) == (
+        f"the model folders of the 2 finished cell(s) (vp_eps, fm_v) are kept in "
+        f"{tmp_path / 'models'}; no report was written; rerun to start over."
+    )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -88,7 +89,38 @@ def _warm_caches(config: CompareConfig) -> None:
         metrics.digits_classifier(options.get("cache_dir"), options.get("classifier_seed", 0))
 
 
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (a terminal sends SIGINT to the
+    whole process group; the parent stops the workers itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the running cells now (their partial output is
+    not used)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+    pool.shutdown(wait=True)  # the pool notices its workers are gone and frees its queues
+
+
+def _kept(out: Path, results: list[CellResult | None]) -> str:
+    """What a compare stopped by Ctrl-C keeps: the finished cells' model folders."""
+    done = [r.name for r in results if r is not None]
+    if not done:
+        return f"no cell had finished; nothing to keep in {out} (no report was written)."
+    return (
+        f"the model folders of the {len(done)} finished cell(s) ({', '.join(done)}) are kept "
+        f"in {out / 'models'}; no report was written; rerun to start over."
+    )
+
+
 def _run_tasks(tasks: list[CellTask], workers: int, progress: bool) -> list[CellResult]:
+    """Run the cells, in ``workers`` processes when more than one. Ctrl-C stops the workers
+    within seconds and raises ``KeyboardInterrupt`` whose message says what was kept."""
     bar = tqdm(total=len(tasks), desc="compare", unit="cell", disable=not progress)
     results: list[CellResult | None] = [None] * len(tasks)
     try:
@@ -99,13 +131,23 @@ def _run_tasks(tasks: list[CellTask], workers: int, progress: bool) -> list[Cell
                 bar.update(1)
         else:
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_ignore_sigint
+            )
+            try:
                 futures = {pool.submit(run_cell, task): task for task in tasks}
                 for future in as_completed(futures):
                     task = futures[future]
                     results[task.index] = future.result()
                     bar.set_postfix_str(f"done {task.label}/{task.prediction}")
                     bar.update(1)
+            except BaseException:
+                _stop_workers(pool)
+                del pool  # not kept alive by the traceback: its queues are freed before exit
+                raise
+            pool.shutdown(wait=True)
+    except KeyboardInterrupt as interrupt:
+        raise KeyboardInterrupt(_kept(tasks[0].out, results)) from interrupt
     finally:
         bar.close()
     return [r for r in results if r is not None]
