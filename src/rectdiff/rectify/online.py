@@ -40,6 +40,9 @@ class Diffusion(nn.Module):
         time_sampler: training time distribution (name or object, see :mod:`rectdiff.training`).
         weighting: loss weighting over logsnr (see :mod:`rectdiff.training`).
         loss: ``"mse"`` or ``"pseudo_huber"``.
+        coupling: ``"independent"`` or ``"ot"`` (drawn noise re-paired with each batch by
+            minibatch optimal transport; see :func:`~rectdiff.training.losses.diffusion_loss`).
+            Noise passed as ``eps=`` is a fixed coupling and used as given.
         sample_shape: shape of one sample; taken from the first training batch when omitted.
     """
 
@@ -52,6 +55,7 @@ class Diffusion(nn.Module):
         time_sampler: Any = "uniform",
         weighting: Any = "none",
         loss: str = "mse",
+        coupling: str = "independent",
         sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
@@ -60,8 +64,9 @@ class Diffusion(nn.Module):
         self.prediction = check_prediction(prediction)
         # names, parameters and coefficient functions resolved here, once, not every step
         self.objective = DiffusionLoss(
-            form, self.prediction, time_sampler=time_sampler, weighting=weighting, loss=loss
-        )
+            form, self.prediction, time_sampler=time_sampler, weighting=weighting, loss=loss,
+            coupling=coupling,
+        )  # fmt: skip
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
 
     @property

@@ -5,6 +5,8 @@ time_samplers   p(t): uniform, logit_normal, u_shaped, uniform_logsnr, discrete,
 weightings      loss weightings (none, snr, min_snr) and the weight over logsnr any set-up
                 implies (implied_weighting, equalize by importance sampling; Kingma & Gao
                 2023); effective_sample_size / weighting_ess of a batch's loss weights
+minibatch_ot    minibatch optimal-transport couplings of noise and data (coupling="ot";
+                OT-CFM of Tong et al. 2023, generalised to every form and prediction)
 losses          diffusion_loss (MSE or pseudo-Huber on any prediction's target) and
                 DiffusionLoss, the same resolved once for a hot loop
 config          TrainConfig (a dataclass loaded from TOML)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from .config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
 from .losses import LOSSES, DiffusionLoss, default_huber_c, diffusion_loss
+from .minibatch_ot import COUPLINGS, ot_assignment, ot_coupled_noise
 from .time_samplers import (
     TIME_SAMPLERS,
     AtTime,
@@ -50,7 +53,7 @@ from .weightings import (
 
 __all__ = [
     "TrainConfig", "LR_SCHEDULES", "MIXED_PRECISION", "LOSSES", "DiffusionLoss", "default_huber_c",
-    "diffusion_loss", "TIME_SAMPLERS", "AtTime", "Discrete", "Equalized", "LogitNormal",
+    "diffusion_loss", "COUPLINGS", "ot_assignment", "ot_coupled_noise", "TIME_SAMPLERS", "AtTime", "Discrete", "Equalized", "LogitNormal",
     "TimeSampler", "Uniform", "UniformLogSNR", "UShaped", "dlogsnr_dt", "time_sampler",
     "NonFiniteLossError", "Trainer", "TrainResult", "train", "WEIGHTINGS",
     "InverseFactorWeighting", "MinSNRWeighting", "NoWeighting", "SNRWeighting", "Weighting", "X0Weighting",

@@ -11,6 +11,7 @@ from diffusers.optimization import SchedulerType
 
 from ..io.configs import from_mapping, read_toml_table
 from .losses import LOSSES
+from .minibatch_ot import COUPLINGS
 from .time_samplers import TIME_SAMPLERS, TimeSampler
 from .weightings import WEIGHTINGS, Weighting
 
@@ -40,6 +41,11 @@ class TrainConfig:
             accepted when set in Python, e.g. from ``timesteps.equalize``).
         weighting, weighting_params: likewise.
         loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` and its constant.
+        coupling: ``"independent"`` (noise as drawn) or ``"ot"``: each batch's noise re-paired
+            with its data by the exact minibatch optimal-transport assignment before ``x_t``
+            is formed (Tong et al. 2023; Pooladian et al. 2023; see
+            :mod:`rectdiff.training.minibatch_ot`); conditioning stays with its data. Only
+            for data (not ``pairs=True``, whose noise is the coupling) and the default loss.
         checkpoint_every: save every this many steps and at the end; 0 = never.
         keep_checkpoints: how many checkpoints to keep; 0 = all.
         log_every: loss check, tqdm postfix and history flush interval.
@@ -63,6 +69,7 @@ class TrainConfig:
     weighting_params: dict[str, Any] = field(default_factory=dict)
     loss: str = "mse"
     huber_c: float | None = None
+    coupling: str = "independent"
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 50
@@ -82,6 +89,7 @@ class TrainConfig:
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("loss", self.loss, LOSSES)
+        _check_choice("coupling", self.coupling, COUPLINGS)
         if isinstance(self.time_sampler, str):
             _check_choice("time_sampler", self.time_sampler, tuple(TIME_SAMPLERS))
         if isinstance(self.weighting, str):

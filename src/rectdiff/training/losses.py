@@ -3,6 +3,9 @@
     x_t = alpha_t x0 + sigma_t eps,   out = model(x_t, form.model_time(t), **cond),
     loss_i = weight(t_i) * d(out_i, target_i),   target = predictions.target(x0, eps, t)
 
+with ``eps`` drawn independently of ``x0`` or, with ``coupling="ot"``, re-paired with the batch
+by minibatch optimal transport (:mod:`~rectdiff.training.minibatch_ot`),
+
 with ``d`` the mean squared error over the non-batch dimensions, or the pseudo-Huber
 distance ``sqrt(||out - target||^2 + c^2) - c`` of Song & Dhariwal 2023 ("Improved
 Techniques for Training Consistency Models", sec. 3.3), whose default
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from ..forms import Form, as_time
 from ..predictions import check_prediction, check_time_range
+from .minibatch_ot import check_coupling, ot_coupled_noise
 from .time_samplers import TimeSampler, time_sampler
 from .weightings import Weighting, effective_sample_size, loss_weighting
 
@@ -49,17 +53,19 @@ class DiffusionLoss:
     resolved once, at construction: the training step then runs no name look-ups or
     parameter checks, only tensor arithmetic.
 
-    Per step it draws ``t`` (float64, from the sampler) and ``eps``, evaluates the
+    Per step it draws ``eps`` (re-paired with ``x0`` by minibatch OT when ``coupling="ot"``)
+    and ``t`` (float64, from the sampler), evaluates the
     coefficients it needs in float64 (``alpha``, ``sigma``, the model time and, for a v or
     flow target, that target's two coefficients), casts them to the data's dtype in one
     call and forms ``x_t = alpha x0 + sigma eps`` and the target
     (:func:`~rectdiff.predictions.target`'s formulas, so the numbers are the same).
 
     Args:
-        form, prediction, time_sampler, weighting, loss, huber_c: as :func:`diffusion_loss`.
+        form, prediction, time_sampler, weighting, loss, huber_c, coupling: as
+            :func:`diffusion_loss`.
 
     Raises:
-        ValueError: for an unknown prediction, loss, time sampler or weighting.
+        ValueError: for an unknown prediction, loss, time sampler, weighting or coupling.
     """
 
     def __init__(
@@ -71,12 +77,15 @@ class DiffusionLoss:
         weighting: str | Weighting = "none",
         loss: str = "mse",
         huber_c: float | None = None,
+        coupling: str = "independent",
     ) -> None:
         self.form = form
         self.prediction = check_prediction(prediction)
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
         self.loss, self.huber_c = loss, huber_c
+        self.coupling = check_coupling(coupling)
+        self._ot = coupling == "ot"
         self.time_sampler = sampler_for(time_sampler, form)
         self.weighting = loss_weighting(weighting)
         #: set ``track_ess`` to keep the effective sample size of each batch's loss weights
@@ -114,6 +123,8 @@ class DiffusionLoss:
         form, batch = self.form, x0.shape[0]
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            if self._ot:
+                eps = ot_coupled_noise(x0, eps)
         elif eps.shape != x0.shape:
             raise ValueError(
                 f"x0 and eps must have the same shape, got {tuple(x0.shape)} and "
@@ -153,7 +164,8 @@ class DiffusionLoss:
     def __repr__(self) -> str:
         return (
             f"DiffusionLoss({self.form!r}, {self.prediction!r}, time_sampler="
-            f"{self.time_sampler!r}, weighting={self.weighting!r}, loss={self.loss!r})"
+            f"{self.time_sampler!r}, weighting={self.weighting!r}, loss={self.loss!r}, "
+            f"coupling={self.coupling!r})"
         )
 
 
@@ -167,6 +179,7 @@ def diffusion_loss(
     weighting: str | Weighting = "none",
     loss: str = "mse",
     huber_c: float | None = None,
+    coupling: str = "independent",
     eps: Tensor | None = None,
     t: Any = None,
     cond: dict[str, Any] | None = None,
@@ -186,6 +199,13 @@ def diffusion_loss(
         weighting: name or :class:`~rectdiff.training.weightings.Weighting` multiplying each sample.
         loss: ``"mse"`` or ``"pseudo_huber"``.
         huber_c: the pseudo-Huber constant; ``0.00054 sqrt(dim)`` by default.
+        coupling: how drawn noise is paired with ``x0``: ``"independent"`` (as drawn) or
+            ``"ot"``, re-paired within the batch by the exact optimal assignment under the
+            squared Euclidean cost, ``eps_i <- eps_pi*(i)`` with ``pi*`` minimising
+            ``sum_i ||x0_i - eps_pi(i)||^2`` (minibatch OT: Tong et al. 2023's OT-CFM,
+            Pooladian et al. 2023), before ``x_t`` and the target are formed, in any form
+            and prediction; ``x0``, ``cond`` and ``t`` keep their rows. A given ``eps`` is a
+            fixed coupling and is never re-paired. See :mod:`~rectdiff.training.minibatch_ot`.
         eps: the standard-normal noise (drawn when None), same shape as ``x0``.
         t: times, scalar or ``(B,)`` inside ``[form.t_min, form.t_max]`` (sampled when None).
         cond: extra keyword arguments for the model (e.g. ``class_labels``).
@@ -195,11 +215,12 @@ def diffusion_loss(
         ``(mean_loss, per_sample_loss)``; the second has shape ``(B,)``.
 
     Raises:
-        ValueError: for an unknown prediction or loss, or given t outside the safe range.
+        ValueError: for an unknown prediction, loss or coupling, or given t outside the safe
+            range.
     """
     objective = DiffusionLoss(
         form, prediction, time_sampler=time_sampler, weighting=weighting, loss=loss,
-        huber_c=huber_c,
+        huber_c=huber_c, coupling=coupling,
     )  # fmt: skip
     return objective(model, x0, eps=eps, t=t, cond=cond, generator=generator)
 

@@ -45,6 +45,7 @@ from ..predictions import check_prediction
 from .batches import LoaderBatches, TensorBatches
 from .config import TrainConfig
 from .losses import DiffusionLoss, diffusion_loss
+from .minibatch_ot import check_coupling_use
 from .time_samplers import time_sampler
 from .weightings import loss_weighting
 
@@ -188,10 +189,11 @@ class Trainer:
         self.batches: TensorBatches | LoaderBatches = self._batches(data_or_loader)
         self.sampler = time_sampler(config.time_sampler, form, **config.time_sampler_params)
         self.weighting = loss_weighting(config.weighting, **config.weighting_params)
+        check_coupling_use(config.coupling, pairs, custom_loss=loss_fn is not diffusion_loss)
         self._objective = (
             DiffusionLoss(
                 form, prediction, time_sampler=self.sampler, weighting=self.weighting,
-                loss=config.loss, huber_c=config.huber_c,
+                loss=config.loss, huber_c=config.huber_c, coupling=config.coupling,
             )
             if loss_fn is diffusion_loss
             else None
