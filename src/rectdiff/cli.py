@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ _TRAIN_FLAGS = ("steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "ema
                 "time_sampler", "weighting", "checkpoint_every")  # fmt: skip
 #: ``rectdiff rectify``'s checkpoint interval (the library's TrainConfig keeps none by default)
 RECTIFY_CHECKPOINT_EVERY = 500
+#: commands that hold their --out's lock (rectdiff.io.locks) while they run
+_LOCKED = ("rectdiff compare", "rectdiff pairs", "rectdiff rectify", "rectdiff sd pairs",
+           "rectdiff sd rectify")  # fmt: skip
 
 
 def _library_default(target: str, name: str) -> Any:
@@ -93,7 +97,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.workers is not None:
         config.workers = args.workers
-    results = run_compare(config, args.out, quick=args.quick, progress=not args.no_progress)
+    results = run_compare(
+        config, args.out, quick=args.quick, progress=not args.no_progress, overwrite=args.overwrite
+    )
     print(summary_markdown(results))
     print(f"\nwrote {Path(args.out) / 'report.md'}, {Path(args.out) / 'results.json'} and "
           f"{len(results.get('figures', []))} figure files in {results['timing']['seconds']:.0f} s")  # fmt: skip
@@ -306,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/compare", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smoke test: fewer steps and samples")
     p.add_argument("--workers", type=int, default=None, help="override the config's workers")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier compare's output in --out (only the files compare wrote)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
@@ -343,7 +353,8 @@ def _rectify_kept(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, range-check the flags (before any heavy import) and run the subcommand inside the
     error boundary (:func:`rectdiff.errors.run_command`): an expected error is one line on
-    stderr and exit code 2, Ctrl-C says how to resume and exits 130."""
+    stderr and exit code 2, Ctrl-C says how to resume and exits 130. The commands that write
+    an output folder hold its lock (:func:`rectdiff.io.locks.output_lock`) meanwhile."""
     args = build_parser().parse_args(argv)
     prog = " ".join(
         ["rectdiff", args.command, *([args.sd_command] if args.command == "sd" else [])]
@@ -351,7 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         check_flag_ranges(args)
-        return int(args.func(args) or 0)
+        if prog not in _LOCKED:
+            return int(args.func(args) or 0)
+        from .io.locks import output_lock
+
+        called = " ".join(["rectdiff", *(sys.argv[1:] if argv is None else argv)])
+        with output_lock(args.out, called):  # a second writer is refused, naming the lock
+            return int(args.func(args) or 0)
 
     return run_command(command, prog, debug=args.debug, interrupted=interrupt_hint(args))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,7 +44,9 @@ from tqdm.auto import tqdm
 
 from ... import __version__, metrics
 from ...data import TOYS, load_data
+from ...errors import ConfigError
 from ...io.files import write_json_atomic
+from ...io.model_dir import is_model_dir
 from .cells import CellResult, CellTask, run_cell
 from .config import CompareConfig, quick_config
 from .figures import draw_figures
@@ -81,6 +84,78 @@ def _load_datasets(config: CompareConfig) -> tuple[Tensor, Tensor]:
     return rest, reference
 
 
+#: the files of the figures folder (png, svg and each figure's numbers)
+_FIGURE_SUFFIXES = (".png", ".svg", ".csv")
+
+
+def _is_temporary(path: Path) -> bool:
+    """A half-written file or folder of an interrupted run (``.{name}.{pid}.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _earlier_output(out: Path) -> tuple[list[Path], list[Path]]:
+    """``(ours, foreign)``: what of ``out`` an earlier compare wrote (report, results, figure
+    files, model folders, pair stores, half-written temporaries) and everything else."""
+    ours: list[Path] = []
+    foreign: list[Path] = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in ("report.md", "results.json") and entry.is_file() or _is_temporary(entry):
+            ours.append(entry)
+        elif entry.name == "figures" and entry.is_dir():
+            for figure in sorted(entry.iterdir()):
+                ok = figure.is_file() and figure.suffix in _FIGURE_SUFFIXES
+                (ours if ok or _is_temporary(figure) else foreign).append(figure)
+        elif entry.name in ("models", "pairs") and entry.is_dir():
+            for cell in sorted(entry.iterdir()):
+                if not cell.is_dir():
+                    foreign.append(cell)
+                    continue
+                for stage in sorted(cell.iterdir()):
+                    written = (
+                        is_model_dir(stage)
+                        if entry.name == "models"
+                        else (stage / "manifest.json").is_file()
+                    )
+                    (ours if written or _is_temporary(stage) else foreign).append(stage)
+        else:
+            foreign.append(entry)
+    return ours, foreign
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder holding anything but an earlier compare's output, and an
+    earlier compare's output unless ``overwrite`` (which removes only what compare wrote)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (new or empty).")
+    ours, foreign = _earlier_output(out)
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise ConfigError(
+            f"--out {str(out)!r} holds files that rectdiff compare did not write ({names}"
+            f"{more}); refusing to write into it. Choose a new or empty --out."
+        )
+    if not ours:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"--out {str(out)!r} holds an earlier compare's output ("
+            f"{', '.join(sorted({p.relative_to(out).parts[0] for p in ours}))}); its models "
+            "would sit beside this run's report. Choose a new --out, or add --overwrite to "
+            "remove that output first (only the files rectdiff compare wrote)."
+        )
+    for path in ours:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for folder in sorted(out.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def _warm_caches(config: CompareConfig) -> None:
     """Train (or load) the digits classifier once before worker processes need it."""
     names = {m for m in config.evaluation.metrics if metrics.METRICS[m].data == "digits"}
@@ -114,7 +189,7 @@ def _kept(out: Path, results: list[CellResult | None]) -> str:
         return f"no cell had finished; nothing to keep in {out} (no report was written)."
     return (
         f"the model folders of the {len(done)} finished cell(s) ({', '.join(done)}) are kept "
-        f"in {out / 'models'}; no report was written; rerun to start over."
+        f"in {out / 'models'}; no report was written; rerun with --overwrite to start over."
     )
 
 
@@ -158,14 +233,21 @@ def run_compare(
     out: str | os.PathLike[str],
     quick: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run a comparison and write report.md, results.json, figures and model folders.
 
     Args:
         config: the comparison (``config.load_config``).
-        out: the output folder (created; files of an earlier run are replaced).
+        out: the output folder: new, empty, or (with ``overwrite``) an earlier compare's.
         quick: shrink it to a smoke test (``config.quick_config``).
         progress: a tqdm bar over the grid.
+        overwrite: remove an earlier compare's output in ``out`` first (only the files
+            compare wrote: report, results, figures, model folders, pair stores).
+
+    Raises:
+        ConfigError: ``out`` holds files compare did not write, or an earlier compare's
+            output and not ``overwrite`` (checked before anything is written).
 
     Returns:
         The contents of results.json.
@@ -177,6 +259,7 @@ def run_compare(
     threads = torch.get_num_threads()
     try:
         x_train, reference = _load_datasets(config)  # validates [data] before anything is written
+        _prepare_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         _warm_caches(config)
         tasks = [
