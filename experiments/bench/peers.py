@@ -14,6 +14,11 @@ sub-VP and VE with v-prediction, ``training.equalize``-d to that objective (impo
 sampling in logsnr), their networks wrapped in ``models.Preconditioned`` (c_in, c_out; time
 input t). Its first-order sampler is DDIM (= Euler in t for flow matching) on the flow-matching
 uniform grid mapped through logsnr, so every form takes the same steps in y = x / alpha.
+The "OT" rows train rectdiff FM and VP v eq. with ``coupling="ot"`` (each batch's noise
+re-paired with its data by the exact minibatch OT assignment, ``training.minibatch_ot``; the
+generalisation of torchcfm's OT-CFM, which draws its pairs from the same plan with
+replacement); their reflow columns are OT coupling followed by reflow (the pairs are then
+used as given, like every system's).
 
 Columns: energy distance (V-statistic, ``metrics.energy_distance``) of 2000 samples against
 2000 fresh data points for the teacher at dopri5 and at 1/2/4 first-order steps, the reflowed
@@ -149,10 +154,13 @@ class RectdiffFM(System):
     name = "rectdiff FM"
     online = True
 
-    def __init__(self, net: nn.Module, data: Tensor) -> None:
+    def __init__(self, net: nn.Module, data: Tensor, coupling: str = "independent") -> None:
         super().__init__(net, data)
         self.form = FM
-        self.diffusion = Diffusion(net, form=FM, prediction="flow", sample_shape=(2,))
+        self.diffusion = Diffusion(net, form=FM, prediction="flow", coupling=coupling,
+                                   sample_shape=(2,))  # fmt: skip
+        if coupling == "ot":
+            self.name, self.online = "rectdiff FM OT", False
 
     def loss(self, x0: Tensor, noise: Tensor | None = None) -> Tensor:
         if noise is not None:
@@ -184,9 +192,12 @@ class RectdiffEqualized(RectdiffFM):
 
     online = False
 
-    def __init__(self, net: nn.Module, data: Tensor, form: forms.Form, label: str) -> None:
+    def __init__(
+        self, net: nn.Module, data: Tensor, form: forms.Form, label: str,
+        coupling: str = "independent",
+    ) -> None:  # fmt: skip
         System.__init__(self, net, data)
-        self.name, self.form = f"rectdiff {label} v eq.", form
+        self.name, self.form = f"rectdiff {label} v eq.{' OT' if coupling == 'ot' else ''}", form
 
         def reference(lam: Tensor) -> Tensor:
             return ts.implied_weighting(FM, "flow", "uniform", "none", lam)
@@ -197,7 +208,8 @@ class RectdiffEqualized(RectdiffFM):
                                         output_prediction="v", time_input="t")  # fmt: skip
         self.net = wrapped
         self.diffusion = Diffusion(wrapped, form=form, prediction="v", time_sampler=sampler,
-                                   weighting=weighting, sample_shape=(2,))  # fmt: skip
+                                   weighting=weighting, coupling=coupling,
+                                   sample_shape=(2,))  # fmt: skip
 
     def grid(self, steps: int) -> Tensor:
         """Flow matching's uniform grid mapped through logsnr into this form's t."""
@@ -320,6 +332,8 @@ SYSTEMS: dict[str, Callable[[nn.Module, Tensor], System]] = {
     "rectdiff VP v eq.": lambda n, d: RectdiffEqualized(n, d, forms.VP(), "VP"),
     "rectdiff sub-VP v eq.": lambda n, d: RectdiffEqualized(n, d, forms.SubVP(), "sub-VP"),
     "rectdiff VE v eq.": lambda n, d: RectdiffEqualized(n, d, forms.VE(), "VE"),
+    "rectdiff FM OT": lambda n, d: RectdiffFM(n, d, coupling="ot"),
+    "rectdiff VP v eq. OT": lambda n, d: RectdiffEqualized(n, d, forms.VP(), "VP", coupling="ot"),
     "rectified-flow-pytorch": LucidrainsRF,
     "flow_matching": FlowMatchingLib,
     "torchcfm I-CFM": TorchCFM,
