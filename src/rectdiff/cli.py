@@ -158,7 +158,11 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .apps.compare.saved import plot_model_dirs, plot_results
 
-    if args.results is not None:
+    if args.loss_log is not None:
+        from .plots.training import plot_loss_logs
+
+        written = plot_loss_logs(args.loss_log, args.out)
+    elif args.results is not None:
         written = plot_results(args.results, args.out)
     else:
         written = plot_model_dirs(args.model, args.out, **_given(args, ("num", "seed")))
@@ -279,6 +283,10 @@ def _add_model_dir_commands(sub: Any) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", default=None, help="results.json of `rectdiff compare`")
     source.add_argument("--model", nargs="+", action="extend", default=None, help="model folder(s)")
+    source.add_argument(
+        "--loss-log", nargs="+", action="extend", default=None, metavar="FILE",
+        help="training loss log(s): loss_log.csv, or the run folder holding it (e.g. OUT.train)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="figure folder")
     p.add_argument("--num", type=int, default=library, help="samples per model")
     p.add_argument("--seed", type=int, default=library, help="noise seed")

@@ -8,8 +8,10 @@ traceback. The hierarchy::
     RectdiffError
     ├── ConfigError (also a ValueError)    a setting: flag, config key, argument
     ├── DataError   (also a ValueError)    the user's data: non-finite values, unreadable files
-    └── StoreError  (also a RuntimeError)  a pair store or saved model: missing, damaged, foreign
-        └── rectdiff.rectify.store.PairStoreError
+    ├── StoreError  (also a RuntimeError)  a pair store or saved model: missing, damaged, foreign
+    │   └── rectdiff.rectify.store.PairStoreError
+    ├── rectdiff.training.NonFiniteLossError (also a RuntimeError)  a NaN or infinite loss
+    └── rectdiff.io.locks.OutputLocked (also a RuntimeError)  another writer holds the output
 
 The library also raises plain ``ValueError`` for bad arguments (documented per function);
 the boundary treats those as expected too. Expected OS errors are the ones a user causes or
@@ -67,17 +69,9 @@ _OS_HINTS = {
 }
 
 
-def _other_expected() -> tuple[type[BaseException], ...]:
-    """Expected errors defined outside this hierarchy, when their module is already loaded
-    (looked up here so that this module imports nothing heavy)."""
-    trainer = sys.modules.get("rectdiff.training.trainer")
-    error = getattr(trainer, "NonFiniteLossError", None)
-    return (error,) if isinstance(error, type) else ()
-
-
 def is_expected(err: BaseException) -> bool:
     """Whether ``err`` is a user's error (one line, exit 2) rather than a bug (traceback)."""
-    if isinstance(err, (RectdiffError, ValueError, *_other_expected())):
+    if isinstance(err, (RectdiffError, ValueError)):
         return True
     return isinstance(err, OSError) and err.errno in _OS_HINTS
 

@@ -6,6 +6,8 @@ gradient clipping, gradient accumulation and mixed precision through an accelera
 ``Accelerator``, an optional diffusers ``EMAModel``, and checkpoints written with
 ``accelerator.save_state`` to ``out_dir/checkpoints/step_N`` (a ``latest`` file names the
 newest; a re-run resumes there and ends with the same weights as an uninterrupted run).
+With an ``out_dir`` the run also keeps ``out_dir/loss_log.csv`` (step, loss, lr, gradient
+norm, ESS, seconds at every ``log_every`` steps; :mod:`rectdiff.training.loss_log`).
 
 Data is either clean samples ``x0`` (fresh noise each step) or, with ``pairs=True``,
 ``(eps, x0[, cond])`` couplings whose noise is fixed per pair (rectification). A tensor (or a
@@ -21,19 +23,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    DistributedType,
-    GradientAccumulationPlugin,
-    set_seed,
-)
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
@@ -42,10 +39,13 @@ from tqdm.auto import tqdm
 from ..forms import Form
 from ..io.files import publish_folder, write_text_atomic
 from ..predictions import check_prediction
+from .accelerator import new_accelerator
 from .batches import LoaderBatches, TensorBatches
 from .config import TrainConfig
+from .loss_log import LOSS_LOG, LossLog
 from .losses import DiffusionLoss, diffusion_loss
 from .minibatch_ot import check_coupling_use
+from .state import CheckpointState, NonFiniteLossError, TrainResult
 from .time_samplers import time_sampler
 from .weightings import loss_weighting
 
@@ -54,77 +54,6 @@ __all__ = [
 ]  # fmt: skip
 
 CondFn = Callable[[Any], dict[str, Any]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """A NaN or infinite training loss; names the step and the last good checkpoint."""
-
-    def __init__(self, step: int, value: float, checkpoint: Path | None) -> None:
-        self.step, self.value, self.checkpoint = step, value, checkpoint
-        where = (
-            f"the last good checkpoint is {checkpoint}"
-            if checkpoint is not None
-            else "there is no checkpoint (set out_dir and checkpoint_every to keep one)"
-        )
-        super().__init__(
-            f"non-finite loss {value} at step {step}; {where}. Lower the learning rate, enable "
-            "grad_clip, or check the data and the time range."
-        )
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns.
-
-    Attributes:
-        model: the trained network (unwrapped; EMA weights when EMA was on).
-        losses: mean loss of every optimizer step from step 1 (resumed runs included).
-        step: the last step trained.
-        checkpoint: the last checkpoint written or loaded, if any.
-        ema: the ``EMAModel``, when EMA was on.
-        ess: effective sample size of every step's loss weights, ``(sum w)^2 / (n sum w^2)``
-            over the batch (``weightings.effective_sample_size``; 1 for an unweighted loss),
-            aligned with ``losses``; empty for a custom ``loss_fn``.
-    """
-
-    model: nn.Module
-    losses: list[float]
-    step: int
-    checkpoint: Path | None = None
-    ema: EMAModel | None = None
-    ess: list[float] = field(default_factory=list)
-
-
-class _State:
-    """Everything beyond model/optimizer/scheduler/RNG that a checkpoint must restore."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    def state_dict(self) -> dict[str, Any]:
-        tr = self.trainer
-        return {
-            "step": tr.step_count,
-            "losses": list(tr.losses),
-            "ess": list(tr.ess),
-            "data_generator": tr.data_generator.get_state(),
-            "batches": tr.batches.state_dict(),
-            "ema": None if tr.ema is None else tr.ema.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        tr = self.trainer
-        tr.step_count, tr.losses = int(state["step"]), list(state["losses"])
-        tr.ess = list(state.get("ess", []))
-        tr.data_generator.set_state(state["data_generator"])
-        if isinstance(tr.batches, LoaderBatches):
-            tr.batches.load_state_dict(state["batches"], tr.accelerator)
-        else:
-            tr.batches.load_state_dict(state["batches"])
-        if tr.ema is not None:
-            if state["ema"] is None:
-                raise ValueError("the checkpoint was written without EMA; set ema_decay = 0.")
-            tr.ema.load_state_dict(state["ema"])
 
 
 class Trainer:
@@ -205,7 +134,10 @@ class Trainer:
         self._pending_ess: list[Tensor] = []
         self.last_checkpoint: Path | None = None
         self._pending: list[Tensor] = []
-        acc.register_for_checkpointing(_State(self))
+        # the loss log (run() opens it given an out_dir); the latest logged step's numbers
+        self._loss_log: LossLog | None = None
+        self._logging, self._grad_norm, self._lr = False, math.nan, math.nan
+        acc.register_for_checkpointing(CheckpointState(self))
 
     def _batches(self, data: Any) -> TensorBatches | LoaderBatches:
         acc = self.accelerator
@@ -264,8 +196,10 @@ class Trainer:
                 loss = self._loss(x0, eps, cond)
                 acc.backward(loss)
                 if acc.sync_gradients:
+                    norm = None
                     if config.grad_clip > 0:
-                        acc.clip_grad_norm_(self.params, config.grad_clip)
+                        norm = acc.clip_grad_norm_(self.params, config.grad_clip)
+                    self._note_gradients(norm)
                     self._optimizer_step()
                     self.scheduler.step()
                     self._zero_grad(set_to_none=True)
@@ -296,8 +230,10 @@ class Trainer:
         eps, x0, cond = self._unpack(next(self.batches))
         loss = self._loss(x0, eps, cond)
         loss.backward()
+        norm = None
         if config.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.params, config.grad_clip)
+            norm = self.accelerator.clip_grad_norm_(self.params, config.grad_clip)
+        self._note_gradients(norm)
         self._optimizer_step()
         self.scheduler.step()
         self._zero_grad(set_to_none=True)
@@ -305,6 +241,21 @@ class Trainer:
             self.ema.step(self.params)
         self.step_count += 1
         return loss.detach()
+
+    def _logs_next_step(self) -> bool:
+        """Whether the step being taken (``step_count + 1``) gets a loss-log row."""
+        step = self.step_count + 1
+        return self._logging and (step % self.config.log_every == 0 or step == self.config.steps)
+
+    def _note_gradients(self, norm: Tensor | float | None) -> None:
+        """At a logged step, keep the gradient norm before clipping (``norm`` when clipping
+        measured it) and the learning rate this update uses."""
+        if not self._logs_next_step():
+            return
+        if norm is None:  # max_norm = inf: measured (unscaled under fp16), never rescaled
+            norm = self.accelerator.clip_grad_norm_(self.params, math.inf)
+        self._grad_norm = math.nan if norm is None else float(norm)
+        self._lr = float(self.optimizer.param_groups[0]["lr"])
 
     # --- loss history and checkpoints -------------------------------------------------
     def _flush(self) -> None:
@@ -390,6 +341,9 @@ class Trainer:
         if config.out_dir is not None and acc.is_main_process:
             config_json = json.dumps(config.to_dict(), indent=2, default=repr)
             write_text_atomic(Path(config.out_dir) / "train_config.json", config_json)
+            self._loss_log = LossLog(Path(config.out_dir) / LOSS_LOG, self.step_count)
+        self._logging = config.out_dir is not None
+        started, logged = time.perf_counter(), self.step_count
         bar = tqdm(
             total=config.steps, initial=self.step_count, desc="train", dynamic_ncols=True,
             disable=not (progress and acc.is_local_main_process),
@@ -404,6 +358,12 @@ class Trainer:
                 done = self.step_count == config.steps
                 if self.step_count % config.log_every == 0 or done:
                     self._flush()
+                    if self._loss_log is not None:  # the steps since the previous row
+                        self._loss_log.append(
+                            self.step_count, self.losses[logged:], self._lr, self._grad_norm,
+                            self.ess[logged:], time.perf_counter() - started,
+                        )  # fmt: skip
+                    logged = self.step_count
                     postfix = {"loss": f"{self.losses[-1]:.4g}"}
                     if self._pending_ess or (self.ess and self.ess[-1] != 1.0):
                         postfix["ess"] = f"{self.ess[-1]:.3f}"
@@ -424,28 +384,6 @@ class Trainer:
             model, list(self.losses), self.step_count, self.last_checkpoint, self.ema,
             list(self.ess),
         )  # fmt: skip
-
-
-def new_accelerator(config: TrainConfig) -> Accelerator:
-    """The ``Accelerator`` a :class:`Trainer` makes for ``config``: its mixed precision,
-    ``grad_accum`` micro-batches per optimizer step whatever the loader's length (no step
-    forced at an epoch's end), and accelerate's seedable sampler (resumable loaders)."""
-    try:
-        # the loop cycles loaders itself: an epoch's end must not force an optimizer step
-        plugin = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
-        return Accelerator(
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_plugin=plugin,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # resumable
-        )
-    except ValueError as err:  # accelerate fixes mixed precision once per process
-        if "already been initialized" not in str(err):
-            raise
-        raise ValueError(
-            f"mixed_precision={config.mixed_precision!r} differs from the precision this process "
-            "already set up with accelerate, which allows one per process. Use the same "
-            "mixed_precision for every train() in a process, or pass accelerator=."
-        ) from err
 
 
 def train(
