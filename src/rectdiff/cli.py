@@ -31,7 +31,7 @@ _DIAGNOSE = "rectdiff.apps.compare.saved:diagnose_dirs"
 _PLOT = "rectdiff.apps.compare.saved:plot_model_dirs"
 #: TrainConfig fields ``rectdiff rectify`` has flags for
 _TRAIN_FLAGS = ("steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "ema_decay", "seed",
-                "time_sampler", "weighting", "checkpoint_every")  # fmt: skip
+                "time_sampler", "weighting", "checkpoint_every", "log_with")  # fmt: skip
 #: ``rectdiff rectify``'s checkpoint interval (the library's TrainConfig keeps none by default)
 RECTIFY_CHECKPOINT_EVERY = 500
 #: commands that hold their --out's lock (rectdiff.io.locks) while they run
@@ -260,6 +260,11 @@ def _add_model_dir_commands(sub: Any) -> None:
         "--checkpoint-every", type=int, default=RECTIFY_CHECKPOINT_EVERY,
         help="save a resumable checkpoint in OUT.train every N steps; 0: none (default: "
         "%(default)s). A rerun resumes only under the same teacher, pairs and settings",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-with", default=library, choices=("csv", "tensorboard", "wandb"),
+        help="also log loss, lr, gradient norm and ESS to tensorboard or wandb (optional "
+        "packages) in OUT.train; loss_log.csv is always kept there",
     )  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

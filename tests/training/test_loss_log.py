@@ -106,3 +106,49 @@ def test_plot_draws_the_log_and_refuses_what_is_not_one(tmp_path, capsys):
 def test_a_non_finite_loss_is_a_rectdiff_error():
     assert issubclass(NonFiniteLossError, RectdiffError)
     assert issubclass(NonFiniteLossError, RuntimeError)
+
+
+def test_log_with_csv_keeps_only_the_loss_log(tmp_path):
+    config = TrainConfig(steps=4, batch_size=8, log_every=2, out_dir=str(tmp_path), log_with="csv")
+    train(net(), torch.randn(32, 2), form=forms.FlowMatching(), prediction="flow",
+          config=config, progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_log.csv", "train_config.json"]
+    assert read_loss_log(tmp_path / "loss_log.csv")["step"] == [2, 4]
+
+
+def test_a_tracker_whose_package_is_missing_is_named_with_its_pip_command(
+    tmp_path, monkeypatch, capsys
+):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))  # fmt: skip
+    with pytest.raises(RectdiffError, match=r"log_with = 'tensorboard' needs the tensorboard "
+                       r"package, which is not installed; run `pip install tensorboard`"):  # fmt: skip
+        TrainConfig(log_with="tensorboard")
+    out = tmp_path / "student"
+    argv = ["rectify", "--model", str(tmp_path / "teacher"), "--pairs", str(tmp_path / "pairs"),
+            "--out", str(out), "--log-with", "tensorboard"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install tensorboard" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, the lock released
+
+
+def test_log_with_tensorboard_writes_the_loss_and_lr_series(tmp_path):
+    """Where the optional tensorboard package is installed (skipped otherwise)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(steps=10, batch_size=8, log_every=5, out_dir=str(tmp_path),
+                         log_with="tensorboard")  # fmt: skip
+    train(net(), torch.randn(32, 2), form=forms.FlowMatching(), prediction="flow",
+          config=config, progress=False)  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "rectdiff"))
+    events.Reload()
+    log = read_loss_log(tmp_path / "loss_log.csv")
+    for name in ("loss", "lr"):
+        series = events.Scalars(name)
+        assert [e.step for e in series] == [5, 10]
+        assert [e.value for e in series] == pytest.approx(log[name], rel=1e-6)

@@ -1,23 +1,53 @@
-"""The ``Accelerator`` a training run makes for its :class:`~rectdiff.training.TrainConfig`."""
+"""The ``Accelerator`` a training run makes for its :class:`~rectdiff.training.TrainConfig`,
+with the tracker ``log_with`` names (tensorboard or wandb, optional packages)."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
+from ..errors import ConfigError
 from .config import TrainConfig
 
-__all__ = ["new_accelerator"]
+__all__ = ["new_accelerator", "tracker", "tracked_settings"]
+
+
+def tracker(config: TrainConfig) -> str | None:
+    """The accelerate tracker ``config.log_with`` names (None for ``"csv"`` or None).
+
+    Raises:
+        ConfigError: there is no ``out_dir`` to log into. (A tracker whose package is not
+            installed is refused by ``TrainConfig`` itself.)
+    """
+    if config.log_with not in ("tensorboard", "wandb"):
+        return None
+    if config.out_dir is None:
+        raise ConfigError(f"log_with = {config.log_with!r} logs into out_dir; set out_dir.")
+    if config.log_with == "wandb" and not {"WANDB_MODE", "WANDB_API_KEY"} & set(os.environ):
+        os.environ["WANDB_MODE"] = "offline"  # never reach for the network unasked
+    return config.log_with
+
+
+def tracked_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings a tracker records with the run (its scalar ones)."""
+    return {k: v for k, v in config.to_dict().items() if isinstance(v, (bool, int, float, str))}
 
 
 def new_accelerator(config: TrainConfig) -> Accelerator:
     """The ``Accelerator`` a :class:`Trainer` makes for ``config``: its mixed precision,
     ``grad_accum`` micro-batches per optimizer step whatever the loader's length (no step
-    forced at an epoch's end), and accelerate's seedable sampler (resumable loaders)."""
+    forced at an epoch's end), accelerate's seedable sampler (resumable loaders) and the
+    tracker of ``config.log_with``, logging into ``out_dir``."""
+    name = tracker(config)
     try:
         # the loop cycles loaders itself: an epoch's end must not force an optimizer step
         plugin = GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False)
         return Accelerator(
+            log_with=name,
+            project_dir=config.out_dir if name else None,
             mixed_precision=config.mixed_precision,
             gradient_accumulation_plugin=plugin,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # resumable

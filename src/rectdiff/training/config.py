@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffusers.optimization import SchedulerType
 
+from ..errors import ConfigError
 from ..io.configs import from_mapping, read_toml_table
 from .losses import LOSSES
 from .minibatch_ot import COUPLINGS
 from .time_samplers import TIME_SAMPLERS, TimeSampler
 from .weightings import WEIGHTINGS, Weighting
 
-__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES"]
+__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES", "LOG_WITH"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: ``log_with`` choices: accelerate's trackers, or only the CSV loss log
+LOG_WITH = ("csv", "tensorboard", "wandb")
+#: the package each tracker needs
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 LR_SCHEDULES = tuple(s.value for s in SchedulerType)
 
 
@@ -49,7 +55,12 @@ class TrainConfig:
         checkpoint_every: save every this many steps and at the end; 0 = never.
         keep_checkpoints: how many checkpoints to keep; 0 = all.
         log_every: loss check, tqdm postfix and history flush interval.
-        out_dir: where ``checkpoints/`` and ``train_config.json`` go; None = nowhere.
+        out_dir: where ``checkpoints/``, ``train_config.json`` and ``loss_log.csv`` go;
+            None = nowhere.
+        log_with: also log loss, learning rate, gradient norm and ESS every ``log_every``
+            steps through an accelerate tracker into ``out_dir``: ``"tensorboard"`` or
+            ``"wandb"`` (optional packages; wandb offline unless ``WANDB_MODE`` or
+            ``WANDB_API_KEY`` is set); ``"csv"`` or None: only ``loss_log.csv``.
     """
 
     steps: int = 1000
@@ -74,6 +85,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     out_dir: str | None = None
+    log_with: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every")
@@ -90,6 +102,15 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("coupling", self.coupling, COUPLINGS)
+        if self.log_with is not None:
+            _check_choice("log_with", self.log_with, LOG_WITH)
+            package = _TRACKER_PACKAGES.get(self.log_with)
+            if package and importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"TrainConfig.log_with = {self.log_with!r} needs the {package} package, "
+                    f"which is not installed; run `pip install {package}`, or log with 'csv' "
+                    "(loss_log.csv, which needs nothing)."
+                )
         if isinstance(self.time_sampler, str):
             _check_choice("time_sampler", self.time_sampler, tuple(TIME_SAMPLERS))
         if isinstance(self.weighting, str):

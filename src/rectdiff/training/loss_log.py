@@ -96,12 +96,14 @@ class LossLog:
     def append(
         self, step: int, losses: list[float], lr: float, grad_norm: float, ess: list[float],
         seconds: float,
-    ) -> None:  # fmt: skip
+    ) -> dict[str, float]:  # fmt: skip
         """Add the row of ``step``: the mean of ``losses`` and of ``ess`` (the steps since the
         previous row; ``ess`` empty or misaligned: none), ``seconds`` of this run (the earlier
-        runs' are added)."""
+        runs' are added). Returns the row's finite numbers but the step, for a tracker."""
         mean_ess = sum(ess) / len(ess) if ess and len(ess) == len(losses) else None
         values = (sum(losses) / len(losses), lr, grad_norm, mean_ess, self.seconds_before + seconds)
         line = ",".join([str(int(step)), *(_format(v) for v in values)]) + "\n"
         with open(self.path, "a") as file:
             file.write(line)
+        return {k: float(v) for k, v in zip(COLUMNS[1:], values, strict=True)
+                if v is not None and math.isfinite(v)}  # fmt: skip

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..forms import Form
 from ..io.files import publish_folder, write_text_atomic
 from ..predictions import check_prediction
-from .accelerator import new_accelerator
+from .accelerator import new_accelerator, tracked_settings, tracker
 from .batches import LoaderBatches, TensorBatches
 from .config import TrainConfig
 from .loss_log import LOSS_LOG, LossLog
@@ -343,6 +343,9 @@ class Trainer:
             write_text_atomic(Path(config.out_dir) / "train_config.json", config_json)
             self._loss_log = LossLog(Path(config.out_dir) / LOSS_LOG, self.step_count)
         self._logging = config.out_dir is not None
+        tracking = tracker(config) is not None and bool(acc.log_with)  # log_with's tracker
+        if tracking:
+            acc.init_trackers("rectdiff", config=tracked_settings(config))
         started, logged = time.perf_counter(), self.step_count
         bar = tqdm(
             total=config.steps, initial=self.step_count, desc="train", dynamic_ncols=True,
@@ -359,10 +362,12 @@ class Trainer:
                 if self.step_count % config.log_every == 0 or done:
                     self._flush()
                     if self._loss_log is not None:  # the steps since the previous row
-                        self._loss_log.append(
+                        row = self._loss_log.append(
                             self.step_count, self.losses[logged:], self._lr, self._grad_norm,
                             self.ess[logged:], time.perf_counter() - started,
                         )  # fmt: skip
+                        if tracking:
+                            acc.log(row, step=self.step_count)
                     logged = self.step_count
                     postfix = {"loss": f"{self.losses[-1]:.4g}"}
                     if self._pending_ess or (self.ess and self.ess[-1] != 1.0):
@@ -376,6 +381,8 @@ class Trainer:
                     self._flush()
                     self.save_checkpoint()
         self._flush()
+        if tracking:
+            acc.end_training()
         model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
         if self.ema is not None:
             self.ema.copy_to(self.params)
