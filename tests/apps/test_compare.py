@@ -329,6 +329,10 @@ def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
     assert cell["diagnostics"]["phased"]["window_first_order_deviation"] == direct
     report = (tmp_path / "report.md").read_text()
     assert "### Few-step methods: sliced_w2" in report
+    # equalized (logsnr) training keeps nearly every sample; the phased loss is unweighted
+    assert set(cell["ess"]) == {"teacher", "rectified", "distilled"}
+    assert all(0.9 <= value <= 1.0 for value in cell["ess"].values()), cell["ess"]
+    assert "Effective sample size of the training batches" in report
     for method in ("reflow", "reflow+distill", "phased"):
         assert f"| {method} | fm | v |" in report
     with pytest.raises(ValueError, match=r"\[rectify\] phases must be an integer >= 0.*-1"):

@@ -66,6 +66,8 @@ class CellResult:
         budgets: stage -> model evaluations spent on its training couplings (cumulative
             over the stages it builds on).
         student_steps: stage -> training steps of its students (cumulative likewise).
+        ess: stage -> mean effective sample size of its training batches' loss weights
+            (``TrainResult.ess``; 1 for an unweighted loss).
         seconds: wall time of the cell.
     """
 
@@ -80,6 +82,7 @@ class CellResult:
     losses: dict[str, float] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     student_steps: dict[str, int] = field(default_factory=dict)
+    ess: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -133,6 +136,11 @@ def _measure(
     result.trajectories[stage] = diagnosis.trajectory
 
 
+def _record_ess(result: CellResult, stage: str, ess: list[float]) -> None:
+    if ess:  # empty for a custom loss (the phased loss is unweighted)
+        result.ess[stage] = sum(ess) / len(ess)
+
+
 def _model_info(task: CellTask, stage: str, losses: list[float], extra: dict) -> dict[str, Any]:
     config = task.config
     return {
@@ -169,6 +177,7 @@ def run_cell(task: CellTask) -> CellResult:
     )  # fmt: skip
     teacher = trained.model.eval()
     result.losses["teacher"] = trained.losses[-1]
+    _record_ess(result, "teacher", trained.ess)
     save_model_dir(
         models_dir / "teacher", teacher, form=form, prediction=prediction,
         net_config=net_config, info=_model_info(task, "teacher", trained.losses, {}),
@@ -235,6 +244,7 @@ def _reflow_stages(
         )  # fmt: skip
         student = fitted.model.eval()
         result.losses[stage] = fitted.losses[-1]
+        _record_ess(result, stage, fitted.ess)
         save_model_dir(
             models_dir / stage, student, form=form, prediction=prediction,
             net_config=net_config,
@@ -266,6 +276,7 @@ def _distill_stage(
     )  # fmt: skip
     student = fitted.model.eval()
     result.losses["distilled"] = fitted.losses[-1]
+    _record_ess(result, "distilled", fitted.ess)
     save_model_dir(
         models_dir / "distilled", student, form=form, prediction=prediction,
         net_config=net_config,

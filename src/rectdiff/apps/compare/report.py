@@ -127,7 +127,8 @@ def summarize(config: Any, cells: Sequence[Any], version: str) -> dict[str, Any]
             {"form": cell.label, "prediction": cell.prediction, "form_config": cell.form.config(),
              "final_loss": cell.losses, "diagnostics": cell.diagnostics,
              "budgets": getattr(cell, "budgets", {}),
-             "student_steps": getattr(cell, "student_steps", {})}
+             "student_steps": getattr(cell, "student_steps", {}),
+             "ess": getattr(cell, "ess", {})}
         )  # fmt: skip
         results["records"] += cell.records
         for stage, curves in cell.curves.items():
@@ -294,6 +295,21 @@ def _summary_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ess_table(results: dict[str, Any]) -> list[str]:
+    """Mean effective sample size of each stage's training batches, ``(sum w)^2 / (n sum
+    w^2)`` of the loss weights: how much of a batch an equalized weighting keeps (1 = all)."""
+    stages = list(dict.fromkeys(s for cell in results["cells"] for s in cell.get("ess", {})))
+    if not stages:
+        return []
+    rows = [[c["form"], c["prediction"], *(c.get("ess", {}).get(s) for s in stages)]
+            for c in results["cells"]]  # fmt: skip
+    return [
+        "Effective sample size of the training batches' loss weights (mean over steps; 1: "
+        "every sample counts fully):", "",
+        *_table(["form", "prediction", *stages], rows, "ll" + "r" * len(stages)), "",
+    ]  # fmt: skip
+
+
 def _diagnostic_table(results: dict[str, Any]) -> list[str]:
     records = results["cells"]
     present = [
@@ -339,6 +355,7 @@ def write_report(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         "",
         *_hyperparameters(config),
         "",
+        *_ess_table(results),
         "## Rectification: one-step sample distance",
         "",
         *_summary_table(results),
