@@ -1,5 +1,6 @@
 """`rectdiff compare`: config validation, equal-in-logsnr training, determinism, outputs."""
 
+import dataclasses
 import json
 import tomllib
 
@@ -353,6 +354,38 @@ def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
 def test_bad_methods_are_named(changes, pattern):
     with pytest.raises(ValueError, match=pattern):
         tiny(**changes)
+
+
+def test_ot_and_ot_reflow_methods(tmp_path):
+    """``methods = ["ot", "ot+reflow"]``: stage ``ot`` is exactly the library's
+    minibatch-OT training of the cell's network from the teacher's initial weights, and
+    ``ot_rectified`` one reflow round from it, with cumulative budgets."""
+    config = tiny(**{"rectify.methods": ["ot", "ot+reflow"], "grid.forms": ["fm"],
+                     "grid.predictions": ["v"]})  # fmt: skip
+    results = run_compare(config, tmp_path, progress=False)
+    ((label, form, prediction),) = config.cells()
+    x_train = load_data("8gaussians", config.data.n_train, config.seed)
+    torch.manual_seed(config.seed)
+    model = build_model(network_config(config, x_train, prediction), form)
+    train_config = dataclasses.replace(cell_train_config(config, form, prediction), coupling="ot")
+    direct = timesteps.train(model, x_train, form=form, prediction=prediction,
+                             config=train_config, resume=False, progress=False).model  # fmt: skip
+    saved, _, _ = load_model_dir(tmp_path / "models" / "fm_v" / "ot")
+    for key, value in direct.state_dict().items():
+        assert torch.equal(saved.state_dict()[key], value), key
+    cell = results["cells"][0]
+    teacher_steps, rect_steps = config.train.steps, config.rectify.config.train.steps
+    assert cell["budgets"] == {"ot": 0, "ot_rectified": 256 * 8}
+    assert cell["student_steps"] == {
+        "ot": teacher_steps,
+        "ot_rectified": teacher_steps + rect_steps,
+    }
+    info = json.loads((tmp_path / "models" / "fm_v" / "ot_rectified" / "model.json").read_text())
+    assert info["info"]["pairs"] == "pairs/fm_v/ot_rectified_round_1"
+    report = (tmp_path / "report.md").read_text()
+    assert "| ot | fm | v |" in report and "| ot+reflow | fm | v |" in report
+    with pytest.raises(ValueError, match=r"\[rectify.train\] coupling = 'ot'.*methods"):
+        tiny(**{"rectify.train": {"steps": 30, "coupling": "ot"}})
 
 
 def test_methods_default_and_phases_shorthand():

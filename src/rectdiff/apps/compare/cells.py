@@ -196,6 +196,11 @@ def run_cell(task: CellTask) -> CellResult:
                 _distill_stage(result, task, last, last_name, net_config, models_dir, grid)
         if "phased" in methods:
             _phased_stage(result, task, teacher, net_config, models_dir, grid)
+        if "ot" in methods or "ot+reflow" in methods:
+            ot_teacher = _ot_stage(result, task, net_config, models_dir, grid)
+            if "ot+reflow" in methods:
+                _reflow_stages(result, task, ot_teacher, net_config, models_dir, grid,
+                               prefix="ot_rectified", base="ot")  # fmt: skip
     result.seconds = time.perf_counter() - start
     return result
 
@@ -220,17 +225,19 @@ def _pairs(
 
 def _reflow_stages(
     result: CellResult, task: CellTask, teacher: nn.Module, net_config: dict[str, Any],
-    models_dir: Path, grid: Any,
+    models_dir: Path, grid: Any, prefix: str = "rectified", base: str = "teacher",
 ) -> tuple[nn.Module, str]:  # fmt: skip
-    """``rounds`` reflow rounds (stages ``rectified``, ``rectified_2``, ...), each retrained
-    on the previous model's pairs (Liu, Gong & Liu 2023, Algorithm 1; Rectified Diffusion
-    in the cell's own form). Budgets are cumulative over rounds."""
+    """``rounds`` reflow rounds (stages ``rectified``, ``rectified_2``, ...; with another
+    ``prefix``, from the model of stage ``base``), each retrained on the previous model's
+    pairs (Liu, Gong & Liu 2023, Algorithm 1; Rectified Diffusion in the cell's own form).
+    Budgets are cumulative over rounds (and over ``base``)."""
     config, form, prediction = task.config, task.form, task.prediction
     rc = config.rectify.config
-    current, current_name = teacher, "teacher"
+    current, current_name = teacher, base
+    folder = "round" if prefix == "rectified" else f"{prefix}_round"
     for k in range(1, rc.rounds + 1):
-        stage = "rectified" if k == 1 else f"rectified_{k}"
-        pairs, where = _pairs(task, current, current_name, result.name, f"round_{k}",
+        stage = prefix if k == 1 else f"{prefix}_{k}"
+        pairs, where = _pairs(task, current, current_name, result.name, f"{folder}_{k}",
                        config.seed + k - 1, grid)  # fmt: skip
         if rc.init == "scratch":
             torch.manual_seed(config.seed)
@@ -251,10 +258,38 @@ def _reflow_stages(
             info=_model_info(task, stage, fitted.losses, {"pairs": where}),
         )  # fmt: skip
         _measure(result, stage, student, task, grid, load_pairs(pairs))
-        result.budgets[stage] = k * rc.num_pairs * rc.steps
-        result.student_steps[stage] = k * rc.train.steps
+        result.budgets[stage] = result.budgets.get(base, 0) + k * rc.num_pairs * rc.steps
+        result.student_steps[stage] = result.student_steps.get(base, 0) + k * rc.train.steps
         current, current_name = student, stage
     return current, current_name
+
+
+def _ot_stage(
+    result: CellResult, task: CellTask, net_config: dict[str, Any], models_dir: Path,
+    grid: Any,
+) -> nn.Module:  # fmt: skip
+    """``ot`` (stage ``ot``): a second teacher from the same initial weights, data and
+    hyperparameters, trained with minibatch optimal-transport couplings
+    (``TrainConfig.coupling = "ot"``: each batch's noise re-paired with its data by the exact
+    assignment; Tong et al. 2023, Pooladian et al. 2023), in the cell's own form and
+    prediction. It spends no couplings; its student steps are the teacher's."""
+    config, form, prediction = task.config, task.form, task.prediction
+    torch.manual_seed(config.seed)
+    model = build_model(net_config, form)
+    train_config = dataclasses.replace(cell_train_config(config, form, prediction), coupling="ot")
+    trained = train(model, task.x_train, form=form, prediction=prediction, config=train_config,
+                    resume=False, progress=False)  # fmt: skip
+    model = trained.model.eval()
+    result.losses["ot"] = trained.losses[-1]
+    _record_ess(result, "ot", trained.ess)
+    save_model_dir(models_dir / "ot", model, form=form, prediction=prediction,
+                   net_config=net_config, info=_model_info(task, "ot", trained.losses, {}))  # fmt: skip
+    shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
+    independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
+    _measure(result, "ot", model, task, grid, independent)
+    result.budgets["ot"] = 0
+    result.student_steps["ot"] = train_config.steps
+    return model
 
 
 def _distill_stage(

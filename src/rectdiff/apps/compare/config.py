@@ -221,7 +221,14 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     methods, phases = _methods(values.pop("methods", None), values.pop("phases", None))
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
-    train = _train_config({**shared, **overrides}, seed, "[rectify.train]")
+    if overrides.get("coupling", "independent") != "independent":
+        raise ValueError(
+            f"[rectify.train] coupling = {overrides['coupling']!r}: rectification trains on "
+            'the teacher\'s pairs, which are the coupling; use [rectify] methods = ["ot"] or '
+            '["ot+reflow"] for minibatch OT, or [train] coupling for the teachers.'
+        )
+    train = _train_config({**shared, **overrides, "coupling": "independent"}, seed,
+                          "[rectify.train]")  # fmt: skip
     if "seed" in values:
         raise ValueError("[rectify] may not set 'seed': the top-level seed seeds the pairs.")
     config = RectifyConfig.from_dict({**values, "train": train, "seed": seed})

@@ -225,7 +225,9 @@ def method_stages(results: dict[str, Any]) -> list[str]:
     """The stages of the few-step methods in ``results``, in the order they ran (reflow
     rounds, distilled, phased)."""
     present = {r["stage"] for r in results["records"]} - {"teacher"}
-    order = ["rectified", *(f"rectified_{k}" for k in range(2, 100)), "distilled", "phased"]
+    rounds = [f"_{k}" for k in range(2, 100)]
+    order = ["rectified", *(f"rectified{k}" for k in rounds), "distilled", "phased", "ot",
+             "ot_rectified", *(f"ot_rectified{k}" for k in rounds)]  # fmt: skip
     return [s for s in order if s in present] + sorted(present - set(order))
 
 
@@ -267,8 +269,11 @@ def _methods_table(results: dict[str, Any]) -> list[str]:
 def method_name(stage: str) -> str:
     """The method a stage belongs to, as the report names it: ``rectified`` -> ``reflow``,
     ``rectified_2`` -> ``reflow-2``, ``distilled`` -> ``reflow+distill``."""
-    if stage.startswith("rectified"):
-        return "reflow" if stage == "rectified" else f"reflow-{stage.rsplit('_', 1)[1]}"
+    for prefix, name in (("rectified", "reflow"), ("ot_rectified", "ot+reflow")):
+        if stage == prefix:
+            return name
+        if stage.startswith(prefix + "_"):
+            return f"{name}-{stage.rsplit('_', 1)[1]}"
     return {"distilled": "reflow+distill"}.get(stage, stage)
 
 

@@ -199,7 +199,10 @@ class RectifyStage:
             rounds, stages ``rectified``, ``rectified_2``, ...), ``"reflow+distill"`` (stage
             ``distilled``: the last reflow student distilled to one step on its own pairs),
             ``"phased"`` (stage ``phased``: ``rectify.rectify_phased`` with ``phases``
-            windows, at one reflow round's teacher evaluations and student steps).
+            windows, at one reflow round's teacher evaluations and student steps),
+            ``"ot"`` (stage ``ot``: a teacher trained with minibatch optimal-transport
+            couplings from the same initial weights), ``"ot+reflow"`` (stages
+            ``ot_rectified``, ...: reflow rounds from that OT teacher).
         phases: K, the windows of ``"phased"``.
     """
 
@@ -212,7 +215,7 @@ class RectifyStage:
 
 
 #: the few-step methods ``[rectify] methods`` can list
-METHODS = ("reflow", "reflow+distill", "phased")
+METHODS = ("reflow", "reflow+distill", "phased", "ot", "ot+reflow")
 
 
 @dataclass
