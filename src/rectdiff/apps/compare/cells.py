@@ -169,23 +169,7 @@ def run_cell(task: CellTask) -> CellResult:
         return sampling_grid(f, steps, config)
 
     net_config = network_config(config, task.x_train, prediction)
-    torch.manual_seed(config.seed)
-    teacher = build_model(net_config, form)
-    trained = train(
-        teacher, task.x_train, form=form, prediction=prediction,
-        config=cell_train_config(config, form, prediction), resume=False, progress=False,
-    )  # fmt: skip
-    teacher = trained.model.eval()
-    result.losses["teacher"] = trained.losses[-1]
-    _record_ess(result, "teacher", trained.ess)
-    save_model_dir(
-        models_dir / "teacher", teacher, form=form, prediction=prediction,
-        net_config=net_config, info=_model_info(task, "teacher", trained.losses, {}),
-    )  # fmt: skip
-    shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
-    # the coupling a diffusion loss samples: noise and data drawn independently
-    independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
-    _measure(result, "teacher", teacher, task, grid, independent)
+    teacher = _teacher_stage(result, task, net_config, models_dir, grid, "teacher")
 
     stage_cfg = config.rectify
     if stage_cfg.enabled:
@@ -264,6 +248,32 @@ def _reflow_stages(
     return current, current_name
 
 
+def _teacher_stage(
+    result: CellResult, task: CellTask, net_config: dict[str, Any], models_dir: Path,
+    grid: Any, stage: str, coupling: str | None = None,
+) -> nn.Module:  # fmt: skip
+    """A teacher trained from the cell's seeded initial weights with the shared
+    hyperparameters (``coupling`` overriding the training's), saved and measured as
+    ``stage``. Its diagnostics' training coupling is noise and data drawn independently."""
+    config, form, prediction = task.config, task.form, task.prediction
+    torch.manual_seed(config.seed)
+    model = build_model(net_config, form)
+    train_config = cell_train_config(config, form, prediction)
+    if coupling is not None:
+        train_config = dataclasses.replace(train_config, coupling=coupling)
+    trained = train(model, task.x_train, form=form, prediction=prediction, config=train_config,
+                    resume=False, progress=False)  # fmt: skip
+    model = trained.model.eval()
+    result.losses[stage] = trained.losses[-1]
+    _record_ess(result, stage, trained.ess)
+    save_model_dir(models_dir / stage, model, form=form, prediction=prediction,
+                   net_config=net_config, info=_model_info(task, stage, trained.losses, {}))  # fmt: skip
+    shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
+    independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
+    _measure(result, stage, model, task, grid, independent)
+    return model
+
+
 def _ot_stage(
     result: CellResult, task: CellTask, net_config: dict[str, Any], models_dir: Path,
     grid: Any,
@@ -273,22 +283,9 @@ def _ot_stage(
     (``TrainConfig.coupling = "ot"``: each batch's noise re-paired with its data by the exact
     assignment; Tong et al. 2023, Pooladian et al. 2023), in the cell's own form and
     prediction. It spends no couplings; its student steps are the teacher's."""
-    config, form, prediction = task.config, task.form, task.prediction
-    torch.manual_seed(config.seed)
-    model = build_model(net_config, form)
-    train_config = dataclasses.replace(cell_train_config(config, form, prediction), coupling="ot")
-    trained = train(model, task.x_train, form=form, prediction=prediction, config=train_config,
-                    resume=False, progress=False)  # fmt: skip
-    model = trained.model.eval()
-    result.losses["ot"] = trained.losses[-1]
-    _record_ess(result, "ot", trained.ess)
-    save_model_dir(models_dir / "ot", model, form=form, prediction=prediction,
-                   net_config=net_config, info=_model_info(task, "ot", trained.losses, {}))  # fmt: skip
-    shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
-    independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
-    _measure(result, "ot", model, task, grid, independent)
+    model = _teacher_stage(result, task, net_config, models_dir, grid, "ot", coupling="ot")
     result.budgets["ot"] = 0
-    result.student_steps["ot"] = train_config.steps
+    result.student_steps["ot"] = task.config.train.steps
     return model
 
 

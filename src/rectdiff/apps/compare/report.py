@@ -221,14 +221,20 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: the few-step methods' stages in the order they run (each may carry a round, ``_k``)
+_STAGE_ORDER = ("rectified", "distilled", "phased", "ot", "ot_rectified")
+
+
 def method_stages(results: dict[str, Any]) -> list[str]:
     """The stages of the few-step methods in ``results``, in the order they ran (reflow
-    rounds, distilled, phased)."""
-    present = {r["stage"] for r in results["records"]} - {"teacher"}
-    rounds = [f"_{k}" for k in range(2, 100)]
-    order = ["rectified", *(f"rectified{k}" for k in rounds), "distilled", "phased", "ot",
-             "ot_rectified", *(f"ot_rectified{k}" for k in rounds)]  # fmt: skip
-    return [s for s in order if s in present] + sorted(present - set(order))
+    rounds, distilled, phased, ot, ot+reflow rounds)."""
+
+    def order(stage: str) -> tuple[int, str, int]:
+        base, _, k = stage.rpartition("_") if stage[-1].isdigit() else (stage, "", "1")
+        rank = _STAGE_ORDER.index(base) if base in _STAGE_ORDER else len(_STAGE_ORDER)
+        return rank, base, int(k)
+
+    return sorted({r["stage"] for r in results["records"]} - {"teacher"}, key=order)
 
 
 def _methods_table(results: dict[str, Any]) -> list[str]:
