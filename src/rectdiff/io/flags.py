@@ -43,6 +43,7 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "batch_size": ("an integer >= 1", _count),
     "shard_size": ("an integer >= 1", _count),
     "checkpoint_every": ("an integer >= 0 (0: no checkpoints)", _count_or_zero),
+    "keep_checkpoints": ("an integer >= 0 (0: keep all)", _count_or_zero),
     "rtol": ("a finite number >= 0", _tolerance),
     "atol": ("a finite number >= 0", _tolerance),
     "lr": ("a finite number > 0", _positive),

@@ -234,11 +234,18 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="0: no checkpoints"
-    )
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="save a resumable checkpoint every N steps; 0: none, so a stopped run "
+                        "starts over (default: %(default)s)")  # fmt: skip
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="newest checkpoints kept; 0: all (default: %(default)s)")  # fmt: skip
     p.add_argument("--work-dir", default=d.work_dir, help="checkpoints (default: OUT.train)")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--fresh", "--no-resume", dest="no_resume", action="store_true",
+                   help="start over, ignoring the checkpoints in the work folder")  # fmt: skip
+    p.add_argument("--log-with", default=d.log_with, choices=["csv", "tensorboard", "wandb"],
+                   help="also log loss, learning rate, gradient norm and ESS through this "
+                        "accelerate tracker into the work folder (loss_log.csv is always "
+                        "written)")  # fmt: skip
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
                    help="fraction of pairs trained with the empty prompt, for sampling the "

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..io.configs import from_mapping, read_toml_table
 
-__all__ = ["MIXED_PRECISION", "RESUMABLE", "SDRectifyConfig", "TARGET_FORMS"]
+__all__ = ["CHECKPOINT_EVERY", "MIXED_PRECISION", "RESUMABLE", "SDRectifyConfig", "TARGET_FORMS"]
 
 #: ``target_form`` values: None (the checkpoint's own form) or "fm"
 TARGET_FORMS = (None, "fm")
@@ -22,8 +22,10 @@ TARGET_FORMS = (None, "fm")
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
 #: the fields a resume may change: they do not change the weights of the steps already
 #: trained (max_steps extends the constant-after-warm-up schedule)
-RESUMABLE = ("max_steps", "checkpoint_every", "work_dir", "resume", "num_workers",
-             "gradient_checkpointing")  # fmt: skip
+RESUMABLE = ("max_steps", "checkpoint_every", "keep_checkpoints", "work_dir", "resume",
+             "num_workers", "gradient_checkpointing", "log_with")  # fmt: skip
+#: the checkpoint interval by default: a resumable run at the cost of two saved states
+CHECKPOINT_EVERY = 250
 
 
 def _positive_int(value: Any) -> bool:
@@ -60,11 +62,16 @@ class SDRectifyConfig:
             (the Rectified Diffusion paper evaluates at 1.5); 0 (default) trains only the
             conditional model, which is sampled at guidance 1.
         seed: training seed (batches, times, LoRA init).
-        checkpoint_every: ``accelerator.save_state`` every this many steps (and at the end);
-            0 = no checkpoints.
+        checkpoint_every: ``accelerator.save_state`` every this many steps (and at the end;
+            default :data:`CHECKPOINT_EVERY`); 0 = no checkpoints, so nothing to resume.
+        keep_checkpoints: the newest checkpoints kept (a full SD 1.5 state, weights and AdamW
+            moments, is about 10 GB); 0 keeps all.
         work_dir: where checkpoints go; default ``<out>.train``.
         resume: continue from the newest checkpoint in ``work_dir``.
         num_workers: DataLoader workers.
+        log_with: ``"tensorboard"`` or ``"wandb"`` (offline unless configured): also log the
+            loss-log series (loss, learning rate, gradient norm, ESS) through accelerate's
+            trackers into ``work_dir``; None (default) keeps only ``loss_log.csv``.
         phases: K time windows of phased rectification (:mod:`.phased`); 1 (default) is
             plain rectification. K > 1 must divide the schedule's timesteps (1000 for SD),
             trains on the teacher's window solves with the phased loss, takes the
@@ -100,13 +107,15 @@ class SDRectifyConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     seed: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = CHECKPOINT_EVERY
+    keep_checkpoints: int = 2
     work_dir: str | os.PathLike[str] | None = None
     resume: bool = True
     num_workers: int = 0
     phases: int = 1
     phase_start_mass: float = 0.25
     cond_dropout: float = 0.0
+    log_with: str | None = None
 
     def __post_init__(self) -> None:
         from ..predictions import check_prediction
@@ -141,6 +150,17 @@ class SDRectifyConfig:
                 f"cond_dropout must be a fraction in [0, 1), got {dropout!r}; 0.1 drops the "
                 "prompt of one training pair in ten."
             )
+        for name in ("checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"{name} must be an integer >= 0, got {name}={value!r} (0: "
+                    + ("no checkpoints)." if name == "checkpoint_every" else "keep all).")
+                )
+        if self.log_with is not None:
+            from ..training.config import check_log_with
+
+            check_log_with(self.log_with, owner="SDRectifyConfig")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision must be one of {', '.join(map(str, MIXED_PRECISION))}, got "

@@ -276,7 +276,9 @@ def _train_config(config: SDRectifyConfig, out: Path, train_form: forms.Form) ->
         loss=config.loss,
         huber_c=config.huber_c,
         checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
         log_every=min(50, config.max_steps),
+        log_with=config.log_with,
         out_dir=str(config.work_dir if config.work_dir is not None else f"{out}.train"),
     )
 

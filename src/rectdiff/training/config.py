@@ -17,7 +17,7 @@ from .minibatch_ot import COUPLINGS
 from .time_samplers import TIME_SAMPLERS, TimeSampler
 from .weightings import WEIGHTINGS, Weighting
 
-__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES", "LOG_WITH"]
+__all__ = ["TrainConfig", "MIXED_PRECISION", "LR_SCHEDULES", "LOG_WITH", "check_log_with"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: ``log_with`` choices: accelerate's trackers, or only the CSV loss log
@@ -25,6 +25,29 @@ LOG_WITH = ("csv", "tensorboard", "wandb")
 #: the package each tracker needs
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 LR_SCHEDULES = tuple(s.value for s in SchedulerType)
+
+
+def check_log_with(value: str | None, owner: str = "TrainConfig") -> None:
+    """Refuse a ``log_with`` outside :data:`LOG_WITH` or whose tracker package is missing.
+
+    Raises:
+        ValueError: an unknown tracker.
+        ConfigError: its package is not installed (naming the pip command).
+    """
+    if value is None:
+        return
+    if value not in LOG_WITH:
+        raise ValueError(
+            f"{owner}.log_with = {value!r} is not allowed; allowed: {', '.join(LOG_WITH)} "
+            "(or None: loss_log.csv only)."
+        )
+    package = _TRACKER_PACKAGES.get(value)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"{owner}.log_with = {value!r} needs the {package} package, which is not "
+            f"installed; run `pip install {package}`, or log with 'csv' (loss_log.csv, which "
+            "needs nothing)."
+        )
 
 
 @dataclass
@@ -102,15 +125,7 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("coupling", self.coupling, COUPLINGS)
-        if self.log_with is not None:
-            _check_choice("log_with", self.log_with, LOG_WITH)
-            package = _TRACKER_PACKAGES.get(self.log_with)
-            if package and importlib.util.find_spec(package) is None:
-                raise ConfigError(
-                    f"TrainConfig.log_with = {self.log_with!r} needs the {package} package, "
-                    f"which is not installed; run `pip install {package}`, or log with 'csv' "
-                    "(loss_log.csv, which needs nothing)."
-                )
+        check_log_with(self.log_with)
         if isinstance(self.time_sampler, str):
             _check_choice("time_sampler", self.time_sampler, tuple(TIME_SAMPLERS))
         if isinstance(self.weighting, str):

@@ -290,7 +290,8 @@ class Trainer:
         return None if out is None else Path(out) / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_N`` (via a temporary folder) and point ``latest`` at it."""
+        """Write ``step_N`` (via a temporary folder, removed if the save fails) and point
+        ``latest`` at it."""
         root = self.checkpoint_root()
         if root is None:
             raise ValueError("set TrainConfig.out_dir to save checkpoints.")
@@ -300,7 +301,12 @@ class Trainer:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+        except BaseException:  # a full disk, Ctrl-C: no half-written state is left behind
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             publish_folder(tmp, final)
