@@ -35,3 +35,20 @@ STD = 0.5
 def pick(*names: str) -> dict[str, forms.Form]:
     """The named forms, in the order given."""
     return {name: NAMED_FORMS[name] for name in names}
+
+
+def readme_snippets() -> list[str]:
+    """The README's ```python blocks, in order (tests/test_readme_snippets.py runs them)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks, block = [], None
+    for line in text.splitlines():
+        if block is None and line.strip() == "```python":
+            block = []
+        elif block is not None and line.strip() == "```":
+            blocks.append("\n".join(block) + "\n")
+            block = None
+        elif block is not None:
+            block.append(line)
+    return blocks

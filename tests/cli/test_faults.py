@@ -91,9 +91,7 @@ def test_sigkill_mid_rectify_then_the_same_command_resumes_to_the_same_weights(
     assert not lock_path(out).exists()
 
 
-def test_a_second_writer_is_refused_by_name_and_the_first_output_is_intact(
-    base, tmp_path, capsys
-):
+def test_a_second_writer_is_refused_by_name_and_the_first_output_is_intact(base, tmp_path, capsys):
     out = tmp_path / "student"
     first = start([*rectify_argv(base, out), "--no-progress"], tmp_path)
     try:

@@ -307,3 +307,31 @@ def test_sd_diagnose_on_sdxl_shows_a_more_first_order_student(xl, tmp_path):
     assert student["first_order_deviation"] < 0.8 * teacher["first_order_deviation"], result
     assert student["straightness_y"] < teacher["straightness_y"], result
     assert (tmp_path / "x0_drift.png").stat().st_size > 0
+
+
+def test_readme_blocks_load_the_rectified_folder_and_its_lora_in_stock_diffusers(
+    xl, tmp_path, monkeypatch
+):
+    """The README's two diffusers blocks, as written, in a folder where `runs/sdxl-rectified`
+    is the tiny LoRA student and `models/sdxl-base` its teacher: the fused student's one-step
+    image and the teacher's with the LoRA (and the student's DDIM) agree to 1/255 per pixel,
+    from the same seed."""
+    from shared import readme_snippets
+    from test_readme_snippets import IN_SDXL_TESTS
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "runs" / "sdxl-rectified").symlink_to(xl.lora_student)
+    (tmp_path / "models" / "sdxl-base").symlink_to(xl.teacher)
+    monkeypatch.chdir(tmp_path)
+    images = []
+    for index in IN_SDXL_TESTS:
+        namespace: dict = {}
+        torch.manual_seed(0)  # both pipelines draw their starting latents from it
+        code = compile(readme_snippets()[index], f"README.md python block {index + 1}", "exec")
+        exec(code, namespace)
+        images.append(torch.tensor(list(namespace["image"].getdata()), dtype=torch.float32))
+    fused, with_lora = images
+    size = 8 * stock(xl.teacher).unet.config.sample_size  # pixels per side
+    assert fused.shape == with_lora.shape == (size * size, 3)
+    assert float((fused - with_lora).abs().max()) <= 1.0
