@@ -26,6 +26,7 @@ from rectdiff.apps.compare.hyperparameters import (
 )
 from rectdiff.apps.compare.run import run_compare
 from rectdiff.data import load_data
+from rectdiff.errors import ConfigError
 from rectdiff.io.model_dir import build_model, load_model_dir
 from rectdiff.rectify import load_manifest, window_grid
 
@@ -253,9 +254,36 @@ def test_evaluate_model_scores_the_solver_it_names():
     assert torch.allclose(kept["ddim@1"], reference)
 
 
-def test_same_config_and_seed_give_the_same_numbers(tiny_run, tmp_path):
+def test_same_config_and_seed_give_the_same_numbers_also_when_interrupted_and_resumed(
+    tiny_run, tmp_path, monkeypatch
+):
+    """The same config again, stopped (Ctrl-C) as its third cell starts and rerun: the
+    rerun runs only the two unfinished cells, and every number equals the uninterrupted
+    run's; a rerun with another setting is refused naming it, nothing changed."""
+    import rectdiff.apps.compare.run as run_module
+
     _, first = tiny_run
-    second = run_compare(tiny(), tmp_path, progress=False)
+    out, real, started = tmp_path / "out", run_module.run_cell, []
+
+    def stop_at_the_third(task):
+        started.append(f"{task.label}_{task.prediction}")
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(run_module, "run_cell", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt, match=r"the 2 finished cell\(s\) \(vp_eps, vp_v\) "
+                       r"are kept in .*; rerun the same command to resume"):  # fmt: skip
+        run_compare(tiny(), out, progress=False)
+    assert not (out / "report.md").exists()
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["settings.json", "vp_eps.pt",
+                                                                 "vp_v.pt"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"interrupted compare with other settings "
+                       r"\(train.steps: 60 there, 61 now\); rerun it with its own settings"):  # fmt: skip
+        run_compare(tiny(**{"train.steps": 61}), out, progress=False)
+    started.clear()
+    second = run_compare(tiny(), out, progress=False)
+    assert started == ["fm_eps", "fm_v"]
     assert second["records"] == first["records"]
     assert second["summary"] == first["summary"]
 

@@ -212,6 +212,6 @@ def test_compare_interrupt_names_the_finished_cells(tmp_path):
 
     done = [CellResult("vp", "eps", forms.VP()), None, CellResult("fm", "v", forms.FlowMatching())]
     assert _kept(tmp_path, done) == (
-        f"the model folders of the 2 finished cell(s) (vp_eps, fm_v) are kept in "
-        f"{tmp_path / 'models'}; no report was written; rerun with --overwrite to start over."
+        f"the 2 finished cell(s) (vp_eps, fm_v) are kept in {tmp_path}; rerun the same "
+        "command to resume (--overwrite starts over)."
     )

@@ -14,6 +14,12 @@ writes into the output folder::
                      x0-prediction drift, implied weighting, samples, x-vs-y trajectories
     models/<form>_<prediction>/teacher, .../rectified   model folders (rectdiff.io.model_dir)
     pairs/<form>_<prediction>/round_<k>                 the couplings each round trained on
+    cells/settings.json, cells/<form>_<prediction>.pt   each finished cell's results (resume)
+
+An interrupted compare (Ctrl-C, a killed process, a full disk) resumes when the same
+command is rerun: the cells it finished are read back from ``cells/`` and the others run
+again (their numbers are the same either way); a rerun with other settings is refused,
+naming them.
 
 Every random choice is seeded from the config's one seed (data, initialisation, training
 noise and times, pairs, evaluation noise, metric projections), so a re-run gives the same
@@ -29,6 +35,8 @@ model's coupling (noise, sample), and the one-step gap to an adaptive solve.
 
 from __future__ import annotations
 
+import io
+import json
 import multiprocessing
 import os
 import shutil
@@ -45,7 +53,7 @@ from tqdm.auto import tqdm
 from ... import __version__, metrics
 from ...data import TOYS, load_data
 from ...errors import ConfigError
-from ...io.files import write_json_atomic
+from ...io.files import write_bytes_atomic, write_json_atomic
 from ...io.model_dir import is_model_dir
 from .cells import CellResult, CellTask, run_cell
 from .config import CompareConfig, quick_config
@@ -86,6 +94,54 @@ def _load_datasets(config: CompareConfig) -> tuple[Tensor, Tensor]:
 
 #: the files of the figures folder (png, svg and each figure's numbers)
 _FIGURE_SUFFIXES = (".png", ".svg", ".csv")
+#: the finished cells' results, for resuming (``cells/settings.json`` names their settings)
+CELLS, SETTINGS = "cells", "settings.json"
+
+
+def _settings(config: CompareConfig) -> dict[str, Any]:
+    """What a cell's numbers depend on: every setting but the config file's path and the
+    worker count (the numbers do not depend on it), and the rectdiff version."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("source", "workers")}
+    return json.loads(json.dumps(settings | {"version": __version__}, default=repr))
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    return {
+        k: v for key, value in values.items() for k, v in _flat(value, f"{prefix}{key}.").items()
+    }
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: <before> there, <now> now`` for each setting that differs."""
+    a, b = _flat(before), _flat(now)
+    return [
+        f"{key.rstrip('.')}: {a.get(key, '(unset)')!r} there, {b.get(key, '(unset)')!r} now"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
+
+
+def _cell_file(out: Path, task: CellTask) -> Path:
+    return out / CELLS / f"{task.label}_{task.prediction}.pt"
+
+
+def _save_cell(out: Path, task: CellTask, result: CellResult) -> None:
+    buffer = io.BytesIO()
+    torch.save(result, buffer)
+    write_bytes_atomic(_cell_file(out, task), buffer.getvalue())
+
+
+def _load_cell(out: Path, task: CellTask) -> CellResult | None:
+    """The cell's saved result (written by this compare: a full unpickle), or None."""
+    path = _cell_file(out, task)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception:  # a damaged file: run the cell again
+        return None
 
 
 def _is_temporary(path: Path) -> bool:
@@ -101,6 +157,10 @@ def _earlier_output(out: Path) -> tuple[list[Path], list[Path]]:
     for entry in sorted(out.iterdir()):
         if entry.name in ("report.md", "results.json") and entry.is_file() or _is_temporary(entry):
             ours.append(entry)
+        elif entry.name == CELLS and entry.is_dir():
+            for saved in sorted(entry.iterdir()):
+                ok = saved.is_file() and (saved.suffix == ".pt" or saved.name == SETTINGS)
+                (ours if ok or _is_temporary(saved) else foreign).append(saved)
         elif entry.name == "figures" and entry.is_dir():
             for figure in sorted(entry.iterdir()):
                 ok = figure.is_file() and figure.suffix in _FIGURE_SUFFIXES
@@ -122,9 +182,39 @@ def _earlier_output(out: Path) -> tuple[list[Path], list[Path]]:
     return ours, foreign
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _resumable(out: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``out`` holds an interrupted compare of these ``settings`` (True: resume it).
+
+    Raises:
+        ConfigError: it is an interrupted compare of other settings, naming them.
+    """
+    if (out / "report.md").exists():
+        return False  # a finished compare: not resumed
+    recorded = out / CELLS / SETTINGS
+    if not recorded.is_file():
+        return False
+    try:
+        before = json.loads(recorded.read_text())
+    except (OSError, ValueError):
+        return False
+    differences = _differences(before, settings)
+    if not differences:
+        return True
+    shown = "; ".join(differences[:4]) + (
+        f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+    )
+    raise ConfigError(
+        f"--out {str(out)!r} holds an interrupted compare with other settings ({shown}); "
+        "rerun it with its own settings to resume, choose a new --out, or add --overwrite to "
+        "start over there."
+    )
+
+
+def _prepare_out(out: Path, overwrite: bool, settings: dict[str, Any] | None = None) -> None:
     """Refuse an output folder holding anything but an earlier compare's output, and an
-    earlier compare's output unless ``overwrite`` (which removes only what compare wrote)."""
+    earlier compare's output unless it is an interrupted run of the same ``settings``
+    (resumed: its half-written temporaries are removed) or ``overwrite`` (which removes
+    only what compare wrote)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -138,6 +228,13 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             f"{more}); refusing to write into it. Choose a new or empty --out."
         )
     if not ours:
+        return
+    if not overwrite and settings is not None and _resumable(out, settings):
+        for path in [p for p in out.rglob("*") if _is_temporary(p)]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
         return
     if not overwrite:
         raise ConfigError(
@@ -188,8 +285,8 @@ def _kept(out: Path, results: list[CellResult | None]) -> str:
     if not done:
         return f"no cell had finished; nothing to keep in {out} (no report was written)."
     return (
-        f"the model folders of the {len(done)} finished cell(s) ({', '.join(done)}) are kept "
-        f"in {out / 'models'}; no report was written; rerun with --overwrite to start over."
+        f"the {len(done)} finished cell(s) ({', '.join(done)}) are kept in {out}; rerun the "
+        "same command to resume (--overwrite starts over)."
     )
 
 
@@ -197,12 +294,15 @@ def _run_tasks(tasks: list[CellTask], workers: int, progress: bool) -> list[Cell
     """Run the cells, in ``workers`` processes when more than one. Ctrl-C stops the workers
     within seconds and raises ``KeyboardInterrupt`` whose message says what was kept."""
     bar = tqdm(total=len(tasks), desc="compare", unit="cell", disable=not progress)
-    results: list[CellResult | None] = [None] * len(tasks)
+    results: list[CellResult | None] = [_load_cell(task.out, task) for task in tasks]
+    bar.update(sum(r is not None for r in results))  # resumed: finished in an earlier run
+    todo = [task for task in tasks if results[task.index] is None]
     try:
-        if workers <= 1 or len(tasks) == 1:
-            for task in tasks:
+        if workers <= 1 or len(todo) <= 1:
+            for task in todo:
                 bar.set_postfix_str(f"{task.label}/{task.prediction}")
                 results[task.index] = run_cell(task)
+                _save_cell(task.out, task, results[task.index])
                 bar.update(1)
         else:
             context = multiprocessing.get_context("spawn")
@@ -210,10 +310,11 @@ def _run_tasks(tasks: list[CellTask], workers: int, progress: bool) -> list[Cell
                 max_workers=workers, mp_context=context, initializer=_ignore_sigint
             )
             try:
-                futures = {pool.submit(run_cell, task): task for task in tasks}
+                futures = {pool.submit(run_cell, task): task for task in todo}
                 for future in as_completed(futures):
                     task = futures[future]
                     results[task.index] = future.result()
+                    _save_cell(task.out, task, results[task.index])
                     bar.set_postfix_str(f"done {task.label}/{task.prediction}")
                     bar.update(1)
             except BaseException:
@@ -239,15 +340,18 @@ def run_compare(
 
     Args:
         config: the comparison (``config.load_config``).
-        out: the output folder: new, empty, or (with ``overwrite``) an earlier compare's.
+        out: the output folder: new, empty, an interrupted compare of the same settings
+            (resumed: its finished cells are read back), or (with ``overwrite``) an earlier
+            compare's.
         quick: shrink it to a smoke test (``config.quick_config``).
         progress: a tqdm bar over the grid.
         overwrite: remove an earlier compare's output in ``out`` first (only the files
             compare wrote: report, results, figures, model folders, pair stores).
 
     Raises:
-        ConfigError: ``out`` holds files compare did not write, or an earlier compare's
-            output and not ``overwrite`` (checked before anything is written).
+        ConfigError: ``out`` holds files compare did not write, a finished compare's output
+            or an interrupted one of other settings, and not ``overwrite`` (checked before
+            anything is written).
 
     Returns:
         The contents of results.json.
@@ -259,8 +363,9 @@ def run_compare(
     threads = torch.get_num_threads()
     try:
         x_train, reference = _load_datasets(config)  # validates [data] before anything is written
-        _prepare_out(out, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
+        settings = _settings(config)
+        _prepare_out(out, overwrite, settings)
+        write_json_atomic(out / CELLS / SETTINGS, settings)
         _warm_caches(config)
         tasks = [
             CellTask(i, label, form, prediction, config, x_train, reference, out)
