@@ -149,6 +149,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     records = diagnose_dirs(
         open_sources(args.model, **_source(args)), out=args.out,
         **_given(args, ("solver", "steps", "num", "seed", "rtol", "atol")),
+        progress=not args.no_progress,
     )  # fmt: skip
     print(diagnose_markdown(records))
     print(f"\nwrote {args.out}")
@@ -165,7 +166,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     elif args.results is not None:
         written = plot_results(args.results, args.out)
     else:
-        written = plot_model_dirs(args.model, args.out, **_given(args, ("num", "seed")))
+        written = plot_model_dirs(args.model, args.out, **_given(args, ("num", "seed")),
+                                  progress=not args.no_progress)  # fmt: skip
     print("wrote " + ", ".join(str(p) for p in written if p.suffix == ".png"))
     return 0
 
@@ -282,6 +284,7 @@ def _add_model_dir_commands(sub: Any) -> None:
     p.add_argument("--rtol", type=float, default=library, help="one-step gap reference rtol")
     p.add_argument("--atol", type=float, default=library, help="one-step gap reference atol")
     p.add_argument("--out", default="out/diagnose.json", help="JSON file (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_diagnose)
 
     p = _library_parser(sub, "plot", _PLOT, help="figures from a results.json or from saved models")
@@ -295,6 +298,7 @@ def _add_model_dir_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="figure folder")
     p.add_argument("--num", type=int, default=library, help="samples per model")
     p.add_argument("--seed", type=int, default=library, help="noise seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_plot)
 
 

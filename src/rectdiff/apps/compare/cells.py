@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ... import diagnostics, samplers
 from ...diagnostics import diagnose_model
@@ -49,6 +51,11 @@ class CellTask:
     x_train: Tensor
     reference_data: Tensor
     out: Path
+    progress: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}_{self.prediction}"
 
 
 @dataclass
@@ -90,6 +97,18 @@ class CellResult:
         return f"{self.label}_{self.prediction}"
 
 
+#: when each cell of this process started (for the progress notes)
+_STARTED: dict[str, float] = {}
+
+
+def _note(task: CellTask, text: str) -> None:
+    """With ``task.progress``, one line on stderr: the cell, its seconds so far and what it
+    starts now (from worker processes too; above the compare bar in one process)."""
+    if task.progress:
+        seconds = time.perf_counter() - _STARTED.get(task.name, time.perf_counter())
+        tqdm.write(f"compare {task.name} {seconds:6.1f} s  {text}", file=sys.stderr)
+
+
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
@@ -107,6 +126,7 @@ def _measure(
     coupling: tuple[Tensor, Tensor],
 ) -> None:
     config, ev = task.config, task.config.evaluation
+    _note(task, f"{stage}: evaluating ({len(ev.steps)} step counts, diagnostics)")
     shape = tuple(task.x_train.shape[1:])
     noise = standard_noise(shape, config.data.n_eval, config.seed, "evaluation")
     records, kept = evaluate_model(
@@ -160,7 +180,7 @@ def _model_info(task: CellTask, stage: str, losses: list[float], extra: dict) ->
 def run_cell(task: CellTask) -> CellResult:
     """Train, evaluate, rectify and evaluate one (form, prediction) cell."""
     torch.set_num_threads(task.config.threads)
-    start = time.perf_counter()
+    start = _STARTED[task.name] = time.perf_counter()
     config, form, prediction = task.config, task.form, task.prediction
     result = CellResult(task.label, prediction, form)
     models_dir = task.out / "models" / result.name
@@ -186,6 +206,7 @@ def run_cell(task: CellTask) -> CellResult:
                 _reflow_stages(result, task, ot_teacher, net_config, models_dir, grid,
                                prefix="ot_rectified", base="ot")  # fmt: skip
     result.seconds = time.perf_counter() - start
+    _note(task, "done")
     return result
 
 
@@ -196,6 +217,7 @@ def _pairs(
     rectification stage's solver, steps and number of pairs, and the store's relative path."""
     rc = task.config.rectify.config
     pairs_dir = task.out / "pairs" / cell / folder
+    _note(task, f"{folder}: {rc.num_pairs} pairs of {name} ({rc.solver}@{rc.steps})")
     shutil.rmtree(pairs_dir, ignore_errors=True)
     dataset = generate_pairs(
         model, form=task.form, prediction=task.prediction, num_pairs=rc.num_pairs,
@@ -228,6 +250,7 @@ def _reflow_stages(
             student = build_model(net_config, form)
         else:
             student = copy.deepcopy(teacher)
+        _note(task, f"{stage}: training {rc.train.steps} steps")
         fitted = rectify(
             student.train(), pairs, form=form, prediction=prediction,
             config=cell_train_config(config, form, prediction, "rectify"),
@@ -261,6 +284,7 @@ def _teacher_stage(
     train_config = cell_train_config(config, form, prediction)
     if coupling is not None:
         train_config = dataclasses.replace(train_config, coupling=coupling)
+    _note(task, f"{stage}: training {train_config.steps} steps")
     trained = train(model, task.x_train, form=form, prediction=prediction, config=train_config,
                     resume=False, progress=False)  # fmt: skip
     model = trained.model.eval()
@@ -301,6 +325,7 @@ def _distill_stage(
     rc = config.rectify.config
     pairs, where = _pairs(task, reflowed, reflowed_name, result.name, "distill",
                    config.seed + rc.rounds, grid)  # fmt: skip
+    _note(task, f"distilled: training {rc.train.steps} steps")
     fitted = rectify(
         copy.deepcopy(reflowed).train(), pairs, form=form, prediction=prediction,
         config=cell_train_config(config, form, prediction, "rectify"), distill=True,
@@ -342,6 +367,11 @@ def _phased_stage(
         cell_train_config(config, form, prediction, "rectify"), time_sampler="uniform",
         weighting="none", time_sampler_params={}, weighting_params={},
     )  # fmt: skip
+    _note(
+        task,
+        f"phased: {num} window solves ({rc.solver}@{per_window}), then training "
+        f"{train_config.steps} steps",
+    )
     fitted = rectify_phased(
         teacher, task.x_train, form=form, prediction=prediction, edges=edges,
         student=copy.deepcopy(teacher), num=num, solver=rc.solver, steps=per_window,

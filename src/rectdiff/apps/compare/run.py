@@ -124,7 +124,7 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def _cell_file(out: Path, task: CellTask) -> Path:
-    return out / CELLS / f"{task.label}_{task.prediction}.pt"
+    return out / CELLS / f"{task.name}.pt"
 
 
 def _save_cell(out: Path, task: CellTask, result: CellResult) -> None:
@@ -344,7 +344,8 @@ def run_compare(
             (resumed: its finished cells are read back), or (with ``overwrite``) an earlier
             compare's.
         quick: shrink it to a smoke test (``config.quick_config``).
-        progress: a tqdm bar over the grid.
+        progress: a tqdm bar over the grid, and a line on stderr as each cell starts a
+            stage (training, pairs, evaluation) with its seconds so far.
         overwrite: remove an earlier compare's output in ``out`` first (only the files
             compare wrote: report, results, figures, model folders, pair stores).
 
@@ -368,7 +369,7 @@ def run_compare(
         write_json_atomic(out / CELLS / SETTINGS, settings)
         _warm_caches(config)
         tasks = [
-            CellTask(i, label, form, prediction, config, x_train, reference, out)
+            CellTask(i, label, form, prediction, config, x_train, reference, out, progress)
             for i, (label, form, prediction) in enumerate(config.cells())
         ]
         cells = _run_tasks(tasks, config.workers, progress)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ... import diagnostics, plots, samplers
 from ...data import TOYS, load_data
@@ -46,6 +47,7 @@ def diagnose_dirs(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     out: str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`diagnose_model` on saved models, each from the same noise.
 
@@ -60,13 +62,18 @@ def diagnose_dirs(
         which: the diagnostics to compute.
         reference_solver, rtol, atol: the one-step gap's reference.
         out: also write the records as JSON there.
+        progress: a tqdm bar over the models, naming the model and the step it is on.
 
     Returns:
         One record per folder: ``{"model", "form", "prediction", <diagnostic>: value}``.
     """
     records = []
-    for path in model_dirs:
+    bar = tqdm(model_dirs, desc="diagnose", unit="model", disable=not progress)
+    for path in bar:
         source = as_source(path)
+        bar.set_postfix_str(
+            f"{source.name}: {num} trajectories, {solver}@{steps} + {reference_solver}"
+        )
         model, form, prediction = source.adapted
         noise = standard_noise(source.shape, num, seed, "diagnostics")
         diagnosis = diagnose_model(
@@ -150,6 +157,7 @@ def plot_model_dirs(
     seed: int = 0,
     steps: int = 32,
     solver: str = "dpmpp_2m",
+    progress: bool = False,
 ) -> list[Path]:
     """Figures of saved models: one-step and dopri5 samples, x-vs-y trajectories (2-D
     data), curvature in t and y and x0-prediction drift (teacher dashed, rectified solid,
@@ -161,6 +169,7 @@ def plot_model_dirs(
         num, seed: trajectories per model and the seed of their noise (the diagnostics'
             noise stream of ``rectdiff compare``).
         steps, solver: the diagnostic solve.
+        progress: a tqdm bar over the models (then the figures).
     """
     out = Path(out)
     labels = [_model_label(p) for p in model_dirs]
@@ -172,7 +181,9 @@ def plot_model_dirs(
     curves: dict[str, dict[str, Any]] = {"curvature_t": {}, "curvature_y": {}, "x0_drift": {}}
     panels: dict[str, Tensor] = {}
     trajs = {}
+    bar = tqdm(total=len(labels) + 1, desc="plot", unit="step", disable=not progress)
     for label, path in zip(labels, model_dirs, strict=True):
+        bar.set_postfix_str(f"{label}: {num} trajectories, {solver}@{steps}")
         model, form, prediction = load_model_dir(path)
         noise = standard_noise(sample_shape(read_model_info(path)["net"]), num, seed, "diagnostics")
         diagnosis = diagnose_model(
@@ -187,6 +198,8 @@ def plot_model_dirs(
         panels[f"{label} {solver}@{steps}"] = diagnosis.sample
         if diagnosis.trajectory.x.ndim == 3 and diagnosis.trajectory.x.shape[-1] == 2:
             trajs[label] = diagnosis.trajectory
+        bar.update(1)
+    bar.set_postfix_str("figures")
     rect = {
         label: label.rsplit(" ", 1)[0] + " teacher"
         for label in labels
@@ -202,4 +215,6 @@ def plot_model_dirs(
     written += plots.plot_samples(panels, out / "samples")
     if trajs:
         written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
+    bar.update(1)
+    bar.close()
     return written
