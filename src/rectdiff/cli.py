@@ -31,7 +31,8 @@ _DIAGNOSE = "rectdiff.apps.compare.saved:diagnose_dirs"
 _PLOT = "rectdiff.apps.compare.saved:plot_model_dirs"
 #: TrainConfig fields ``rectdiff rectify`` has flags for
 _TRAIN_FLAGS = ("steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "ema_decay", "seed",
-                "time_sampler", "weighting", "checkpoint_every", "log_with")  # fmt: skip
+                "time_sampler", "weighting", "checkpoint_every", "log_with", "sample_every",
+                "sample_steps")  # fmt: skip
 #: ``rectdiff rectify``'s checkpoint interval (the library's TrainConfig keeps none by default)
 RECTIFY_CHECKPOINT_EVERY = 500
 #: commands that hold their --out's lock (rectdiff.io.locks) while they run
@@ -268,6 +269,12 @@ def _add_model_dir_commands(sub: Any) -> None:
         help="also log loss, lr, gradient norm and ESS to tensorboard or wandb (optional "
         "packages) in OUT.train; loss_log.csv is always kept there",
     )  # fmt: skip
+    p.add_argument(
+        "--sample-every", type=int, default=library,
+        help="draw the student's samples every N steps into OUT.train/samples (and the "
+        "tracker); 0: never",
+    )  # fmt: skip
+    p.add_argument("--sample-steps", type=int, default=library, help="DDIM steps of those samples")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)

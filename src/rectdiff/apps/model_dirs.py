@@ -81,7 +81,8 @@ def _weight_settings(
     """What decides the student's weights: the teacher's weights, the pairs' shards, the form,
     prediction and training settings (not where or how often checkpoints are written)."""
     train = config.to_dict()
-    for key in ("out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "log_with"):
+    for key in ("out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "log_with",
+                "sample_every", "sample_steps"):  # fmt: skip
         train.pop(key)
     shards = [entry["sha256"] for entry in load_manifest(pairs)["shards"]]
     return {"teacher_fingerprint": model_fingerprint(teacher.model), "pairs_sha256": shards,

@@ -34,6 +34,18 @@ def _time(value: Any) -> bool:
     return math.isfinite(value) and 0 <= value <= 1
 
 
+def _decay(value: Any) -> bool:
+    return math.isfinite(value) and 0 <= value < 1
+
+
+def _seed(value: Any) -> bool:
+    return isinstance(value, int) and 0 <= value < 2**32
+
+
+def _even(value: Any) -> bool:
+    return isinstance(value, int) and value >= 2 and value % 2 == 0
+
+
 #: flag destination -> (allowed range in words, check)
 FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "num": ("an integer >= 1", _count),
@@ -44,10 +56,29 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "shard_size": ("an integer >= 1", _count),
     "checkpoint_every": ("an integer >= 0 (0: no checkpoints)", _count_or_zero),
     "keep_checkpoints": ("an integer >= 0 (0: keep all)", _count_or_zero),
+    "sample_every": ("an integer >= 0 (0: no samples)", _count_or_zero),
+    "sample_steps": ("an integer >= 1", _count),
     "rtol": ("a finite number >= 0", _tolerance),
     "atol": ("a finite number >= 0", _tolerance),
     "lr": ("a finite number > 0", _positive),
     "ts": ("a time in [0, 1] (t = 0 data, t = 1 noise)", _time),
+    "seed": ("an integer in [0, 2**32 - 1]", _seed),
+    "workers": ("an integer >= 1", _count),
+    "warmup_steps": ("an integer >= 0", _count_or_zero),
+    "ema_decay": ("a number in [0, 1)", _decay),
+    "weight_decay": ("a finite number >= 0", _tolerance),
+    "grad_accum": ("an integer >= 1", _count),
+    "huber_c": ("a finite number > 0", _positive),
+    "lora_rank": ("an integer >= 1 (leave it out for full fine-tuning)", _count),
+    "lora_alpha": ("a finite number > 0", _positive),
+    "num_workers": ("an integer >= 0 (0: load in the main process)", _count_or_zero),
+    "cond_dropout": ("a fraction in [0, 1]", _time),
+    "phases": ("an integer >= 1 (1: plain rectification)", _count),
+    "phase_start_mass": ("a fraction in [0, 1]", _time),
+    "guidance": ("a finite number >= 0 (1: no guidance)", _tolerance),
+    "teacher_guidance": ("a finite number >= 0 (1: no guidance)", _tolerance),
+    "fit_steps": ("an integer >= 0", _count_or_zero),
+    "sample_size": ("an even integer >= 2 (the networks halve it)", _even),
 }
 #: flags whose destination is not their name
 _FLAG_NAMES = {"ts": "--t"}

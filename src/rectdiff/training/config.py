@@ -84,6 +84,11 @@ class TrainConfig:
             steps through an accelerate tracker into ``out_dir``: ``"tensorboard"`` or
             ``"wandb"`` (optional packages; wandb offline unless ``WANDB_MODE`` or
             ``WANDB_API_KEY`` is set); ``"csv"`` or None: only ``loss_log.csv``.
+        sample_every: with an ``out_dir``, draw samples every this many steps and at the end
+            (:mod:`rectdiff.training.snapshots`: ``out_dir/samples/step_N.png``, and to the
+            tracker); 0 = never. Unconditional 2-D or image models only.
+        sample_steps: DDIM steps of those samples (1: the one-step sample rectification
+            straightens).
     """
 
     steps: int = 1000
@@ -109,14 +114,16 @@ class TrainConfig:
     log_every: int = 50
     out_dir: str | None = None
     log_with: str | None = None
+    sample_every: int = 0
+    sample_steps: int = 1
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every")
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "sample_steps")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every",
-                     "keep_checkpoints"):  # fmt: skip
+                     "keep_checkpoints", "sample_every"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.ema_decay < 1.0:

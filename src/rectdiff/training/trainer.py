@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,10 @@ class Trainer:
         # the loss log (run() opens it given an out_dir); the latest logged step's numbers
         self._loss_log: LossLog | None = None
         self._logging, self._grad_norm, self._lr = False, math.nan, math.nan
+        self._item_shape: tuple[int, ...] | None = None
+        self._conditional: bool | None = None
+        self._snapshot_refused = False
+        self._snapshot_noise: Tensor | None = None
         acc.register_for_checkpointing(CheckpointState(self))
 
     def _batches(self, data: Any) -> TensorBatches | LoaderBatches:
@@ -164,6 +169,8 @@ class Trainer:
                 f"{'(eps, x0[, cond])' if self.pairs else 'x0[, cond]'}, got {len(items)} item(s)."
             )
         eps, x0 = (items[0], items[1]) if self.pairs else (None, items[0])
+        if self._item_shape is None:  # what a snapshot draws (run's sample_every)
+            self._item_shape = tuple(x0.shape[1:])
         rest = items[need:]  # one cond item, or several (then cond_fn gets them as a tuple)
         extra = None if not rest else rest[0] if len(rest) == 1 else rest
         if self.cond_fn is not None:
@@ -172,6 +179,8 @@ class Trainer:
             cond = {}
         else:
             cond = dict(extra) if isinstance(extra, dict) else {"class_labels": extra}
+        if self._conditional is None:
+            self._conditional = bool(cond)
         return eps, x0, cond
 
     def step(self) -> Tensor:
@@ -338,6 +347,45 @@ class Trainer:
         self.last_checkpoint = path
         return True
 
+    def _snapshots_wanted(self) -> bool:
+        """``sample_every`` is set, there is an ``out_dir``, and the data can be drawn."""
+        return bool(self.config.sample_every) and self.config.out_dir is not None
+
+    def snapshot(self) -> Path | None:
+        """Draw and save the samples of :mod:`.snapshots` now (main process; the EMA weights
+        when kept); None when this model's samples cannot be drawn (not 2-D or images, or
+        conditional)."""
+        from .snapshots import draw_snapshot, drawable, save_snapshot, snapshot_noise
+
+        acc, shape = self.accelerator, self._item_shape
+        if shape is None or not drawable(shape) or self._conditional:
+            if not self._snapshot_refused:
+                self._snapshot_refused = True
+                why = "a conditional model" if self._conditional else f"items of shape {shape}"
+                warnings.warn(
+                    f"sample_every={self.config.sample_every}: snapshots draw unconditional "
+                    f"2-D points or (C, H, W) images, not {why}; none are written.",
+                    stacklevel=2,
+                )
+            return None
+        png = None
+        if acc.is_main_process:
+            if self._snapshot_noise is None:
+                self._snapshot_noise = snapshot_noise(shape, self.config.seed, acc.device)
+            model = acc.unwrap_model(self.model)
+            if self.ema is not None:
+                self.ema.store(self.params)
+                self.ema.copy_to(self.params)
+            try:
+                samples = draw_snapshot(model, self._snapshot_noise, form=self.form,
+                                        prediction=self.prediction, steps=self.config.sample_steps)  # fmt: skip
+            finally:
+                if self.ema is not None:
+                    self.ema.restore(self.params)
+            png = save_snapshot(samples, self.config.out_dir, self.step_count, acc)
+        acc.wait_for_everyone()
+        return png
+
     # --- the loop -----------------------------------------------------------------------
     def run(self, resume: bool = True, progress: bool = True) -> TrainResult:
         """Train to ``config.steps`` (resuming first when asked) and return the result."""
@@ -379,6 +427,10 @@ class Trainer:
                     if self._pending_ess or (self.ess and self.ess[-1] != 1.0):
                         postfix["ess"] = f"{self.ess[-1]:.3f}"
                     bar.set_postfix(postfix, refresh=False)
+                if self._snapshots_wanted() and (
+                    self.step_count % config.sample_every == 0 or done
+                ):
+                    self.snapshot()
                 if (
                     config.checkpoint_every
                     and config.out_dir is not None

@@ -166,7 +166,8 @@ class CompareConfig:
 
 
 #: TrainConfig fields that do not change what is trained (left out of reports)
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "out_dir")
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "out_dir", "log_with",
+                "sample_every", "sample_steps")  # fmt: skip
 
 
 def _train_dict(train: TrainConfig, equal: str) -> dict[str, Any]:
