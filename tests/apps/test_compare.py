@@ -465,3 +465,20 @@ def test_quick_report_shows_the_rectify_steps_that_ran():
     ran = quick.rectify.config.train.steps
     assert ran < config.rectify.config.train.steps
     assert quick.to_dict()["rectify"]["train"]["steps"] == ran
+
+
+def test_every_saved_model_records_its_full_training_settings(tiny_run):
+    """A cell's model folders record the TrainConfig each stage trained with, every field:
+    the teacher the shared [train] block, the rectified student [rectify.train] over it."""
+    from rectdiff.io.model_dir import read_model_info
+
+    out, _ = tiny_run
+    config = tiny()
+    label, form, prediction = config.cells()[0]
+    folder = out / "models" / f"{label}_{prediction}"
+    for stage, which in (("teacher", "teacher"), ("rectified", "rectify")):
+        info = read_model_info(folder / stage)["info"]
+        want = cell_train_config(config, form, prediction, which).to_dict()
+        assert info["training"] == json.loads(json.dumps(want)), stage
+    assert read_model_info(folder / "teacher")["info"]["training"]["steps"] == 60
+    assert read_model_info(folder / "rectified")["info"]["training"]["steps"] == 30

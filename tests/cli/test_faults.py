@@ -155,3 +155,17 @@ def test_a_full_disk_mid_rectify_is_one_line_and_a_rerun_ends_with_the_same_weig
     monkeypatch.setattr(model_dir_module, "save_model", save_model)
     assert main([*rectify_argv(base, out), "--no-progress"]) == 0
     assert_same_weights(out, base / "whole")
+
+
+def test_the_student_records_its_full_training_settings(base):
+    from rectdiff.io.model_dir import read_model_info
+    from rectdiff.training import TrainConfig
+
+    info = read_model_info(base / "whole")["info"]
+    want = TrainConfig(steps=STEPS, batch_size=8, checkpoint_every=10).to_dict()
+    assert {k: v for k, v in info["training"].items() if k != "out_dir"} == {
+        k: v for k, v in want.items() if k != "out_dir"
+    }
+    assert (
+        info["training"]["out_dir"] == str(base / "whole.train") and info["steps_trained"] == STEPS
+    )

@@ -171,7 +171,8 @@ def rectify_from_dir(
         teacher.save_student(
             out, result.model, form, prediction,
             {"stage": "rectified", "rectified_from": rectified_from, "pairs": str(pairs),
-             "final_loss": result.losses[-1] if result.losses else None, "distill": distill},
+             "final_loss": result.losses[-1] if result.losses else None, "distill": distill,
+             "training": config.to_dict(), "steps_trained": result.step},
         )  # fmt: skip
     PartialState().wait_for_everyone()
     return out

@@ -161,7 +161,11 @@ def _record_ess(result: CellResult, stage: str, ess: list[float]) -> None:
         result.ess[stage] = sum(ess) / len(ess)
 
 
-def _model_info(task: CellTask, stage: str, losses: list[float], extra: dict) -> dict[str, Any]:
+def _model_info(
+    task: CellTask, stage: str, losses: list[float], training: Any, extra: dict
+) -> dict[str, Any]:
+    """What a cell's model folder records: the cell, data, seed, final loss and the full
+    training settings (``training``, a :class:`~rectdiff.training.TrainConfig`)."""
     config = task.config
     return {
         "stage": stage,
@@ -172,6 +176,7 @@ def _model_info(task: CellTask, stage: str, losses: list[float], extra: dict) ->
         "equal": config.equal,
         "seed": config.seed,
         "final_loss": losses[-1] if losses else None,
+        "training": training.to_dict(),
         "compare_config": config.source,
         **extra,
     }
@@ -251,9 +256,9 @@ def _reflow_stages(
         else:
             student = copy.deepcopy(teacher)
         _note(task, f"{stage}: training {rc.train.steps} steps")
+        train_config = cell_train_config(config, form, prediction, "rectify")
         fitted = rectify(
-            student.train(), pairs, form=form, prediction=prediction,
-            config=cell_train_config(config, form, prediction, "rectify"),
+            student.train(), pairs, form=form, prediction=prediction, config=train_config,
             distill=rc.distill, progress=False,
         )  # fmt: skip
         student = fitted.model.eval()
@@ -262,7 +267,8 @@ def _reflow_stages(
         save_model_dir(
             models_dir / stage, student, form=form, prediction=prediction,
             net_config=net_config,
-            info=_model_info(task, stage, fitted.losses, {"pairs": where}),
+            info=_model_info(task, stage, fitted.losses, train_config,
+                             {"pairs": where, "distill": rc.distill}),
         )  # fmt: skip
         _measure(result, stage, student, task, grid, load_pairs(pairs))
         result.budgets[stage] = result.budgets.get(base, 0) + k * rc.num_pairs * rc.steps
@@ -291,7 +297,7 @@ def _teacher_stage(
     result.losses[stage] = trained.losses[-1]
     _record_ess(result, stage, trained.ess)
     save_model_dir(models_dir / stage, model, form=form, prediction=prediction,
-                   net_config=net_config, info=_model_info(task, stage, trained.losses, {}))  # fmt: skip
+                   net_config=net_config, info=_model_info(task, stage, trained.losses, train_config, {}))  # fmt: skip
     shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
     independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
     _measure(result, stage, model, task, grid, independent)
@@ -326,10 +332,10 @@ def _distill_stage(
     pairs, where = _pairs(task, reflowed, reflowed_name, result.name, "distill",
                    config.seed + rc.rounds, grid)  # fmt: skip
     _note(task, f"distilled: training {rc.train.steps} steps")
+    train_config = cell_train_config(config, form, prediction, "rectify")
     fitted = rectify(
         copy.deepcopy(reflowed).train(), pairs, form=form, prediction=prediction,
-        config=cell_train_config(config, form, prediction, "rectify"), distill=True,
-        progress=False,
+        config=train_config, distill=True, progress=False,
     )  # fmt: skip
     student = fitted.model.eval()
     result.losses["distilled"] = fitted.losses[-1]
@@ -337,8 +343,8 @@ def _distill_stage(
     save_model_dir(
         models_dir / "distilled", student, form=form, prediction=prediction,
         net_config=net_config,
-        info=_model_info(task, "distilled", fitted.losses,
-                         {"pairs": where, "from": reflowed_name}),
+        info=_model_info(task, "distilled", fitted.losses, train_config,
+                         {"pairs": where, "from": reflowed_name, "distill": True}),
     )  # fmt: skip
     _measure(result, "distilled", student, task, grid, load_pairs(pairs))
     result.budgets["distilled"] = result.budgets[reflowed_name] + rc.num_pairs * rc.steps
@@ -383,7 +389,7 @@ def _phased_stage(
     result.student_steps["phased"] = train_config.steps
     save_model_dir(
         models_dir / "phased", student, form=form, prediction=prediction, net_config=net_config,
-        info=_model_info(task, "phased", fitted.train.losses,
+        info=_model_info(task, "phased", fitted.train.losses, train_config,
                          {"phases": phases, "edges": [float(t) for t in edges]}),
     )  # fmt: skip
     couplings = fitted.couplings
