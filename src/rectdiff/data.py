@@ -151,6 +151,11 @@ def from_file(path: str | Path) -> Labelled:
         )
     obj = _read_tensor_file(path)
     if isinstance(obj, np.ndarray):
+        if not (np.issubdtype(obj.dtype, np.number) or obj.dtype == np.bool_):
+            raise DataError(
+                f"{path}: holds {obj.dtype} values of shape {obj.shape}; expected numbers "
+                "(a float array of shape (N, ...) with N samples)."
+            )
         x = torch.from_numpy(obj)
     elif isinstance(obj, dict):
         if "x" not in obj:

@@ -10,6 +10,8 @@ traceback. The hierarchy::
     ├── DataError   (also a ValueError)    the user's data: non-finite values, unreadable files
     ├── StoreError  (also a RuntimeError)  a pair store or saved model: missing, damaged, foreign
     │   └── rectdiff.rectify.store.PairStoreError
+    ├── SolveError  (also a FloatingPointError)  a sampler's result went non-finite, or an
+    │                                            adaptive solver gave up
     ├── rectdiff.training.NonFiniteLossError (also a RuntimeError)  a NaN or infinite loss
     └── rectdiff.io.locks.OutputLocked (also a RuntimeError)  another writer holds the output
 
@@ -28,7 +30,8 @@ import traceback
 from collections.abc import Callable
 
 __all__ = [
-    "RectdiffError", "ConfigError", "DataError", "StoreError", "EXIT_ERROR", "EXIT_INTERRUPTED",
+    "RectdiffError", "ConfigError", "DataError", "StoreError", "SolveError", "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
     "is_expected", "one_line", "run_command",
 ]  # fmt: skip
 
@@ -52,6 +55,11 @@ class DataError(RectdiffError, ValueError):
 
 class StoreError(RectdiffError, RuntimeError):
     """A pair store or saved model that is missing, damaged, or made by another model."""
+
+
+class SolveError(RectdiffError, FloatingPointError):
+    """A sampler's result went non-finite, or an adaptive solver's step size underflowed: a
+    model, form, prediction or tolerance that does not fit (the message says which)."""
 
 
 #: OS errors a user causes and fixes, with what to do about each
@@ -86,6 +94,18 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _clear_progress_bars() -> None:
+    """Close the progress bars an error or Ctrl-C cut short, erasing them (``leave=False``),
+    so that what the terminal is left with is the one line that says what happened."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.leave = False
+            bar.close()
+        except Exception:  # a bar half torn down already: nothing to erase
+            pass
+
+
 def run_command(
     command: Callable[[], int | None],
     prog: str,
@@ -106,6 +126,7 @@ def run_command(
     try:
         return int(command() or 0)
     except KeyboardInterrupt as stop:
+        _clear_progress_bars()
         if debug:
             traceback.print_exc()
         hint = str(stop) or (interrupted() if callable(interrupted) else interrupted)
@@ -114,6 +135,7 @@ def run_command(
     except Exception as err:
         if not is_expected(err):
             raise
+        _clear_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)

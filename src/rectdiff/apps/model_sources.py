@@ -274,7 +274,15 @@ class RectdiffFolder(ModelSource):
         )
 
     def is_own_output(self, folder: Path) -> bool:
-        return is_model_dir(folder)
+        """A model folder that ``rectdiff rectify`` wrote (its info's stage is "rectified"),
+        not another model (a teacher, a compare cell's model) that a typo would destroy."""
+        if not is_model_dir(folder):
+            return False
+        try:
+            info = read_model_info(folder).get("info") or {}
+        except (OSError, ValueError):
+            return False
+        return isinstance(info, dict) and info.get("stage") == "rectified"
 
     def save_student(self, out: str | os.PathLike[str], model: nn.Module, form: Form,
                      prediction: str, info: Mapping[str, Any]) -> Path:  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from .. import forms, plots
@@ -32,6 +33,13 @@ def write_schedules(
     """
     out = Path(out)
     table = schedule_table(ts)
-    written = [write_text_atomic(out / "schedules.md", table + "\n")]
-    written += plots.plot_schedules({n: forms.load(n) for n in forms.presets()}, out / "schedules")
+    created = not out.exists()
+    try:
+        written = [write_text_atomic(out / "schedules.md", table + "\n")]
+        presets = {n: forms.load(n) for n in forms.presets()}
+        written += plots.plot_schedules(presets, out / "schedules")
+    except BaseException:
+        if created:  # a failed write (a full disk) leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return table, written

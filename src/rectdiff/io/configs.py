@@ -159,3 +159,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML ({err}).") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid TOML (not UTF-8 text: byte {err.object[err.start]:#04x} at "
+            f"offset {err.start}); save it as UTF-8 text."
+        ) from err

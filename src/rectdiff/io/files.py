@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,26 @@ __all__ = [
     "publish_folder",
     "temporary_sibling",
 ]
+
+
+def _os_code(err: BaseException) -> int | None:
+    """The OS error number behind ``err``: its errno, or the one a writer in another language
+    (safetensors' Rust) quotes in its message (``os error 28``, ``code: 28``)."""
+    if isinstance(err, OSError):
+        return err.errno
+    match = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(err))
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def named_os_error(err: BaseException, path: str | os.PathLike[str]) -> BaseException:
+    """``err`` as an ``OSError`` that names ``path`` when it is an OS error without a file name
+    (a write that fails with ENOSPC says neither which file nor where); else ``err``."""
+    code = _os_code(err)
+    if code is None or (isinstance(err, OSError) and err.filename is not None):
+        return err
+    named = OSError(code, os.strerror(code), str(path))
+    named.__cause__ = err
+    return named
 
 
 @contextmanager
@@ -35,6 +56,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as err:
+        named = named_os_error(err, path)
+        if named is err:
+            raise
+        raise named from err
     finally:
         if tmp.exists():
             tmp.unlink()

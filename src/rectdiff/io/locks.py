@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RectdiffError
+from .files import named_os_error
 
 __all__ = ["OutputLocked", "lock_path", "output_lock"]
 
@@ -113,7 +114,11 @@ def output_lock(out: str | os.PathLike[str], command: str) -> Iterator[Path]:
     record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
               "started": time.time()}  # fmt: skip
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record))
+    try:
+        tmp.write_text(json.dumps(record))
+    except OSError as err:  # a full disk fails the write without naming the file
+        tmp.unlink(missing_ok=True)
+        raise named_os_error(err, tmp) from None
     try:
         for _ in range(3):
             try:

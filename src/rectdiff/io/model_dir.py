@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -197,9 +198,24 @@ def read_model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         record = json.loads((path / INFO).read_text())
     except ValueError as err:
         raise ValueError(f"{path / INFO} is not valid JSON: {err}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path / INFO} is not a rectdiff model record (format != {FORMAT!r}).")
-    if int(record.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path / INFO} holds a {type(record).__name__}, not a rectdiff model record (a "
+            "JSON object with format = 'rectdiff-model'); save or copy the model again."
+        )
+    if record.get("format") != FORMAT:
+        raise ValueError(
+            f"{path / INFO} is not a rectdiff model record: format = {record.get('format')!r}, "
+            f"expected {FORMAT!r}; give a folder written by rectdiff (save_model_dir, "
+            "`rectdiff compare` or `rectdiff rectify`)."
+        )
+    version = record.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(
+            f"{path / INFO}: format_version = {version!r}; expected an integer <= "
+            f"{FORMAT_VERSION}. The record was edited or damaged: save or copy the model again."
+        )
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written with model format {record['format_version']}, newer than this "
             f"rectdiff ({FORMAT_VERSION}); upgrade rectdiff."
@@ -234,4 +250,10 @@ def load_model_dir(path: str | os.PathLike[str]) -> tuple[nn.Module, Form, str]:
             f"{weights} is not a readable safetensors file ({' '.join(str(err).split())}); "
             "the folder is damaged: save or copy the model again."
         ) from None
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise StoreError(
+                f"{weights}: tensor {name!r} holds non-finite values (nan or inf); the weights "
+                "are damaged or come from a diverged training run: save or copy a sound model."
+            )
     return model.eval(), form, prediction

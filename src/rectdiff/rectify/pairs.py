@@ -47,6 +47,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from .. import samplers
+from ..errors import SolveError
 from ..forms import Form
 from ..io.files import write_bytes_atomic, write_json_atomic
 from ..predictions import check_prediction
@@ -166,6 +167,11 @@ def _solver_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(options))
 
 
+#: solves of at least this many steps show their own bar of model evaluations (a huge --steps
+#: would otherwise sit at "0 pairs" with no sign of life)
+LONG_SOLVE_STEPS = 1000
+
+
 def _solve_shard(
     model: Any,
     eps: Tensor,
@@ -192,6 +198,7 @@ def _solve_shard(
             cond=cond_batch or None,
             guidance=settings.guidance,
             uncond=_expand_uncond(uncond, eps_batch.shape[0], device),
+            progress=settings.steps >= LONG_SOLVE_STEPS and not getattr(bar, "disable", True),
             **settings.solver_options,
         )
         x0_parts.append(x0.detach().to("cpu", DTYPES[settings.dtype]))
@@ -218,7 +225,7 @@ def _make_shard(
     cond, texts = _split_cond(cond_fn(k, indices) if cond_fn else {}, count, k)
     x0 = _solve_shard(model, eps, cond, settings, form, batch_size, device, uncond, bar)
     if not bool(torch.isfinite(x0).all()):
-        raise FloatingPointError(
+        raise SolveError(
             f"shard {k}: the sampler returned non-finite x0; check that form, prediction and "
             "solver match the model (a wrong prediction type often diverges)."
         )

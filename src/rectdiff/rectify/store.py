@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -193,7 +193,21 @@ def load_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
         raise PairStoreError(
             f"{path} is not a rectdiff pair manifest (unreadable or other format)."
         )
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise PairStoreError(
+            f"{path}: format_version = {version!r}; expected an integer <= {FORMAT_VERSION}. "
+            "The manifest was edited or damaged: rerun the command that made the store "
+            "(`rectdiff pairs` or `rectdiff sd pairs`) into a new folder."
+        )
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise PairStoreError(
+            f"{path}: shards = {shards!r:.60}; expected a list of shard entries. The manifest "
+            "was edited or damaged: rerun the command that made the store (`rectdiff pairs` or "
+            "`rectdiff sd pairs`) to repair it."
+        )
+    if version > FORMAT_VERSION:
         raise PairStoreError(
             f"{path} has format version {manifest['format_version']}, newer than this rectdiff "
             f"reads ({FORMAT_VERSION}); upgrade rectdiff."
@@ -281,6 +295,16 @@ def check_settings(
     """The existing manifest if its settings equal ``settings`` and it was made by the same
     model (:func:`~.fingerprint.check_fingerprint`); raise ValueError otherwise."""
     if not (root / MANIFEST).exists():
+        # only an empty folder (or one holding an interrupted write's temporary files) is new
+        foreign = sorted(p.name for p in root.iterdir()
+                         if not (p.name.startswith(".") and ".tmp" in p.name))  # fmt: skip
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise PairStoreError(
+                f"out {str(root)!r} holds files but no {MANIFEST} ({shown}): not a pair store "
+                "to resume, and rectdiff writes only into a new or empty folder or its own "
+                "store; choose another folder."
+            )
         return None
     manifest = load_manifest(root)
     stored = dict(manifest["settings"])
@@ -369,7 +393,14 @@ class PairDataset(Dataset):
             self._open.move_to_end(k)
             return self._open[k]
         entry = self._shards[k]
-        handle = safe_open(str(self.root / entry["file"]), framework="pt")
+        try:
+            handle = safe_open(str(self.root / entry["file"]), framework="pt")
+        except (OSError, SafetensorError) as err:
+            raise PairStoreError(
+                f"pair store {str(self.root)!r}: {entry['file']}: not a readable safetensors "
+                f"file ({' '.join(str(err).split())}); rerun the command that made the store "
+                "(`rectdiff pairs` or `rectdiff sd pairs`) to repair it."
+            ) from err
         eps = None
         if not self.settings.store_eps:
             eps = shard_noise(

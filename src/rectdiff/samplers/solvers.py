@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from ..errors import ConfigError, SolveError
 from ..forms import Coefficients
 from .denoiser import Denoiser, clamp_time
 
@@ -266,6 +267,13 @@ def adaptive(
     sigma(t_end) = 0. nfe counts the solve; recording the predictions at the K grid states
     (``callback``) costs K evaluations that are not counted.
     """
+    ok = [math.isfinite(tol) and tol >= 0 for tol in (rtol, atol)]
+    if not all(ok) or rtol == atol == 0:
+        raise ConfigError(
+            f"rtol = {rtol!r}, atol = {atol!r}: the adaptive solver {method!r} needs finite "
+            "tolerances >= 0, at least one > 0 (a zero tolerance can never be met); e.g. "
+            "rtol = atol = 1e-5."
+        )
     form = denoise.form
     final_jump = _leaves_range(denoise, t[-1])
     ode_t = t[:-1] if final_jump else t
@@ -293,15 +301,28 @@ def adaptive(
             d_logsnr = 2.0 * (d_alpha / alpha - d_sigma / sigma)
             return ((d_alpha * x0_pred + d_sigma * eps_pred) / d_logsnr).to(torch.float64)
 
-    ys = odeint(
-        flow,
-        x.to(torch.float64),
-        grid.to(x.device),
-        rtol=rtol,
-        atol=atol,
-        method=method,
-        options={"step_t": grid[-1:].to(x.device)},
-    )
+    try:
+        ys = odeint(
+            flow,
+            x.to(torch.float64),
+            grid.to(x.device),
+            rtol=rtol,
+            atol=atol,
+            method=method,
+            options={"step_t": grid[-1:].to(x.device)},
+        )
+    except AssertionError as err:  # torchdiffeq's step-size controller gave up
+        if "underflow in dt" not in str(err):
+            raise
+        finite = bool(torch.isfinite(x).all()) and (
+            not last or bool(torch.isfinite(last[2][0]).all())
+        )
+        why = ("the model returned non-finite values (nan or inf): check its weights, form and "
+               "prediction" if not finite else f"rtol = {rtol}, atol = {atol} cannot be met: "
+               "loosen them (e.g. 1e-5)")  # fmt: skip
+        raise SolveError(
+            f"the adaptive solver {method!r} stopped: its step size underflowed to 0; {why}."
+        ) from None
     states = ys.to(x.dtype)
     return _finish(denoise, t, ode_t, states, final_jump, callback, last)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .config import SDRectifyConfig
 from .eval import evaluate
 from .pairs import generate_sd_pairs
@@ -37,6 +38,27 @@ EVAL_STEPS = (1, 2, 4, 8)
 def _write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+#: what a demo writes in its folder (a rerun may write there again)
+DEMO_FILES = ("prompts_train.txt", "prompts_eval.txt", "tiny", "pairs", "student", "student.train",
+              "eval")  # fmt: skip
+
+
+def _check_out(root: Path) -> None:
+    """Refuse a file, or a folder holding anything a demo does not write (nothing of the
+    user's is overwritten or mixed with the demo's)."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {str(root)!r} is a file; give a folder for the demo.")
+    if root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir()
+                         if p.name not in DEMO_FILES and not p.name.startswith("."))  # fmt: skip
+        if foreign:
+            raise ConfigError(
+                f"--out {str(root)!r} holds files the demo did not write "
+                f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); choose a new "
+                "or empty folder (nothing there is overwritten)."
+            )
 
 
 def run_demo(
@@ -68,6 +90,7 @@ def run_demo(
         The evaluation metrics plus ``"seconds"`` (wall time per stage) and ``"paths"``.
     """
     root = Path(out)
+    _check_out(root)
     root.mkdir(parents=True, exist_ok=True)
     train_prompts = _write_lines(root / "prompts_train.txt", tiny_prompts("train"))
     eval_prompts = _write_lines(root / "prompts_eval.txt", tiny_prompts("held_out"))

@@ -11,15 +11,19 @@ the schedule is never switched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .. import forms
+from ..errors import ConfigError, StoreError, is_expected, one_line
 from .families import family_for
 
 __all__ = [
@@ -96,8 +100,73 @@ def load_pipeline(
             :func:`check_pipeline_dir`).
     """
     root = check_pipeline_dir(path, need_vae=with_vae)
-    pipe = family_for(root).load(root, _dtype(dtype), with_vae=with_vae)
+    family, dtype, device = family_for(root), _dtype(dtype), check_device(device)
+    with _quiet_loading():
+        try:
+            pipe = family.load(root, dtype, with_vae=with_vae)
+        except (OSError, ValueError, SafetensorError) as err:
+            if is_expected(err) and not (isinstance(err, OSError) and err.errno is None):
+                raise
+            # diffusers' and transformers' own: a damaged weights or config file
+            raise StoreError(
+                f"pipeline folder {str(root)!r} could not be loaded: {one_line(err)} Check "
+                "that folder (a damaged or partly copied weights or config file), or write it "
+                "again (save_pretrained, or `rectdiff sd tiny DIR`)."
+            ) from err
     return pipe.to(device) if device is not None else pipe
+
+
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists here (None stays None).
+
+    Raises:
+        ConfigError: naming it, for a string torch does not know or a device absent here.
+    """
+    if device is None or isinstance(device, torch.device) and device.type == "cpu":
+        return None if device is None else device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device {device!r} is not a torch device; allowed: cpu, cuda, cuda:N, mps."
+        ) from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if dev.type in available and not available[dev.type]():
+        raise ConfigError(
+            f"device {device!r}: this torch has no {dev.type} device here; use cpu (the "
+            "default), or install a torch build with it."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices (0 to "
+            f"{torch.cuda.device_count() - 1})."
+        )
+    return dev
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No loading progress bars and no library notes on stderr while a pipeline loads (what
+    went wrong, if anything, is the one line the command prints)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [
+        (lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)
+    ]
+    levels = [(lib, lib.get_verbosity()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in bars:
+        lib.disable_progress_bar()
+    for lib, _ in levels:
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
+        for lib, level in levels:
+            lib.set_verbosity(level)
 
 
 def pipeline_form(pipe: Any) -> tuple[forms.Form, str]:

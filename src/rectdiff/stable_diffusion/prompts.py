@@ -73,14 +73,20 @@ def read_prompts(path: str | os.PathLike[str], caption_column: str | None = None
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p]
-    elif suffix == ".jsonl":
-        prompts = [p.strip() for p in _from_jsonl(path, caption_column)]
-    elif suffix == ".csv":
-        prompts = [p.strip() for p in _from_csv(path, caption_column)]
-    else:
+    try:
+        if suffix == ".txt":
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            prompts = [p for p in prompts if p]
+        elif suffix == ".jsonl":
+            prompts = [p.strip() for p in _from_jsonl(path, caption_column)]
+        elif suffix == ".csv":
+            prompts = [p.strip() for p in _from_csv(path, caption_column)]
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"prompt file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+            f"offset {err.start}); save it as UTF-8."
+        ) from None
+    if suffix not in (".txt", ".jsonl", ".csv"):
         raise ValueError(
             f"prompt file {str(path)!r} has suffix {suffix!r}; allowed: "
             f"{', '.join(PROMPT_SUFFIXES)} (one prompt per line, or a caption column)."

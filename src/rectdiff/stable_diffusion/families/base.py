@@ -36,6 +36,12 @@ def dpm_solver_grid(scheduler: Any, steps: int, form: forms.Form) -> list[float]
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+    limit = int(scheduler.config.get("num_train_timesteps", 1000))
+    if steps > limit:  # the grid picks integer timesteps: there are no more than this many
+        raise ValueError(
+            f"steps = {steps}: more than the checkpoint's {limit} training timesteps, from "
+            f"which the DPM-Solver grid picks its steps; allowed: 1 to {limit}."
+        )
     dpm = DPMSolverMultistepScheduler.from_config(scheduler.config)
     dpm.set_timesteps(steps)
     times = form.t_from_model_time(dpm.timesteps.to(torch.float64))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ...io.files import publish_folder, temporary_sibling
+from ...io.files import named_os_error, publish_folder, temporary_sibling
 from .parts import TINY_COLOURS, TINY_OBJECTS, byte_level_vocab, fit_network, tiny_prompts
 from .sd import SD2_SCHEDULER_CONFIG, SD2_ZSNR_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, sd_parts
 from .sd3 import SD3_SCHEDULER_CONFIG, sd3_parts
@@ -173,9 +173,12 @@ def build_tiny_pipeline(
         shutil.rmtree(tmp / ".scratch")
         config_text = json.dumps(recipe.scheduler_config, indent=2) + "\n"
         (tmp / "scheduler" / "scheduler_config.json").write_text(config_text)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = named_os_error(err, tmp)  # a full disk: the save says neither file nor folder
+        if named is err or not isinstance(err, Exception):
+            raise
+        raise named from err
     if out.exists():
         out.rmdir()  # empty (checked above)
     return publish_folder(tmp, out)
