@@ -186,7 +186,7 @@ SDEVAL = ["sd", "eval", "--pipeline", "{fx}/sd_student", "--teacher", "{fx}/sd_t
           "--prompts", "{fx}/prompts.txt", "--out", "{tmp}/out", "--num", "2", "--steps", "1",
           "--teacher-steps", "2", "--batch-size", "2"]  # fmt: skip
 SDDIAG = ["sd", "diagnose", "--pipeline", "{fx}/sd_student", "--teacher", "{fx}/sd_teacher",
-          "--prompts", "{fx}/prompts.txt", "--out", "{tmp}/out", "--num", "2", "--steps", "2"]  # fmt: skip
+          "--prompts", "{fx}/prompts.txt", "--out", "{tmp}/out", "--num", "2", "--steps", "8"]  # fmt: skip
 SDDEMO = ["sd", "demo", "--out", "{tmp}/demo"]
 
 #: the compare config every compare case edits (seconds to run when accepted)

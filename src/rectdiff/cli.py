@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import EXIT_ERROR, ConfigError, run_command
+from .errors import EXIT_ERROR, run_command
 from .io.flags import add_debug_flag, check_flag_ranges
 
 __all__ = ["main", "build_parser"]
@@ -181,8 +181,16 @@ def _cmd_rectify(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    if Path(args.out).is_dir():  # found now, not after the trajectories are solved
-        raise ConfigError(f"--out {args.out!r} is a folder; give the JSON file to write.")
+    from .io.configs import check_choice
+    from .io.files import check_writable
+    from .samplers import SOLVERS, check_steps
+
+    # found now, not after the trajectories are solved
+    check_writable(args.out, "--out", folder=False, what="JSON file")
+    if hasattr(args, "solver"):
+        check_choice(args.solver, list(SOLVERS), "solver")
+    if hasattr(args, "steps"):
+        check_steps(args.steps)
     from .apps.compare.report import diagnose_markdown
     from .apps.compare.saved import diagnose_dirs
     from .apps.model_sources import open_sources
@@ -199,6 +207,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .apps.compare.saved import plot_model_dirs, plot_results
+    from .io.files import check_writable
+
+    check_writable(args.out, "--out", folder=True)  # found now, not after the plots are drawn
 
     if args.loss_log is not None:
         from .plots.training import plot_loss_logs

@@ -228,7 +228,9 @@ def test_a_full_disk_at_an_atomic_write_names_the_file(tmp_path):
         write_bytes_atomic(tmp_path / "a.bin", b"x")
     assert err.value.filename == str(tmp_path / "a.bin")
     with pytest.raises(OSError) as err, atomic_path(tmp_path / "b.safetensors"):  # safetensors' own
-        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+        raise RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "b.safetensors")
     assert list(tmp_path.iterdir()) == []
 
@@ -268,6 +270,45 @@ def test_a_model_record_of_another_format_names_it(base, tmp_path, capsys):
         r"format = 'other-thing', expected 'rectdiff-model'",
         capsys,
         tmp_path,
+    )
+
+
+# --- long runs and late checks -------------------------------------------------------------
+def test_a_huge_solver_step_count_is_refused_before_writing(base, tmp_path, capsys):
+    """It used to build a grid of 10^8 times for minutes, the bar sitting at 0 pairs."""
+    argv = pairs(base / "teacher", tmp_path / "out")
+    argv[argv.index("--steps") + 1] = "100000000"
+    pattern = r"steps=100000000: too many; allowed: an integer from 1 to 100000"
+    refused(argv, pattern, capsys, tmp_path, base)
+    argv = ["diagnose", "--model", str(base / "teacher"), "--steps", "100000000", "--out",
+            str(tmp_path / "d.json")]  # fmt: skip
+    refused(argv, pattern, capsys, tmp_path, base)
+
+
+@pytest.mark.parametrize(
+    "command, flags, pattern",
+    [
+        ("diagnose", ["--solver", "euler9"], r"unknown solver 'euler9'; allowed: euler"),
+        ("diagnose", ["--out", "{tmp}/f/d.json"], r"--out '[^']*f/d\.json': '[^']*f' is a file, not a folder"),
+        ("plot", ["--out", "{tmp}/f"], r"--out '[^']*f' is a file; give the folder to write"),
+    ],
+)  # fmt: skip
+def test_diagnose_and_plot_check_before_their_progress_bar(
+    command, flags, pattern, base, tmp_path, capsys
+):
+    (tmp_path / "f").write_text("x")
+    argv = [command, "--model", str(base / "teacher"), "--num", "4", "--out", str(tmp_path / "o.json"),
+            *(flag.replace("{tmp}", str(tmp_path)) for flag in flags)]  # fmt: skip
+    refused(argv, pattern, capsys, tmp_path, base)
+
+
+def test_a_read_only_output_folder_is_found_before_the_work(base, tmp_path, capsys, monkeypatch):
+    """(Simulated: the tests may run as root, whom permissions do not stop.)"""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    argv = ["diagnose", "--model", str(base / "teacher"), "--num", "4", "--out",
+            str(tmp_path / "new" / "d.json")]  # fmt: skip
+    refused(
+        argv, rf"(Permission denied|Read-only file system): '{tmp_path}'", capsys, tmp_path, base
     )
 
 
@@ -342,3 +383,11 @@ def test_an_unknown_or_absent_device(device, pipeline, tmp_path, capsys):
             str(pipeline / "pipe"), "--prompts", str(pipeline / "prompts.txt"), "--out",
             str(tmp_path / "out"), "--num", "2", "--device", device]  # fmt: skip
     refused(argv, rf"device '{device}'", capsys, tmp_path, pipeline)
+
+
+def test_sd_diagnose_into_a_file_is_found_before_sampling(pipeline, tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    argv = ["sd", "diagnose", "--pipeline", str(pipeline / "pipe"), "--teacher",
+            str(pipeline / "pipe"), "--prompts", str(pipeline / "prompts.txt"), "--out",
+            str(tmp_path / "out"), "--num", "2", "--steps", "8"]  # fmt: skip
+    refused(argv, r"out '[^']*out' is a file; give the folder to write", capsys, tmp_path, pipeline)

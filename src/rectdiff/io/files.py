@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,6 +19,7 @@ __all__ = [
     "write_json_atomic",
     "publish_folder",
     "temporary_sibling",
+    "check_writable",
 ]
 
 
@@ -113,3 +115,36 @@ def publish_folder(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def check_writable(
+    path: str | os.PathLike[str], flag: str, *, folder: bool, what: str | None = None
+) -> Path:
+    """Refuse an output path that cannot be written, before any work is done for it: a file
+    where a folder is wanted (or the reverse), a file among its parents, a read-only or
+    forbidden folder, a full disk. Nothing is created.
+
+    Raises:
+        ValueError: (a ``ConfigError``) naming ``flag`` and the path, for the wrong kind.
+        OSError: EROFS, EACCES or ENOSPC naming the nearest existing folder.
+    """
+    from ..errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        want, got = ("folder", "file") if folder else ("file", "folder")
+        raise ConfigError(f"{flag} {str(path)!r} is a {got}; give the {what or want} to write.")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder; choose another path."
+        )
+    if not os.access(parent, os.W_OK):
+        readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        code = errno.EROFS if readonly else errno.EACCES
+        raise OSError(code, os.strerror(code), str(parent))
+    if os.statvfs(parent).f_bavail == 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(parent))
+    return path

@@ -273,10 +273,10 @@ def _validate(
         ("num_pairs", num_pairs),
         ("shard_size", shard_size),
         ("batch_size", batch_size),
-        ("steps", steps),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    samplers.check_steps(steps)  # before the manifest is written
 
     if solver not in samplers.SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(samplers.SOLVERS)}.")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..forms import Coefficients, Form
 from ..reparametrize import reparametrize
 from .denoiser import Denoiser, check_start, clamp_time
-from .grids import TIME_GRIDS, scheduler_grid, time_grid
+from .grids import MAX_STEPS, TIME_GRIDS, check_steps, scheduler_grid, time_grid
 from .solvers import SOLVERS, Callback, Solver, adaptive, ddim, dpmpp_2m, euler, fixed_grid, heun
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "Solver",
     "sample",
     "time_grid",
+    "check_steps",
+    "MAX_STEPS",
     "scheduler_grid",
     "clamp_time",
     "check_start",

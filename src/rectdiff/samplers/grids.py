@@ -9,9 +9,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..forms import Form
 
-__all__ = ["TIME_GRIDS", "time_grid", "scheduler_grid"]
+__all__ = ["TIME_GRIDS", "MAX_STEPS", "check_steps", "time_grid", "scheduler_grid"]
+
+#: the most steps of a solve: beyond, building the grid alone takes minutes and gigabytes,
+#: and no fixed-step solve needs them (an adaptive solver reaches any accuracy sooner)
+MAX_STEPS = 100_000
+
+
+def check_steps(steps: Any) -> None:
+    """Refuse a step count a solve cannot use.
+
+    Raises:
+        ConfigError: naming it, for a non-integer, < 1, or > :data:`MAX_STEPS`.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got steps={steps!r}.")
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"steps={steps}: too many; allowed: an integer from 1 to {MAX_STEPS} (for a "
+            "reference solve, use an adaptive solver such as dopri5 with rtol/atol)."
+        )
+
 
 #: the named time grids of :func:`time_grid`; an explicit decreasing sequence also works
 TIME_GRIDS = ("uniform", "logsnr", "karras")
@@ -54,8 +75,7 @@ def time_grid(
             f"unknown t_grid {kind!r}; allowed: {', '.join(TIME_GRIDS)}, or an explicit "
             "strictly decreasing sequence of times in [0, 1]."
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got steps={steps!r}.")
+    check_steps(steps)
     t_start = form.t_max if t_start is None else float(t_start)
     t_end = 0.0 if t_end is None else float(t_end)
     if not 0.0 <= t_end < t_start <= 1.0:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import plots, samplers
 from ..diagnostics.model import DIAGNOSTICS, Probe
-from ..io.files import write_json_atomic
+from ..io.files import check_writable, write_json_atomic
 from .eval import teacher_reference
 from .families import family_for
 from .load import check_pipeline_dir, load_pipeline, vae_scale_factor
@@ -119,6 +119,7 @@ def diagnose_pipelines(
         ValueError: a folder that is not a pipeline, pipelines of different families, no
             prompts or a bad size (nothing is written then).
     """
+    check_writable(out, "out", folder=True)  # found now, not after the sampling
     student_root = check_pipeline_dir(pipeline_dir)
     teacher_root = check_pipeline_dir(teacher_dir)
     family = family_for(teacher_root)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import samplers
-from ..io.files import write_bytes_atomic, write_json_atomic
+from ..io.files import check_writable, write_bytes_atomic, write_json_atomic
 from .clip_score import ClipScorer
 from .families import family_for
 from .load import check_pipeline_dir, load_pipeline
@@ -253,6 +253,7 @@ def evaluate(
     Raises:
         ValueError: for a folder that is not a pipeline, empty prompts or bad settings.
     """
+    check_writable(out, "out", folder=True)  # found now, not after the sampling
     student_root = check_pipeline_dir(pipeline_dir, need_vae=True)
     teacher_root = check_pipeline_dir(teacher_dir)
     family = family_for(teacher_root)
