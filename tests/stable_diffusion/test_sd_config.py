@@ -50,10 +50,11 @@ def test_config_defaults_are_the_papers_settings():
     )
     assert (config.seed, config.checkpoint_every, config.resume, config.num_workers) == (
         0,
-        0,
+        250,  # a resumable run by default (rectdiff's choice, not the paper's)
         True,
         0,
     )
+    assert (config.keep_checkpoints, config.log_with) == (2, None)
 
 
 def test_cli_flag_defaults_are_the_config_defaults():
@@ -94,7 +95,8 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
                  mixed_precision="bf16", gradient_checkpointing=True, ema=True, ema_decay=0.99,
                  lora_rank=8, lora_alpha=16.0, weight_decay=0.5, warmup_steps=5, seed=9,
                  checkpoint_every=4, work_dir="w", num_workers=2, phases=4,
-                 phase_start_mass=0.5, cond_dropout=0.25)  # fmt: skip
+                 phase_start_mass=0.5, cond_dropout=0.25, keep_checkpoints=3,
+                 log_with="tensorboard")  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SDRectifyConfig)}
     assert set(given) == fields - {"grad_clip", "resume"}  # resume: --no-resume, below
     defaults = SDRectifyConfig()
@@ -113,6 +115,8 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
     assert main([*RECTIFY, *flags, "--no-resume"]) == 0
     config = seen["config"]
     assert config == SDRectifyConfig(**given, resume=False)
+    assert main([*RECTIFY, *flags, "--fresh"]) == 0  # the same flag, rectify's name for it
+    assert seen["config"] == config
     for name, value in given.items():
         assert type(getattr(config, name)) is type(value), name
 
