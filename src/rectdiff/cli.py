@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import importlib
 import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from .errors import EXIT_ERROR, run_command
-from .io.flags import add_debug_flag, check_flag_ranges
+from .errors import run_command
+from .io.flags import OneLineParser, add_debug_flag, check_flag_ranges, parse_one_line
 
 __all__ = ["main", "build_parser"]
 
@@ -39,45 +38,6 @@ RECTIFY_CHECKPOINT_EVERY = 500
 #: commands that hold their --out's lock (rectdiff.io.locks) while they run
 _LOCKED = ("rectdiff compare", "rectdiff pairs", "rectdiff rectify", "rectdiff sd pairs",
            "rectdiff sd rectify")  # fmt: skip
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """A usage error (a typo, a missing or malformed flag) is one line on stderr and exit code
-    2, like every other error: argparse's message, which names the flag and the value, and
-    the subcommand's ``--help`` to look at, without the usage block. The subcommands'
-    parsers are of this class too (``add_subparsers`` makes its parsers of the parent's)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
-
-
-def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
-    """The (sub)command parser that ``args`` came from."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            name = getattr(args, action.dest, None)
-            if name in action.choices:
-                return _chosen_parser(action.choices[name], args)
-    return parser
-
-
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse; an unknown flag is refused by its subcommand, with the closest known flag."""
-    args, extras = parser.parse_known_args(argv)
-    if extras:
-        chosen = _chosen_parser(parser, args)
-        known = [s for a in chosen._actions for s in a.option_strings if s.startswith("--")]
-        hints = []
-        for extra in extras:
-            flag = extra.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
-            hints += [(close[0], flag)] if close else []
-        if len(hints) > 1:
-            hint = f" (did you mean {', '.join(f'{c} for {f}' for c, f in hints)}?)"
-        else:
-            hint = f" (did you mean {hints[0][0]}?)" if hints else ""
-        chosen.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
-    return args
 
 
 def _library_default(target: str, name: str) -> Any:
@@ -361,7 +321,7 @@ def _add_model_dir_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="rectdiff",
         description="Diffusion forms, rectification and first-order trajectory diagnostics.",
     )
@@ -430,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     error boundary (:func:`rectdiff.errors.run_command`): an expected error is one line on
     stderr and exit code 2, Ctrl-C says how to resume and exits 130. The commands that write
     an output folder hold its lock (:func:`rectdiff.io.locks.output_lock`) meanwhile."""
-    args = _parse(build_parser(), argv)
+    args = parse_one_line(build_parser(), argv)
     prog = " ".join(
         ["rectdiff", args.command, *([args.sd_command] if args.command == "sd" else [])]
     )

@@ -1,17 +1,19 @@
 """Range checks of the command line's numeric flags, run right after parsing (before any heavy
 import or work), so that ``--rtol -1`` or ``--num 0`` is one line and exit code 2, not a changed
-result or a traceback minutes later; and ``--debug``, which every subcommand takes."""
+result or a traceback minutes later; ``--debug``, which every subcommand takes; and the parser
+whose usage errors (typos, malformed values) are one line too, with the closest known flag."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
-from ..errors import ConfigError
+from ..errors import EXIT_ERROR, ConfigError
 
-__all__ = ["FLAG_RANGES", "check_flag_ranges", "add_debug_flag"]
+__all__ = ["FLAG_RANGES", "check_flag_ranges", "add_debug_flag", "OneLineParser", "parse_one_line"]
 
 
 def _count(value: Any) -> bool:
@@ -118,3 +120,44 @@ def add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 add_debug_flag(child, top=False)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error (a typo, a missing or malformed flag) is one line on stderr and exit code
+    2, like every other error: argparse's message, which names the flag and the value, and
+    the subcommand's ``--help`` to look at, without the usage block. The subcommands'
+    parsers are of this class too (``add_subparsers`` makes its parsers of the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The (sub)command parser that ``args`` came from."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                return _chosen_parser(action.choices[name], args)
+    return parser
+
+
+def parse_one_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse; an unknown flag is refused by its subcommand, with the closest known flag."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        chosen = _chosen_parser(parser, args)
+        known = [s for a in chosen._actions for s in a.option_strings if s.startswith("--")]
+        hints = []
+        for extra in extras:
+            flag = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
+            hints += [(close[0], flag)] if close else []
+        if len(hints) > 1:
+            hint = f" (did you mean {', '.join(f'{c} for {f}' for c, f in hints)}?)"
+        else:
+            hint = f" (did you mean {hints[0][0]}?)" if hints else ""
+        chosen.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+    return args

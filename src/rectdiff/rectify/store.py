@@ -193,20 +193,14 @@ def load_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
         raise PairStoreError(
             f"{path} is not a rectdiff pair manifest (unreadable or other format)."
         )
-    version = manifest.get("format_version", 0)
+    version, shards = manifest.get("format_version", 0), manifest.get("shards", [])
+    rerun = "was edited or damaged: rerun the command that made the store to repair it."
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise PairStoreError(
-            f"{path}: format_version = {version!r}; expected an integer <= {FORMAT_VERSION}. "
-            "The manifest was edited or damaged: rerun the command that made the store "
-            "(`rectdiff pairs` or `rectdiff sd pairs`) into a new folder."
-        )
-    shards = manifest.get("shards", [])
+        raise PairStoreError(f"{path}: format_version = {version!r}; expected an integer "
+                             f"<= {FORMAT_VERSION}. The manifest {rerun}")  # fmt: skip
     if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
-        raise PairStoreError(
-            f"{path}: shards = {shards!r:.60}; expected a list of shard entries. The manifest "
-            "was edited or damaged: rerun the command that made the store (`rectdiff pairs` or "
-            "`rectdiff sd pairs`) to repair it."
-        )
+        raise PairStoreError(f"{path}: shards = {shards!r:.60}; expected a list of shard "
+                             f"entries. The manifest {rerun}")  # fmt: skip
     if version > FORMAT_VERSION:
         raise PairStoreError(
             f"{path} has format version {manifest['format_version']}, newer than this rectdiff "
