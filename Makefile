@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q --durations=25 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/rectdiff compare --out $(OUT)

@@ -15,3 +15,20 @@ torch.set_num_threads(1)
 def four_forms(request):
     """Each of VP, sub-VP, VE and flow matching in turn: ``(name, form)``."""
     return request.param, NAMED_FORMS[request.param]
+
+
+#: session fixtures that build a tiny Stable Diffusion flow (minutes each), shared between
+#: pytest-xdist workers through a file lock: their tests go to one worker (``make test`` runs
+#: ``--dist loadgroup``), so that the other worker runs other tests instead of waiting
+_FLOW_FIXTURES = ("flow", "sd2_flow", "xl", "sd3")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = [name for name in _FLOW_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if not used:
+            continue
+        name = used[-1]  # a test on two flows (none yet) goes with the later-listed one
+        if name == "sd2_flow":
+            name += "-" + str(item.callspec.params["sd2_flow"])
+        item.add_marker(pytest.mark.xdist_group(name=name))
