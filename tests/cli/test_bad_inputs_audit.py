@@ -391,3 +391,24 @@ def test_sd_diagnose_into_a_file_is_found_before_sampling(pipeline, tmp_path, ca
             str(pipeline / "pipe"), "--prompts", str(pipeline / "prompts.txt"), "--out",
             str(tmp_path / "out"), "--num", "2", "--steps", "8"]  # fmt: skip
     refused(argv, r"out '[^']*out' is a file; give the folder to write", capsys, tmp_path, pipeline)
+
+
+# --- compare configs: refused before the output folder is set up ---------------------------------
+@pytest.mark.parametrize(
+    "toml, pattern",
+    [
+        ("seed = 1.7\n", r"seed = 1\.7 has type float; expected int"),
+        ('workers = "2"\n', r"workers = '2' has type str; expected int"),
+        ("[train]\nlr = nan\n", r"TrainConfig\.lr must be a finite number > 0, got nan"),
+        ("[train]\nlr = 0\n", r"TrainConfig\.lr must be a finite number > 0, got 0"),
+        ("[evaluation]\nrtol = 0.0\natol = 0.0\n", r"rtol = atol = 0: an adaptive solve"),
+        ("[evaluation]\nrtol = -1e-3\n", r"\[evaluation\] rtol = -0\.001: expected a finite number"),
+        ('[network]\noptions = { hidden = "wide" }\n', r"hidden|wide"),
+        ("[network]\noptions = { widht = 8 }\n", r"widht"),
+    ],
+)
+def test_a_bad_compare_setting_writes_nothing(toml, pattern, tmp_path, capsys):
+    (tmp_path / "c.toml").write_text(toml)
+    argv = ["compare", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "out")]
+    refused(argv, pattern, capsys, tmp_path)
+    assert not (tmp_path / "out").exists()

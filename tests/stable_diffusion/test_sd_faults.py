@@ -110,3 +110,30 @@ def test_sd_tiny_into_a_folder_holding_a_users_files_is_refused_with_nothing_del
     assert err.startswith(f"rectdiff sd tiny: error: {str(target)!r} already exists and is not "
                           "empty; `rectdiff sd tiny` writes only into")  # fmt: skip
     assert _tree(tmp_path) == before
+
+
+def test_sd_rectify_refuses_a_damaged_store_naming_the_shard(flow, tmp_path, capsys):
+    """A flipped byte in a shard: exit 2, one line naming the shard and the repair; nothing
+    written (the store is verified before the pipeline is loaded)."""
+    import shutil
+
+    pairs = tmp_path / "pairs"
+    shutil.copytree(flow.pairs, pairs)
+    shard = sorted(pairs.glob("shard_*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # the last tensor's last bytes: still a finite float32
+    shard.write_bytes(bytes(data))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["sd", "rectify", "--pipeline", str(flow.teacher), "--pairs", str(pairs), "--out",
+            str(tmp_path / "student"), "--max-steps", "1", "--batch-size", "4"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == (
+        f"rectdiff sd rectify: error: pair store {str(pairs)!r}: {shard.name}: sha256 differs "
+        "from manifest.json (corrupted or partly written). Rerun `rectdiff sd pairs` into this "
+        "folder with the same settings to repair it: intact shards are kept, the others "
+        "regenerated."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

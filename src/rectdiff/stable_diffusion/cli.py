@@ -52,11 +52,11 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 def _rectify_config(args: argparse.Namespace) -> SDRectifyConfig:
     """The :class:`SDRectifyConfig` of ``sd rectify``'s flags: each field with a flag of the
-    same name takes it, ``resume`` is ``not --no-resume``, the rest (``grad_clip``) keep
-    their defaults."""
-    names = [name for name in field_names(SDRectifyConfig) if name != "resume"]
+    same name takes it, ``resume`` is ``not --no-resume`` (``--fresh``), ``verify`` is
+    ``not --no-verify``, the rest (``grad_clip``) keep their defaults."""
+    names = [name for name in field_names(SDRectifyConfig) if name not in ("resume", "verify")]
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return SDRectifyConfig(**values, resume=not args.no_resume)
+    return SDRectifyConfig(**values, resume=not args.no_resume, verify=not args.no_verify)
 
 
 def _cmd_rectify(args: argparse.Namespace) -> int:
@@ -242,6 +242,9 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default=d.work_dir, help="checkpoints (default: OUT.train)")
     p.add_argument("--fresh", "--no-resume", dest="no_resume", action="store_true",
                    help="start over, ignoring the checkpoints in the work folder")  # fmt: skip
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the shards' sha256 (sizes, shapes, dtypes, finiteness are still "
+                        "checked)")  # fmt: skip
     p.add_argument("--log-with", default=d.log_with, choices=["csv", "tensorboard", "wandb"],
                    help="also log loss, learning rate, gradient norm and ESS through this "
                         "accelerate tracker into the work folder (loss_log.csv is always "

@@ -23,7 +23,7 @@ MIXED_PRECISION = (None, "no", "fp16", "bf16")
 #: the fields a resume may change: they do not change the weights of the steps already
 #: trained (max_steps extends the constant-after-warm-up schedule)
 RESUMABLE = ("max_steps", "checkpoint_every", "keep_checkpoints", "work_dir", "resume",
-             "num_workers", "gradient_checkpointing", "log_with")  # fmt: skip
+             "num_workers", "gradient_checkpointing", "log_with", "verify")  # fmt: skip
 #: the checkpoint interval by default: a resumable run at the cost of two saved states
 CHECKPOINT_EVERY = 250
 
@@ -69,6 +69,10 @@ class SDRectifyConfig:
         work_dir: where checkpoints go; default ``<out>.train``.
         resume: continue from the newest checkpoint in ``work_dir``.
         num_workers: DataLoader workers.
+        verify: check the pair store before training, on the main process: the manifest,
+            every shard's presence, size and sha256, shapes, dtypes and finiteness
+            (:func:`rectdiff.rectify.verify_pairs`); False (``--no-verify``) skips the sha256
+            only.
         log_with: ``"tensorboard"`` or ``"wandb"`` (offline unless configured): also log the
             loss-log series (loss, learning rate, gradient norm, ESS) through accelerate's
             trackers into ``work_dir``; None (default) keeps only ``loss_log.csv``.
@@ -116,6 +120,7 @@ class SDRectifyConfig:
     phase_start_mass: float = 0.25
     cond_dropout: float = 0.0
     log_with: str | None = None
+    verify: bool = True
 
     def __post_init__(self) -> None:
         from ..predictions import check_prediction

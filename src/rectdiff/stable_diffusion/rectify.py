@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from torch import Tensor
 
 from .. import forms
@@ -64,6 +65,7 @@ from ..io.files import publish_folder, temporary_sibling
 from ..rectify import phased_loss
 from ..rectify.coupling import start_noise
 from ..rectify.store import PairDataset, PairStoreError, load_manifest
+from ..rectify.verify import verify_pairs
 from ..reparametrize import reparametrize
 from ..training.config import TrainConfig
 from ..training.losses import diffusion_loss, with_cond_dropout
@@ -190,6 +192,20 @@ def _open_pairs(
             f"(rectdiff sd pairs --pipeline {pipeline_dir}) or rectify the pipeline that made them."
         )
     return dataset
+
+
+def _verify(pairs_dir: str | os.PathLike[str], checksums: bool) -> None:
+    """:func:`rectdiff.rectify.verify_pairs` on the main process (every shard read once),
+    before the pipeline is loaded; a damaged store is a one-line ``PairStoreError`` naming
+    the shard (rerun ``rectdiff sd pairs`` into the folder to repair it)."""
+    state = PartialState()
+    if state.is_main_process:
+        try:
+            verify_pairs(pairs_dir, checksums=checksums)
+        except PairStoreError as err:  # the repair command of Stable Diffusion stores
+            text = str(err).replace("`rectdiff pairs` (generate_pairs)", "`rectdiff sd pairs`")
+            raise PairStoreError(text) from None
+    state.wait_for_everyone()
 
 
 def _loader(
@@ -339,6 +355,7 @@ def rectify_sd(
             )
         check_pipeline_phases(root, config.phases)
     dataset = _open_pairs(pairs, root, family)
+    _verify(pairs, config.verify)
     settings = _weight_settings(config, pairs)
     work_dir = Path(config.work_dir if config.work_dir is not None else f"{out}.train")
     if config.resume:  # before the pipeline is loaded or anything is written

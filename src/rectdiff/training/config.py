@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every",
                      "keep_checkpoints", "sample_every"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                allowed = "a finite number > 0" if name == "lr" else "a finite number >= 0"
+                raise ValueError(f"TrainConfig.{name} must be {allowed}, got {value}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}.")
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)

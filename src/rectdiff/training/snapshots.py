@@ -9,7 +9,9 @@ rectification is for: the one-step sample sharpening as the model becomes first-
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -17,7 +19,11 @@ from torch import Tensor, nn
 
 from ..forms import Form
 
-__all__ = ["SNAPSHOTS", "drawable", "snapshot_noise", "draw_snapshot", "save_snapshot"]
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["SNAPSHOTS", "drawable", "snapshot_noise", "draw_snapshot", "save_snapshot",
+           "take_snapshot"]  # fmt: skip
 
 #: the folder of ``out_dir`` the snapshots go in
 SNAPSHOTS = "samples"
@@ -70,4 +76,40 @@ def save_snapshot(
             tracker.log_images({"samples": image}, step=step, dataformats="HWC")
         elif tracker.name == "wandb":
             tracker.log_images({"samples": [image]}, step=step)
+    return png
+
+
+def take_snapshot(trainer: Trainer) -> Path | None:
+    """Draw and save ``trainer``'s samples now (main process; its EMA weights when kept); the
+    PNG, or None when its samples cannot be drawn (neither 2-D points nor images, or a
+    conditional model: said once, as a warning)."""
+    acc, shape, conditional = trainer.accelerator, trainer._item_shape, trainer._conditional
+    if shape is None or not drawable(shape) or conditional:
+        if not trainer._snapshot_refused:
+            trainer._snapshot_refused = True
+            why = "a conditional model" if conditional else f"items of shape {shape}"
+            warnings.warn(
+                f"sample_every={trainer.config.sample_every}: snapshots draw unconditional 2-D "
+                f"points or (C, H, W) images, not {why}; none are written.",
+                stacklevel=3,
+            )
+        return None
+    png = None
+    if acc.is_main_process:
+        if trainer._snapshot_noise is None:
+            trainer._snapshot_noise = snapshot_noise(shape, trainer.config.seed, acc.device)
+        ema, params = trainer.ema, trainer.params
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            samples = draw_snapshot(
+                acc.unwrap_model(trainer.model), trainer._snapshot_noise, form=trainer.form,
+                prediction=trainer.prediction, steps=trainer.config.sample_steps,
+            )  # fmt: skip
+        finally:
+            if ema is not None:
+                ema.restore(params)
+        png = save_snapshot(samples, trainer.config.out_dir, trainer.step_count, acc)
+    acc.wait_for_everyone()
     return png

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,14 +36,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..forms import Form
-from ..io.files import publish_folder, write_text_atomic
+from ..io.files import write_text_atomic
 from ..predictions import check_prediction
 from .accelerator import new_accelerator, tracked_settings, tracker
 from .batches import LoaderBatches, TensorBatches
+from .checkpoints import checkpoint_root, load_latest, save_checkpoint
 from .config import TrainConfig
 from .loss_log import LOSS_LOG, LossLog
 from .losses import DiffusionLoss, diffusion_loss
 from .minibatch_ot import check_coupling_use
+from .snapshots import take_snapshot
 from .state import CheckpointState, NonFiniteLossError, TrainResult
 from .time_samplers import time_sampler
 from .weightings import loss_weighting
@@ -295,96 +295,24 @@ class Trainer:
 
     def checkpoint_root(self) -> Path | None:
         """``out_dir/checkpoints`` or None."""
-        out = self.config.out_dir
-        return None if out is None else Path(out) / "checkpoints"
+        return checkpoint_root(self.config.out_dir)
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_N`` (via a temporary folder, removed if the save fails) and point
-        ``latest`` at it."""
+        """Write ``step_N`` and point ``latest`` at it (:mod:`.checkpoints`)."""
         root = self.checkpoint_root()
         if root is None:
             raise ValueError("set TrainConfig.out_dir to save checkpoints.")
-        acc = self.accelerator
-        name = f"step_{self.step_count}"
-        final, tmp = root / name, root / f".{name}.tmp"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(str(tmp))
-        except BaseException:  # a full disk, Ctrl-C: no half-written state is left behind
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            publish_folder(tmp, final)
-            write_text_atomic(root / "latest", name + "\n")
-            self._prune(root)
-        acc.wait_for_everyone()
-        self.last_checkpoint = final
-        return final
-
-    def _prune(self, root: Path) -> None:
-        keep = self.config.keep_checkpoints
-        if keep <= 0:
-            return
-        found = sorted(
-            (int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.name[5:].isdigit()
+        self.last_checkpoint = save_checkpoint(
+            self.accelerator, root, self.step_count, self.config.keep_checkpoints
         )
-        for _, path in found[:-keep]:
-            shutil.rmtree(path)
+        return self.last_checkpoint
 
     def resume(self) -> bool:
         """Load the checkpoint named by ``latest`` if there is one; True if loaded."""
-        root = self.checkpoint_root()
-        if root is None or not (root / "latest").is_file():
-            return False
-        path = root / (root / "latest").read_text().strip()
-        if not path.is_dir():
-            raise ValueError(f"{root / 'latest'} names {path.name}, which does not exist.")
-        self.accelerator.load_state(str(path))
-        self.last_checkpoint = path
-        return True
-
-    def _snapshots_wanted(self) -> bool:
-        """``sample_every`` is set, there is an ``out_dir``, and the data can be drawn."""
-        return bool(self.config.sample_every) and self.config.out_dir is not None
-
-    def snapshot(self) -> Path | None:
-        """Draw and save the samples of :mod:`.snapshots` now (main process; the EMA weights
-        when kept); None when this model's samples cannot be drawn (not 2-D or images, or
-        conditional)."""
-        from .snapshots import draw_snapshot, drawable, save_snapshot, snapshot_noise
-
-        acc, shape = self.accelerator, self._item_shape
-        if shape is None or not drawable(shape) or self._conditional:
-            if not self._snapshot_refused:
-                self._snapshot_refused = True
-                why = "a conditional model" if self._conditional else f"items of shape {shape}"
-                warnings.warn(
-                    f"sample_every={self.config.sample_every}: snapshots draw unconditional "
-                    f"2-D points or (C, H, W) images, not {why}; none are written.",
-                    stacklevel=2,
-                )
-            return None
-        png = None
-        if acc.is_main_process:
-            if self._snapshot_noise is None:
-                self._snapshot_noise = snapshot_noise(shape, self.config.seed, acc.device)
-            model = acc.unwrap_model(self.model)
-            if self.ema is not None:
-                self.ema.store(self.params)
-                self.ema.copy_to(self.params)
-            try:
-                samples = draw_snapshot(model, self._snapshot_noise, form=self.form,
-                                        prediction=self.prediction, steps=self.config.sample_steps)  # fmt: skip
-            finally:
-                if self.ema is not None:
-                    self.ema.restore(self.params)
-            png = save_snapshot(samples, self.config.out_dir, self.step_count, acc)
-        acc.wait_for_everyone()
-        return png
+        path = load_latest(self.accelerator, self.checkpoint_root())
+        if path is not None:
+            self.last_checkpoint = path
+        return path is not None
 
     # --- the loop -----------------------------------------------------------------------
     def run(self, resume: bool = True, progress: bool = True) -> TrainResult:
@@ -427,10 +355,12 @@ class Trainer:
                     if self._pending_ess or (self.ess and self.ess[-1] != 1.0):
                         postfix["ess"] = f"{self.ess[-1]:.3f}"
                     bar.set_postfix(postfix, refresh=False)
-                if self._snapshots_wanted() and (
-                    self.step_count % config.sample_every == 0 or done
+                if (
+                    config.sample_every
+                    and config.out_dir is not None
+                    and (self.step_count % config.sample_every == 0 or done)
                 ):
-                    self.snapshot()
+                    take_snapshot(self)
                 if (
                     config.checkpoint_every
                     and config.out_dir is not None

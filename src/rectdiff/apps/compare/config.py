@@ -272,6 +272,17 @@ def _methods(methods: Any, phases: Any) -> tuple[list[str], int]:
     return list(methods), 4 if phases is None else phases
 
 
+def _top_int(values: dict[str, Any], key: str, default: int) -> int:
+    """A top-level integer setting, type-checked (TOML gives ints; 1.7 or "3" is refused)."""
+    value = values.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"{key} = {value!r} has type {type(value).__name__}; expected int (e.g. {key} = "
+            f"{default})."
+        )
+    return value
+
+
 def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareConfig:
     """Build and validate a :class:`CompareConfig` from a parsed TOML document.
 
@@ -281,7 +292,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareC
     """
     values = copy.deepcopy(values)
     reject_unknown(values, _TOP_KEYS, where="at the top level")
-    seed = int(values.get("seed", 0))
+    seed = _top_int(values, "seed", 0)
     equal = values.get("equal", "logsnr")
     shared = _table(values, "train")
     evaluation = _table(values, "evaluation")
@@ -297,8 +308,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareC
     return CompareConfig(
         seed=seed,
         equal=equal,
-        workers=int(values.get("workers", 1)),
-        threads=int(values.get("threads", 1)),
+        workers=_top_int(values, "workers", 1),
+        threads=_top_int(values, "threads", 1),
         data=from_mapping(DataConfig, _table(values, "data"), where="in [data]"),
         grid=from_mapping(GridConfig, _table(values, "grid"), where="in [grid]"),
         network=from_mapping(NetworkConfig, _table(values, "network"), where="in [network]"),

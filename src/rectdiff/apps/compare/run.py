@@ -54,11 +54,11 @@ from ... import __version__, metrics
 from ...data import TOYS, load_data
 from ...errors import ConfigError
 from ...io.files import write_bytes_atomic, write_json_atomic
-from ...io.model_dir import is_model_dir
+from ...io.model_dir import build_model, is_model_dir
 from .cells import CellResult, CellTask, run_cell
 from .config import CompareConfig, quick_config
 from .figures import draw_figures
-from .hyperparameters import implied_weightings
+from .hyperparameters import implied_weightings, network_config
 from .report import summarize, write_report
 
 __all__ = ["run_compare"]
@@ -253,6 +253,13 @@ def _prepare_out(out: Path, overwrite: bool, settings: dict[str, Any] | None = N
             folder.rmdir()
 
 
+def _check_network(config: CompareConfig, x_train: Tensor) -> None:
+    """Build the first cell's network once, so that a bad ``[network]`` option is refused
+    before anything is written (not in a worker, after the output folder is set up)."""
+    _, form, prediction = config.cells()[0]
+    build_model(network_config(config, x_train, prediction), form)
+
+
 def _warm_caches(config: CompareConfig) -> None:
     """Train (or load) the digits classifier once before worker processes need it."""
     names = {m for m in config.evaluation.metrics if metrics.METRICS[m].data == "digits"}
@@ -364,6 +371,7 @@ def run_compare(
     threads = torch.get_num_threads()
     try:
         x_train, reference = _load_datasets(config)  # validates [data] before anything is written
+        _check_network(config, x_train)
         settings = _settings(config)
         _prepare_out(out, overwrite, settings)
         write_json_atomic(out / CELLS / SETTINGS, settings)

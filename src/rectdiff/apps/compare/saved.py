@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,30 @@ def diagnose_dirs(
     """
     records = []
     bar = tqdm(model_dirs, desc="diagnose", unit="model", disable=not progress)
+    with _erased_on_error(bar):
+        records = _diagnose_each(bar, solver, steps, num, seed, which, reference_solver, rtol, atol)
+    if out is not None:
+        write_json_atomic(out, records, indent=1)
+    return records
+
+
+@contextmanager
+def _erased_on_error(bar: tqdm) -> Iterator[None]:
+    """Close ``bar``; erase it when an error unwinds (the error is then the last line)."""
+    try:
+        yield
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
+def _diagnose_each(
+    bar: tqdm, solver: str, steps: int, num: int, seed: int, which: Sequence[str],
+    reference_solver: str, rtol: float, atol: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    records = []
     for path in bar:
         source = as_source(path)
         bar.set_postfix_str(
@@ -90,8 +115,6 @@ def diagnose_dirs(
             {"model": source.name, "form": form.config(), "prediction": prediction,
              **diagnosis.numbers}
         )  # fmt: skip
-    if out is not None:
-        write_json_atomic(out, records, indent=1)
     return records
 
 
@@ -182,39 +205,41 @@ def plot_model_dirs(
     panels: dict[str, Tensor] = {}
     trajs = {}
     bar = tqdm(total=len(labels) + 1, desc="plot", unit="step", disable=not progress)
-    for label, path in zip(labels, model_dirs, strict=True):
-        bar.set_postfix_str(f"{label}: {num} trajectories, {solver}@{steps}")
-        model, form, prediction = load_model_dir(path)
-        noise = standard_noise(sample_shape(read_model_info(path)["net"]), num, seed, "diagnostics")
-        diagnosis = diagnose_model(
-            model, form=form, prediction=prediction, noise=noise, solver=solver, steps=steps,
-            which=("straightness", "first_order_deviation"),
-        )  # fmt: skip
-        for name, value in diagnosis.curves.items():
-            curves[name][label] = value
-        panels[f"{label} ddim@1"] = samplers.sample(
-            model, noise, form=form, prediction=prediction, steps=1
-        )
-        panels[f"{label} {solver}@{steps}"] = diagnosis.sample
-        if diagnosis.trajectory.x.ndim == 3 and diagnosis.trajectory.x.shape[-1] == 2:
-            trajs[label] = diagnosis.trajectory
+    with _erased_on_error(bar):
+        for label, path in zip(labels, model_dirs, strict=True):
+            bar.set_postfix_str(f"{label}: {num} trajectories, {solver}@{steps}")
+            model, form, prediction = load_model_dir(path)
+            noise = standard_noise(
+                sample_shape(read_model_info(path)["net"]), num, seed, "diagnostics"
+            )
+            diagnosis = diagnose_model(
+                model, form=form, prediction=prediction, noise=noise, solver=solver, steps=steps,
+                which=("straightness", "first_order_deviation"),
+            )  # fmt: skip
+            for name, value in diagnosis.curves.items():
+                curves[name][label] = value
+            panels[f"{label} ddim@1"] = samplers.sample(
+                model, noise, form=form, prediction=prediction, steps=1
+            )
+            panels[f"{label} {solver}@{steps}"] = diagnosis.sample
+            if diagnosis.trajectory.x.ndim == 3 and diagnosis.trajectory.x.shape[-1] == 2:
+                trajs[label] = diagnosis.trajectory
+            bar.update(1)
+        bar.set_postfix_str("figures")
+        rect = {
+            label: label.rsplit(" ", 1)[0] + " teacher"
+            for label in labels
+            if not label.endswith("teacher") and label.rsplit(" ", 1)[0] + " teacher" in labels
+        }
+        written: list[Path] = []
+        for coords in ("t", "y"):
+            written += plots.plot_curvature(
+                curves[f"curvature_{coords}"], out / f"curvature_{coords}", rect, coords=coords, logy=True,
+                ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$",
+            )  # fmt: skip
+        written += plots.plot_x0_drift(curves["x0_drift"], out / "x0_drift", rect, logy=True)
+        written += plots.plot_samples(panels, out / "samples")
+        if trajs:
+            written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
         bar.update(1)
-    bar.set_postfix_str("figures")
-    rect = {
-        label: label.rsplit(" ", 1)[0] + " teacher"
-        for label in labels
-        if not label.endswith("teacher") and label.rsplit(" ", 1)[0] + " teacher" in labels
-    }
-    written: list[Path] = []
-    for coords in ("t", "y"):
-        written += plots.plot_curvature(
-            curves[f"curvature_{coords}"], out / f"curvature_{coords}", rect, coords=coords, logy=True,
-            ylabel=r"$E\,\|(Z_1 - Z_0) - dZ/du\|^2 \,/\, E\,\|Z_1 - Z_0\|^2$",
-        )  # fmt: skip
-    written += plots.plot_x0_drift(curves["x0_drift"], out / "x0_drift", rect, logy=True)
-    written += plots.plot_samples(panels, out / "samples")
-    if trajs:
-        written += plots.plot_trajectories_xy(trajs, out / "trajectories_xy", max_paths=32)
-    bar.update(1)
-    bar.close()
     return written

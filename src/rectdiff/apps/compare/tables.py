@@ -7,6 +7,7 @@ docstring of :mod:`rectdiff.apps.compare.config` describes the TOML file they co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,5 +278,20 @@ class EvaluationConfig:
         check_choice(self.t_grid, list(TIME_GRIDS), "t_grid")
         if not self.steps or any(int(k) < 1 for k in self.steps):
             raise ValueError(f"[evaluation] steps must be integers >= 1, got {self.steps}.")
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(
+                    f"[evaluation] {name} = {value!r}: expected a finite number >= 0 (e.g. 1e-5)."
+                )
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError(
+                "[evaluation] rtol = atol = 0: an adaptive solve cannot meet a zero tolerance; "
+                "give either a positive value (e.g. 1e-5)."
+            )
         if self.diagnostic_steps < 2 or self.n_diagnostic < 2:
             raise ValueError("[evaluation] diagnostic_steps and n_diagnostic must be >= 2.")
