@@ -64,3 +64,20 @@ def test_a_damaged_shard_is_named_and_the_error_is_a_store_error(store):
     assert len(load_pairs(store, verify=False).x0) == 20  # --no-verify: the hash is skipped
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["shards"][2]["count"] == 4  # the last, short shard
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [("guidance", "x", "int or float or null"), ("steps", 2.5, "int"), ("store_eps", 1, "bool"),
+     ("seed", True, "int")],
+)  # fmt: skip
+def test_a_setting_of_the_wrong_type_in_the_manifest_is_named(store, key, value, expected):
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["settings"][key] = value
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PairStoreError) as info:
+        verify_pairs(store)
+    assert (
+        f"manifest.json settings {key} = {value!r} has type {type(value).__name__}; expected "
+        f"{expected}"
+    ) in str(info.value)

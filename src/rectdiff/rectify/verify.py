@@ -64,11 +64,33 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+#: the JSON type of each recorded setting (a hand-edited or damaged manifest is named)
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "form": (dict,), "prediction": (str,), "solver": (str,), "steps": (int,), "seed": (int,),
+    "shard_size": (int,), "num_pairs": (int,), "shape": (list,), "dtype": (str,),
+    "store_eps": (bool,), "guidance": (int, float, type(None)), "solver_options": (dict,),
+    "model_description": (str,), "model_fingerprint": (str, type(None)),
+}  # fmt: skip
+
+
 def _settings(root: Path, manifest: Mapping[str, Any]) -> PairSettings:
     try:
-        return PairSettings.from_json(manifest["settings"])
+        settings = PairSettings.from_json(manifest["settings"])
     except (KeyError, TypeError) as err:
         raise _fail(root, [f"manifest.json settings unreadable ({err})"]) from None
+    problems = [
+        f"manifest.json settings {key} = {value!r} has type {type(value).__name__}; expected "
+        + " or ".join("null" if t is type(None) else t.__name__ for t in _SETTING_TYPES[key])
+        for key, value in vars(settings).items()
+        if key in _SETTING_TYPES
+        and (
+            not isinstance(value, _SETTING_TYPES[key])
+            or (isinstance(value, bool) and bool not in _SETTING_TYPES[key])
+        )
+    ]
+    if problems:
+        raise _fail(root, problems)
+    return settings
 
 
 def _check_manifest(root: Path, manifest: Mapping[str, Any], settings: PairSettings) -> None:
