@@ -23,6 +23,7 @@ def four_forms(request):
 _FLOW_FIXTURES = ("flow", "sd2_flow", "xl", "sd3")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = [name for name in _FLOW_FIXTURES if name in getattr(item, "fixturenames", ())]

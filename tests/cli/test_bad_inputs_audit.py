@@ -402,7 +402,10 @@ def test_sd_diagnose_into_a_file_is_found_before_sampling(pipeline, tmp_path, ca
         ("[train]\nlr = nan\n", r"TrainConfig\.lr must be a finite number > 0, got nan"),
         ("[train]\nlr = 0\n", r"TrainConfig\.lr must be a finite number > 0, got 0"),
         ("[evaluation]\nrtol = 0.0\natol = 0.0\n", r"rtol = atol = 0: an adaptive solve"),
-        ("[evaluation]\nrtol = -1e-3\n", r"\[evaluation\] rtol = -0\.001: expected a finite number"),
+        (
+            "[evaluation]\nrtol = -1e-3\n",
+            r"\[evaluation\] rtol = -0\.001: expected a finite number",
+        ),
         ('[network]\noptions = { hidden = "wide" }\n', r"hidden|wide"),
         ("[network]\noptions = { widht = 8 }\n", r"widht"),
     ],

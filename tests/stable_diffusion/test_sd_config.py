@@ -62,7 +62,8 @@ def test_cli_flag_defaults_are_the_config_defaults():
     flagged = [f.name for f in dataclasses.fields(SDRectifyConfig) if hasattr(args, f.name)]
     assert set(flagged) == {f.name for f in dataclasses.fields(SDRectifyConfig)} - {
         "grad_clip",
-        "resume",
+        "resume",  # --fresh / --no-resume
+        "verify",  # --no-verify
     }
     for name in flagged:
         assert getattr(args, name) == getattr(defaults, name), name
@@ -98,7 +99,7 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
                  phase_start_mass=0.5, cond_dropout=0.25, keep_checkpoints=3,
                  log_with="tensorboard")  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SDRectifyConfig)}
-    assert set(given) == fields - {"grad_clip", "resume"}  # resume: --no-resume, below
+    assert set(given) == fields - {"grad_clip", "resume", "verify"}  # --no-resume, --no-verify
     defaults = SDRectifyConfig()
     assert all(value != getattr(defaults, name) for name, value in given.items())
     flags = []
@@ -112,10 +113,10 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
         return rectify_module.RectifyResult(Path(out), [], 0)
 
     monkeypatch.setattr(rectify_module, "rectify_sd", fake_rectify_sd)
-    assert main([*RECTIFY, *flags, "--no-resume"]) == 0
+    assert main([*RECTIFY, *flags, "--no-resume", "--no-verify"]) == 0
     config = seen["config"]
-    assert config == SDRectifyConfig(**given, resume=False)
-    assert main([*RECTIFY, *flags, "--fresh"]) == 0  # the same flag, rectify's name for it
+    assert config == SDRectifyConfig(**given, resume=False, verify=False)
+    assert main([*RECTIFY, *flags, "--fresh", "--no-verify"]) == 0  # rectify's name for it
     assert seen["config"] == config
     for name, value in given.items():
         assert type(getattr(config, name)) is type(value), name
