@@ -526,7 +526,13 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--quick", action="store_true",
                         help="1000 teacher and reflow steps, 300 online steps, 10 rounds")  # fmt: skip
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the per-step overhead table (for a quiet machine)")  # fmt: skip
     args = parser.parse_args()
+    if args.overhead_only:
+        torch.set_num_threads(1)
+        print_overhead(load_data("8gaussians", 100_000, seed=0), args)
+        return
     if args.quick:
         args.teacher_steps, args.reflow_steps, args.online_steps, args.rounds = 1000, 1000, 300, 10
     torch.set_num_threads(1)
@@ -570,6 +576,11 @@ def main() -> None:
     print("| library | NFE | endpoint error |\n|---|---|---|")
     for name, (nfe, err) in dopri5_counts(teacher.net).items():
         print(f"| {name} | {nfe} | {err:.2e} |")
+    print_overhead(data, args)
+
+
+def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
+    """The overhead table: each system's training and Euler step against plain PyTorch."""
     print(
         f"\noverhead per step against hand-written PyTorch at batch {BATCH} "
         f"({args.rounds} interleaved rounds; Euler: 100 steps)\n"
