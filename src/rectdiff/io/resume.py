@@ -15,10 +15,31 @@ from typing import Any
 
 from .files import write_json_atomic
 
-__all__ = ["SETTINGS", "check_resume", "record_settings", "latest_checkpoint"]
+__all__ = ["SETTINGS", "check_resume", "record_settings", "latest_checkpoint",
+           "setting_differences"]  # fmt: skip
 
 #: the training settings of the checkpoints in ``work_dir`` (beside ``checkpoints/``)
 SETTINGS = "rectify_settings.json"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def setting_differences(stored: Any, current: Any, there: str, prefix: str = "") -> list[str]:
+    """``key.sub: <stored> <there>, <current> now`` for each (nested) setting that differs
+    between two JSON documents; a key one of them lacks shows as ``"<absent>"``."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in list(stored) + [k for k in current if k not in stored]:
+            name = f"{prefix}.{key}" if prefix else key
+            out += setting_differences(stored.get(key, "<absent>"),
+                                       current.get(key, "<absent>"), there, name)  # fmt: skip
+        return out
+    if stored == current:
+        return []
+    return [f"{prefix}: {_short(stored)} {there}, {_short(current)} now"]
 
 
 def latest_checkpoint(work_dir: str | Path) -> Path | None:

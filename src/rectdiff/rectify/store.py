@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from ..errors import StoreError
 from ..io.files import write_json_atomic
+from ..io.resume import setting_differences
 from .fingerprint import KEY as FINGERPRINT
 from .fingerprint import check_fingerprint
 
@@ -120,24 +121,7 @@ class PairSettings:
 
     def differences(self, stored: Mapping[str, Any]) -> list[str]:
         """Human-readable list of the settings where ``stored`` differs from these."""
-        return _differences(stored, self.to_json(), "")
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _differences(stored: Any, current: Any, prefix: str) -> list[str]:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        out = []
-        for key in list(stored) + [k for k in current if k not in stored]:
-            name = f"{prefix}.{key}" if prefix else key
-            out += _differences(stored.get(key, "<absent>"), current.get(key, "<absent>"), name)
-        return out
-    if stored == current:
-        return []
-    return [f"{prefix}: {_short(stored)} in the manifest, {_short(current)} now"]
+        return setting_differences(stored, self.to_json(), "in the manifest")
 
 
 # --- noise ------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from ...data import TOYS, load_data
 from ...errors import ConfigError
 from ...io.files import write_bytes_atomic, write_json_atomic
 from ...io.model_dir import build_model, is_model_dir
+from ...io.resume import setting_differences
 from .cells import CellResult, CellTask, run_cell
 from .config import CompareConfig, quick_config
 from .figures import draw_figures
@@ -103,24 +104,6 @@ def _settings(config: CompareConfig) -> dict[str, Any]:
     worker count (the numbers do not depend on it), and the rectdiff version."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("source", "workers")}
     return json.loads(json.dumps(settings | {"version": __version__}, default=repr))
-
-
-def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(values, dict):
-        return {prefix: values}
-    return {
-        k: v for key, value in values.items() for k, v in _flat(value, f"{prefix}{key}.").items()
-    }
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key: <before> there, <now> now`` for each setting that differs."""
-    a, b = _flat(before), _flat(now)
-    return [
-        f"{key.rstrip('.')}: {a.get(key, '(unset)')!r} there, {b.get(key, '(unset)')!r} now"
-        for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-    ]
 
 
 def _cell_file(out: Path, task: CellTask) -> Path:
@@ -197,7 +180,7 @@ def _resumable(out: Path, settings: dict[str, Any]) -> bool:
         before = json.loads(recorded.read_text())
     except (OSError, ValueError):
         return False
-    differences = _differences(before, settings)
+    differences = setting_differences(before, settings, "there")
     if not differences:
         return True
     shown = "; ".join(differences[:4]) + (
