@@ -52,3 +52,16 @@ def readme_snippets() -> list[str]:
         elif block is not None:
             block.append(line)
     return blocks
+
+
+def start_rectdiff(argv: list[str], cwd):
+    """``rectdiff argv`` in its own process, as a terminal starts it (one torch thread,
+    stdout discarded, stderr piped), for the tests that signal or kill it mid-run."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "import sys; from rectdiff.cli import main; sys.exit(main())"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([*command, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip

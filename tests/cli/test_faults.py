@@ -10,13 +10,13 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared import start_rectdiff
 
 from rectdiff import forms
 from rectdiff.cli import main
@@ -54,13 +54,6 @@ def assert_same_weights(out: Path, whole: Path) -> None:
         assert torch.equal(got[key], want[key]), key
 
 
-def start(argv: list[str], cwd: Path) -> subprocess.Popen:
-    command = [sys.executable, "-c", "import sys; from rectdiff.cli import main; sys.exit(main())"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([*command, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
-
-
 def wait_for(path: Path, process: subprocess.Popen, text: str | None = None) -> None:
     """Until ``path`` exists (and, with ``text``, holds it)."""
     begun = time.monotonic()
@@ -74,7 +67,7 @@ def test_sigkill_mid_rectify_then_the_same_command_resumes_to_the_same_weights(
     base, tmp_path, capsys
 ):
     out = tmp_path / "student"
-    process = start([*rectify_argv(base, out), "--no-progress"], tmp_path)
+    process = start_rectdiff([*rectify_argv(base, out), "--no-progress"], tmp_path)
     try:
         wait_for(tmp_path / "student.train" / "checkpoints" / "latest", process, "step_20")
         process.send_signal(signal.SIGKILL)
@@ -93,7 +86,7 @@ def test_sigkill_mid_rectify_then_the_same_command_resumes_to_the_same_weights(
 
 def test_a_second_writer_is_refused_by_name_and_the_first_output_is_intact(base, tmp_path, capsys):
     out = tmp_path / "student"
-    first = start([*rectify_argv(base, out), "--no-progress"], tmp_path)
+    first = start_rectdiff([*rectify_argv(base, out), "--no-progress"], tmp_path)
     try:
         wait_for(tmp_path / "student.train" / "checkpoints" / "step_10", first)
         assert main([*rectify_argv(base, out), "--no-progress"]) == 2

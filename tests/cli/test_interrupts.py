@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared import start_rectdiff
 
 from rectdiff import forms
 from rectdiff.cli import main
@@ -39,10 +38,7 @@ def teacher(tmp_path_factory):
 def interrupt(argv: list[str], ready, cwd: Path) -> tuple[int, str, float]:
     """Start ``rectdiff argv``, send SIGINT once ``ready(stderr so far)`` holds; return the exit
     code, its stderr and the seconds from the signal to the exit."""
-    command = [sys.executable, "-c", "import sys; from rectdiff.cli import main; sys.exit(main())"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([*command, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    process = start_rectdiff(argv, cwd)
     os.set_blocking(process.stderr.fileno(), False)
     err, start = b"", time.monotonic()
     try:
@@ -179,10 +175,8 @@ def test_compare_with_workers_stops_them_and_exits(tmp_path):
     seconds (was: ran on to the end, writing no report), both workers ended, no report."""
     config, out = tmp_path / "tiny.toml", tmp_path / "out"
     config.write_text(COMPARE)
-    command = [sys.executable, "-c", "import sys; from rectdiff.cli import main; sys.exit(main())",
-               "compare", "--config", str(config), "--out", str(out), "--no-progress"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    argv = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
+    process = start_rectdiff(argv, tmp_path)
     try:
         start = time.monotonic()
         while len(workers := _workers(process.pid)) < 2:

@@ -6,16 +6,14 @@ then a rerun of the same command ends with the weights of an uninterrupted run, 
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared import start_rectdiff
 
 from rectdiff.cli import main
 from rectdiff.stable_diffusion import SDRectifyConfig
@@ -41,10 +39,7 @@ def whole(flow, tmp_path_factory):
 def run_until_a_checkpoint(flow, out: Path, cwd: Path, sig: int) -> tuple[int, str]:
     """Start ``sd rectify`` in a process; once its second checkpoint is recorded, send
     ``sig``; return its exit code and stderr."""
-    command = [sys.executable, "-c", "import sys; from rectdiff.cli import main; sys.exit(main())"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([*command, *rectify_argv(flow, out)], cwd=cwd, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    process = start_rectdiff(rectify_argv(flow, out), cwd)
     latest = Path(f"{out}.train") / "checkpoints" / "latest"
     begun = time.monotonic()
     try:
