@@ -221,15 +221,29 @@ def test_stock_diffusers_samples_both_students_as_rectdiff_steps(sd3, tmp_path):
 
 
 def test_any_number_of_phases_lands_on_the_stock_schedule(sd3):
-    """SD3's edges are the scheduler's own K-step sigmas, so no K is refused (SD's DDIM
-    edges need K to divide 1000), and they are where K stock steps go."""
+    """SD3's edges are the K-step sigmas of the phased student's scheduler (the teacher's
+    config with ``shift_terminal``), so no K is refused (SD's DDIM edges need K to divide
+    1000), and they are where K stock steps go. Every window is real: the last visited sigma
+    is shift(1/K) (3 u / (1 + 2 u) at shift 3: 0.6 for K = 3, 0.5 for K = 4), where the
+    teacher's own scheduler visits 0.009 last; at shift 1 the edges are uniform."""
     check_pipeline_phases(sd3.teacher, 3)
     pipe = load_pipeline(sd3.teacher, with_vae=False)
     form, _ = pipeline_form(pipe)
-    edges = STABLE_DIFFUSION_3.phase_edges(pipe.scheduler, form, 3)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(3)
-    assert edges.tolist() == pytest.approx(scheduler.sigmas.tolist(), abs=1e-6)
+    for phases, last in ((3, 0.6), (4, 0.5)):
+        edges = STABLE_DIFFUSION_3.phase_edges(pipe.scheduler, form, phases)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                shift_terminal=last)  # fmt: skip
+        scheduler.set_timesteps(phases)
+        assert edges.tolist() == pytest.approx(scheduler.sigmas.tolist(), abs=1e-6)
+        assert float(edges[-2]) == pytest.approx(last, abs=1e-6)
+        student = STABLE_DIFFUSION_3.student_scheduler(pipe.scheduler, phases)
+        assert student.config.shift_terminal == pytest.approx(last, rel=1e-12)
+    stock = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    stock.set_timesteps(4)
+    assert float(stock.sigmas[-2]) < 0.01  # what the teacher's own 4 steps end with
+    uniform = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    edges = STABLE_DIFFUSION_3.phase_edges(uniform, form, 4)
+    assert edges.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-6)
 
 
 def test_lora_student_loads_into_the_teacher_and_equals_the_fused_student(sd3, tmp_path):

@@ -128,7 +128,7 @@ def save_student(
         teacher.unload_lora_weights()
     else:
         setattr(teacher, family.network, network)
-    teacher.scheduler = family.student_scheduler(teacher.scheduler)
+    teacher.scheduler = family.student_scheduler(teacher.scheduler, int(record.get("phases", 1)))
     teacher.save_pretrained(tmp)
     write_json_atomic(tmp / RECORD, record)
 

@@ -148,7 +148,7 @@ class PipelineFamily:
         network and its frozen encoders."""
         raise NotImplementedError
 
-    def student_scheduler(self, teacher_scheduler: Any) -> Any:
+    def student_scheduler(self, teacher_scheduler: Any, phases: int = 1) -> Any:
         """``DDIMScheduler`` on the teacher's schedule with trailing spacing (first step at
         the last training timestep, as one-step sampling needs), ``set_alpha_to_one=True``
         (the last step lands on the clean endpoint, sigma = 0, where the pairs' latents are;
@@ -159,7 +159,10 @@ class PipelineFamily:
         ``trained_betas`` of its table with ``alphas_cumprod[999]`` clipped to ``2**-24``:
         stock DDIM would keep it exactly 0 (its step from timestep 999 is then ``x0 = -v``),
         where diffusers' Euler and DPM-Solver, rectdiff's form and so the rectified student's
-        training all use ``2**-24``; the saved DDIM then steps on the same table as they do."""
+        training all use ``2**-24``; the saved DDIM then steps on the same table as they do.
+
+        ``phases`` (a phased student's K) does not change it: K trailing steps land on the
+        window edges."""
         from diffusers import DDIMScheduler
 
         config = teacher_scheduler.config

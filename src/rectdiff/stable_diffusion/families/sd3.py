@@ -20,9 +20,11 @@ SD3 is the Rectified Flow case proper (Esser et al. 2024): its network predicts 
   ``loss_prediction="flow"`` gives the plain rectified-flow loss on ``u``);
 * the student is saved with ``FlowMatchEulerDiscreteScheduler.from_config(teacher config)``,
   whose one step goes from sigma = 1 to 0; phased rectification's window edges are the
-  sigmas that scheduler visits in K steps, so every K is exact (K = 4 at shift 3: 1, 0.858,
-  0.602, 0.009, then 0: diffusers spaces the unshifted sigmas from 1 to the *shifted*
-  smallest training sigma and shifts them again, so the last window is nearly empty).
+  sigmas the phased student's scheduler visits in K steps, so every K is exact. Stock K-step
+  sampling at shift 3 visits 1, 0.858, 0.602, 0.009, then 0 (diffusers spaces the unshifted
+  sigmas from 1 to the *shifted* smallest training sigma and shifts them again): its last
+  window would be nearly empty, so a phased student is saved with ``shift_terminal`` =
+  ``shift(1 / K)`` (:func:`phase_terminal_sigma`; K = 4: 1, 0.928, 0.799, 0.5, then 0).
 
 A pair stores one token-id tensor per tokenizer: ``input_ids`` and ``input_ids_2`` (the two
 CLIP tokenizers, padded to the first's ``model_max_length``, 77 in SD3) and, when the
@@ -58,6 +60,7 @@ from .base import PipelineFamily
 
 __all__ = [
     "SD3TextConditionedTransformer",
+    "phase_terminal_sigma",
     "STABLE_DIFFUSION_3",
     "StableDiffusion3Family",
     "T5_LENGTH",
@@ -246,22 +249,43 @@ class StableDiffusion3Family(PipelineFamily):
             pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3
         )
 
-    def student_scheduler(self, teacher_scheduler: Any) -> Any:
+    def student_scheduler(self, teacher_scheduler: Any, phases: int = 1) -> Any:
         """``FlowMatchEulerDiscreteScheduler.from_config(teacher config)``: one step goes
-        from sigma = 1 to 0, K steps visit the teacher's own shifted sigmas."""
+        from sigma = 1 to 0, K steps visit the teacher's own shifted sigmas.
+
+        For a phased student (``phases`` = K > 1) the config gets ``shift_terminal`` =
+        :func:`phase_terminal_sigma`: stock K-step sampling otherwise ends with a step from
+        the smallest training sigma (0.009 at shift 3) to 0, leaving K - 1 real windows;
+        with it the K visited sigmas are the shifted ones stretched affinely so that the
+        last is ``shift(1 / K)``, and all K windows are real (shift 3, K = 4: 1, 0.928,
+        0.799, 0.5, then 0; shift 1: 1, 0.75, 0.5, 0.25, 0).
+        """
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler.config)
+        config = teacher_scheduler.config
+        extra = {"shift_terminal": phase_terminal_sigma(config, phases)} if phases > 1 else {}
+        return FlowMatchEulerDiscreteScheduler.from_config(config, **extra)
 
     def phase_edges(self, scheduler: Any, form: forms.Form, phases: int) -> Tensor:
-        """The sigmas the student scheduler visits in ``phases`` steps, then 0: any K."""
-        return samplers.scheduler_grid(self.student_scheduler(scheduler), form, phases)
+        """The sigmas the phased student's scheduler visits in ``phases`` steps, then 0: any
+        K (:meth:`student_scheduler` with ``phases``)."""
+        return samplers.scheduler_grid(self.student_scheduler(scheduler, phases), form, phases)
 
     def check_phases(self, scheduler_config: dict[str, Any], phases: int) -> None:
         """Every K >= 1 lands on its own edges (they are the scheduler's K-step sigmas)."""
 
     def save_lora_weights(self, pipe: Any, folder: Path, state: dict[str, Tensor]) -> None:
         type(pipe).save_lora_weights(folder, transformer_lora_layers=state, safe_serialization=True)
+
+
+def phase_terminal_sigma(scheduler_config: Any, phases: int) -> float:
+    """The last sigma K stock steps of a phased SD3 student visit: ``shift(1 / K)``, the
+    scheduler's time shift ``s u / (1 + (s - 1) u)`` (Esser et al. 2024, eq. 23) of the
+    unshifted uniform grid's last point u = 1 / K; saved as the scheduler's
+    ``shift_terminal``, which stretches the K shifted sigmas affinely to end there."""
+    shift = float(scheduler_config.get("shift", 1.0))
+    u = 1.0 / phases
+    return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 #: the one instance, registered in :data:`rectdiff.stable_diffusion.families.FAMILIES`
