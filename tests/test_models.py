@@ -75,6 +75,69 @@ def test_c_out_is_the_target_std(name, prediction):
         assert float(target.std() / wrapper.c_out(t)) == pytest.approx(1.0, abs=5 / math.sqrt(n))
 
 
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_fm_time_input_makes_every_form_the_same_problem_for_the_net(name):
+    """``time_input="fm"``: at one logsnr, a form's network sees exactly what flow matching's
+    sees (time sigma / (alpha + sigma), the FM t with that logsnr, and c_in x_t for the same
+    x0 and eps), and its v target divided by c_out is FM's v / c_out, to float64 rounding."""
+    form, fm, sigma_data = FORMS[name], FORMS["fm"], 0.8
+    seen = {}
+    for key, f in (("form", form), ("fm", fm)):
+        recorder = Recorder()
+        seen[key] = (recorder, Preconditioned(recorder, f, sigma_data=sigma_data,
+                                              output_prediction="v", time_input="fm"))  # fmt: skip
+    gen = torch.Generator().manual_seed(2)
+    x0 = sigma_data * torch.randn(64, 2, generator=gen, dtype=F64)
+    eps = torch.randn(64, 2, generator=gen, dtype=F64)
+    t = torch.linspace(form.t_min, form.t_max, 64, dtype=F64)
+    s = 1 / (1 + torch.exp(form.logsnr(t) / 2))  # FM: logsnr = 2 log((1 - s) / s)
+    assert torch.allclose(fm.logsnr(s), form.logsnr(t), rtol=0, atol=1e-9)
+    for (recorder, wrapper), f, time in ((seen["form"], form, t), (seen["fm"], fm, s)):
+        out = wrapper(f.add_noise(x0, eps, time), f.model_time(time))
+        recorder.x = out / wrapper.c_out(time)[:, None]  # c_in x_t (the recorder returns x)
+        recorder.target = predictions.target(x0, eps, time, prediction="v", form=f)
+        recorder.target = recorder.target / wrapper.c_out(time)[:, None]
+    a, b = seen["form"][0], seen["fm"][0]
+    torch.testing.assert_close(a.model_time, s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.model_time, s, rtol=0, atol=0)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(a.target, b.target, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "fm"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_fm_scaling_shows_the_net_flow_matchings_raw_problem(name, prediction):
+    """``scaling="fm"``, ``time_input="fm"``: at one logsnr a form's network sees flow
+    matching's own x_t (r_t = alpha_t + sigma_t times smaller) and FM's t, and regresses FM's
+    unscaled target (v: r_t times smaller), to float64 rounding; in flow matching itself the
+    wrapper changes nothing."""
+    form, fm = FORMS[name], FORMS["fm"]
+    recorder = Recorder()
+    wrapper = Preconditioned(recorder, form, output_prediction=prediction, time_input="fm",
+                             scaling="fm")  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    x0, eps = (torch.randn(64, 2, generator=gen, dtype=F64) for _ in range(2))
+    t = torch.linspace(form.t_min, form.t_max, 64, dtype=F64)
+    s = 1 / (1 + torch.exp(form.logsnr(t) / 2))  # FM's t at the same logsnr
+    out = wrapper(form.add_noise(x0, eps, t), form.model_time(t))
+    c_out = wrapper.c_out(t)[:, None]
+    torch.testing.assert_close(recorder.model_time, s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out / c_out, fm.add_noise(x0, eps, s), rtol=1e-9, atol=1e-9)
+    target = predictions.target(x0, eps, t, prediction=prediction, form=form) / c_out
+    fm_target = predictions.target(x0, eps, s, prediction=prediction, form=fm)
+    torch.testing.assert_close(target, fm_target, rtol=1e-9, atol=1e-9)
+    if name == "fm":
+        assert torch.equal(wrapper.c_in(t), torch.ones_like(t)) and torch.equal(c_out[:, 0], torch.ones_like(t))
+
+
+def test_fm_scaling_refuses_a_flow_output_outside_flow_matching():
+    Preconditioned(Recorder(), FORMS["fm"], output_prediction="flow", scaling="fm")
+    with pytest.raises(ValueError, match="scaling='fm' with output_prediction='flow' needs a flow-matching form"):
+        Preconditioned(Recorder(), FORMS["vp"], output_prediction="flow", scaling="fm")
+    with pytest.raises(ValueError, match="unknown scaling 'karras'; allowed: edm, fm"):
+        Preconditioned(Recorder(), FORMS["vp"], scaling="karras")
+
+
 def test_wrapper_off_is_identity_and_scaling_reaches_the_net():
     form = forms.VE()
     net = MLP(dim=2, hidden=16, depth=2)

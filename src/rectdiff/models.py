@@ -27,10 +27,15 @@ from .predictions import check_prediction, from_x0_eps
 
 __all__ = [
     "embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned", "TIME_INPUTS",
+    "SCALINGS",
 ]  # fmt: skip
 
 #: what a :class:`Preconditioned` network can receive as its time input
-TIME_INPUTS = ("model", "t")
+TIME_INPUTS = ("model", "t", "fm")
+#: how a :class:`Preconditioned` network's input and output are scaled
+SCALINGS = ("edm", "fm")
+#: predictions whose scale in flow-matching units is known in every form (``scaling="fm"``)
+_FM_UNIT_PREDICTIONS = ("eps", "x0", "v")
 
 
 def embedding_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
@@ -210,9 +215,25 @@ class Preconditioned(nn.Module):
         scale_input: apply c_in.
         output_prediction: the prediction type the model outputs, to apply c_out; None = off.
         time_input: what the network receives as time: ``"model"`` (``form.model_time(t)``,
-            e.g. SD's integer timesteps 0..999) or ``"t"`` (the continuous t in [0, 1], in the
+            e.g. SD's integer timesteps 0..999), ``"t"`` (the continuous t in [0, 1], in the
             dtype of the incoming time), so networks in different forms see time on one
-            scale (what ``rectdiff compare`` uses for equal hyperparameters).
+            scale (what ``rectdiff compare`` uses for equal hyperparameters), or ``"fm"``:
+            the flow-matching time with the same logsnr, ``sigma_t / (alpha_t + sigma_t)``
+            (= t in flow matching), so networks in different forms see the *same* time at
+            the same noise level. With ``scale_input`` and ``output_prediction="v"`` the
+            network then gets identical inputs and unit-variance targets in every form: c_in
+            x_t is the same at one logsnr, and v / c_out is too (VP's v is FM's v divided by
+            sqrt(alpha^2 + sigma^2) of FM at that logsnr, and so is its c_out).
+        scaling: ``"edm"`` (default): c_in and c_out as above; ``"fm"``: the network works in
+            flow-matching units. Every form's ``x_t`` is ``r_t`` times flow matching's at the
+            same logsnr, with ``r_t = alpha_t + sigma_t`` (FM's alpha + sigma is 1), and so is
+            its v; so ``c_in = 1 / r_t`` and, for v-prediction, ``c_out = r_t`` (eps and x0
+            are the same in every form: ``c_out = 1``). With ``time_input="fm"`` a network in
+            any form then sees and predicts exactly what an unscaled flow-matching network
+            sees and predicts (in flow matching itself the wrapper is the identity): the
+            form changes nothing but the loss weighting and time sampling, which
+            ``training.equalize`` can match. ``sigma_data`` is not used; ``"flow"`` is
+            refused outside flow matching (a form's dx/dt is not a multiple of FM's).
     """
 
     def __init__(
@@ -223,8 +244,22 @@ class Preconditioned(nn.Module):
         scale_input: bool = True,
         output_prediction: str | None = None,
         time_input: str = "model",
+        scaling: str = "edm",
     ) -> None:
         super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {scaling!r}; allowed: {', '.join(SCALINGS)}.")
+        if (
+            scaling == "fm"
+            and output_prediction not in (None, *_FM_UNIT_PREDICTIONS)
+            and form.config().get("family") != "fm"
+        ):
+            raise ValueError(
+                f"scaling='fm' with output_prediction={output_prediction!r} needs a "
+                f"flow-matching form, got {form!r}: a form's flow dx/dt is not a multiple "
+                f"of flow matching's; use output_prediction in {_FM_UNIT_PREDICTIONS} or "
+                "scaling='edm'."
+            )
         if time_input not in TIME_INPUTS:
             raise ValueError(
                 f"unknown time_input {time_input!r}; allowed: {', '.join(TIME_INPUTS)}."
@@ -236,7 +271,7 @@ class Preconditioned(nn.Module):
         self.net, self.form = net, form
         self.sigma_data, self.scale_input = float(sigma_data), bool(scale_input)
         self.output_prediction = output_prediction
-        self.time_input = time_input
+        self.time_input, self.scaling = time_input, scaling
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -244,16 +279,31 @@ class Preconditioned(nn.Module):
         return tuple(self.net.sample_shape)
 
     def c_in(self, t: Any) -> Tensor:
-        """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2), float64."""
+        """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2) (``scaling="fm"``: 1 / (alpha_t +
+        sigma_t)), float64."""
         t64 = as_time(t)
         alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
+        if self.scaling == "fm":
+            return 1 / (alpha + sigma)
         return torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
 
+    def fm_time(self, t: Any) -> Tensor:
+        """sigma_t / (alpha_t + sigma_t), float64: the flow-matching time whose logsnr,
+        2 log((1 - s) / s), is this form's at t (``time_input="fm"``)."""
+        t64 = as_time(t)
+        alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
+        return sigma / (alpha + sigma)
+
     def c_out(self, t: Any) -> Tensor:
-        """sqrt(a_t^2 sigma_data^2 + b_t^2) for target a_t x0 + b_t eps, float64 (1 when off)."""
+        """sqrt(a_t^2 sigma_data^2 + b_t^2) for target a_t x0 + b_t eps, float64 (1 when off;
+        ``scaling="fm"``: alpha_t + sigma_t for v, else 1)."""
         t64 = as_time(t)
         if self.output_prediction is None:
             return torch.ones_like(t64)
+        if self.scaling == "fm":
+            if self.output_prediction != "v":  # eps and x0 are form-free; FM's own flow
+                return torch.ones_like(t64)
+            return self.form.alpha(t64) + self.form.sigma(t64)
         one, zero = torch.ones_like(t64), torch.zeros_like(t64)
         a, b = (
             from_x0_eps(one, zero, self.output_prediction, t64, self.form),
@@ -269,7 +319,8 @@ class Preconditioned(nn.Module):
         if self.scale_input:
             x_t = broadcast(self.c_in(t), x_t) * x_t
         if not plain_time:
-            model_time = t.to(model_time.dtype if isinstance(model_time, Tensor) else x_t.dtype)
+            dtype = model_time.dtype if isinstance(model_time, Tensor) else x_t.dtype
+            model_time = (self.fm_time(t) if self.time_input == "fm" else t).to(dtype)
         out = self.net(x_t, model_time, **cond)
         if self.output_prediction is not None:
             out = broadcast(self.c_out(t), out) * out

@@ -62,7 +62,8 @@ FORMAT_VERSION = 1
 WEIGHTS, INFO = "model.safetensors", "model.json"
 #: network kind -> class, for :func:`build_model`
 NET_KINDS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet}
-_PRECONDITIONING_KEYS = ("sigma_data", "scale_input", "output_prediction", "time_input")
+_PRECONDITIONING_KEYS = ("sigma_data", "scale_input", "output_prediction", "time_input",
+                         "scaling")  # fmt: skip
 
 
 def _check_net_config(net_config: dict[str, Any]) -> tuple[str, dict[str, Any], dict | None]:
