@@ -158,7 +158,7 @@ class DiffusionLoss:
             weight = self.weighting(t, form=form, prediction=self.prediction)
             per_sample = per_sample * weight.to(per_sample)
             if self.track_ess:
-                self.last_ess = effective_sample_size(weight)
+                self.last_ess = effective_sample_size(self.weighting.network_weight(t, weight))
         return per_sample.mean(), per_sample
 
     def __repr__(self) -> str:

@@ -291,6 +291,13 @@ class Equalized(TimeSampler):
     ``c_pred^2`` afterwards, as before, left 0.3-2.5 % of a batch carrying the weight when
     VP / sub-VP / VE with v-prediction were equalized to flow matching's objective.
     ``prediction = "eps"`` (``c = 1``) samples ``w_ref`` itself. Built by :func:`equalize`.
+
+    With ``output_scale`` (the network's c_out(t), e.g. ``Preconditioned.c_out``) the error
+    the network itself makes is ``c_pred / c_out`` times the eps error, and the proposal is
+    ``q ∝ w_ref c_out^2 / c_pred^2``: every sample then carries the same weight on the
+    network's own output (the loss's weight ``w_ref / (c_pred^2 q)`` is ``1 / c_out^2`` up to
+    a constant). Without it a VE network with c_out ~ sigma gets per-sample gradient weights
+    spread over sigma_max^2.
     """
 
     name = "equalized"
@@ -303,11 +310,13 @@ class Equalized(TimeSampler):
         hi: float,
         grid_size: int = 4097,
         prediction: str = "eps",
+        output_scale: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         from .weightings import prediction_factor
 
         super().__init__(form)
         self.lo, self.hi, self.prediction = float(lo), float(hi), prediction
+        self.output_scale = output_scale
         self.logsnr_nodes = torch.linspace(self.lo, self.hi, grid_size, dtype=_F64)
         weights = torch.as_tensor(reference_weight(self.logsnr_nodes), dtype=_F64)
         if weights.shape != self.logsnr_nodes.shape or not bool(torch.isfinite(weights).all()):
@@ -323,8 +332,18 @@ class Equalized(TimeSampler):
         self.total = float(self._integral(weights)[-1])
         t_nodes = self._t(self.logsnr_nodes)
         self.proposal = weights / prediction_factor(form, prediction, t_nodes)
+        if output_scale is not None:
+            self.proposal = self.proposal * self.network_factor(t_nodes)
         self._cum = self._integral(self.proposal)
         self.proposal_total = float(self._cum[-1])
+
+    def network_factor(self, t: Tensor) -> Tensor:
+        """``c_out(t)^2`` of ``output_scale`` (float64; 1 without it): the loss's error over
+        the network's own."""
+        t64 = as_time(t)
+        if self.output_scale is None:
+            return torch.ones_like(t64)
+        return torch.as_tensor(self.output_scale(t64), dtype=_F64, device=t64.device) ** 2
 
     def _integral(self, nodes: Tensor) -> Tensor:
         """Cumulative trapezoid integral of a piecewise-linear function on the nodes."""

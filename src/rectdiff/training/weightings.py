@@ -94,6 +94,12 @@ class Weighting:
         """The parameters that rebuild this weighting with :func:`loss_weighting`."""
         return {}
 
+    def network_weight(self, t: Any, weight: Tensor) -> Tensor:
+        """The weight ``weight`` (this weighting's at ``t``) puts on the network's own output
+        error: ``weight`` itself, unless the weighting knows the network's output scale
+        (:class:`EqualizedWeighting` with ``output_scale``). Its ESS is what the trainer logs."""
+        return weight
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
@@ -194,6 +200,10 @@ class EqualizedWeighting(Weighting):
             )
         return self.sampler.importance_weight(t, prediction)
 
+    def network_weight(self, t: Any, weight: Tensor) -> Tensor:
+        """``weight c_out(t)^2``: constant (up to interpolation) for the built prediction."""
+        return weight * self.sampler.network_factor(t).to(weight)
+
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,
@@ -279,6 +289,7 @@ def equalize(
     *,
     logsnr_range: tuple[float, float] | None = None,
     grid_size: int = 4097,
+    output_scale: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Equalized, InverseFactorWeighting]:
     """The time sampler and weighting that give ``form``/``prediction`` a reference w(lambda).
 
@@ -298,6 +309,13 @@ def equalize(
             ``lambda lam: implied_weighting(ref_form, "flow", "uniform", "none", lam)``.
         logsnr_range: ``(lo, hi)`` inside the form's range; the form's range by default.
         grid_size: interpolation nodes in logsnr.
+        output_scale: the network's output scale c_out(t) on float64 t (e.g. the
+            ``c_out`` of its :class:`rectdiff.models.Preconditioned`): importance sampling
+            then makes the weight on the network's *own* output error constant, ``q ∝ w_ref
+            c_out^2 / c_pred^2`` (:class:`Equalized`); the implied weighting is the same.
+            With ``Preconditioned(scaling="fm", time_input="fm")`` in every form, every form
+            then draws the same logsnr and puts the same weight on the same network error:
+            the training is flow matching's, whatever the form.
 
     Raises:
         ValueError: if the range leaves the form's range or the weight is invalid.
@@ -310,7 +328,8 @@ def equalize(
             f"logsnr_range ({lo:.6g}, {hi:.6g}) must lie inside the range "
             f"({range_lo:.6g}, {range_hi:.6g}) of {form!r}; use common_logsnr_range(*forms)."
         )
-    sampler = Equalized(form, reference_weight, lo, hi, grid_size, prediction=prediction)
+    sampler = Equalized(form, reference_weight, lo, hi, grid_size, prediction=prediction,
+                        output_scale=output_scale)  # fmt: skip
     return sampler, EqualizedWeighting(sampler)
 
 
@@ -336,7 +355,8 @@ def weighting_ess(
     drawn from its sampler: what a batch of that size keeps of its samples, with no training.
 
     1 for an unweighted loss; :func:`equalize`'s importance sampling keeps it near 1 for any
-    form, prediction and reference.
+    form, prediction and reference. The weights are those on the network's own output
+    (:meth:`Weighting.network_weight`: with an ``output_scale``, times c_out^2).
     """
     check_prediction(prediction)
     weight_fn = loss_weighting(weighting)
@@ -344,4 +364,5 @@ def weighting_ess(
         return 1.0
     sampler = build_time_sampler(time_sampler, form)
     t = sampler.sample(n, generator if generator is not None else torch.Generator().manual_seed(0))
-    return float(effective_sample_size(weight_fn(t, form=form, prediction=prediction)))
+    weight = weight_fn(t, form=form, prediction=prediction)
+    return float(effective_sample_size(weight_fn.network_weight(t, weight)))
