@@ -127,12 +127,16 @@ def test_fm_scaling_shows_the_net_flow_matchings_raw_problem(name, prediction):
     fm_target = predictions.target(x0, eps, s, prediction=prediction, form=fm)
     torch.testing.assert_close(target, fm_target, rtol=1e-9, atol=1e-9)
     if name == "fm":
-        assert torch.equal(wrapper.c_in(t), torch.ones_like(t)) and torch.equal(c_out[:, 0], torch.ones_like(t))
+        assert torch.equal(wrapper.c_in(t), torch.ones_like(t)) and torch.equal(
+            c_out[:, 0], torch.ones_like(t)
+        )
 
 
 def test_fm_scaling_refuses_a_flow_output_outside_flow_matching():
     Preconditioned(Recorder(), FORMS["fm"], output_prediction="flow", scaling="fm")
-    with pytest.raises(ValueError, match="scaling='fm' with output_prediction='flow' needs a flow-matching form"):
+    with pytest.raises(
+        ValueError, match="scaling='fm' with output_prediction='flow' needs a flow-matching form"
+    ):
         Preconditioned(Recorder(), FORMS["vp"], output_prediction="flow", scaling="fm")
     with pytest.raises(ValueError, match="unknown scaling 'karras'; allowed: edm, fm"):
         Preconditioned(Recorder(), FORMS["vp"], scaling="karras")

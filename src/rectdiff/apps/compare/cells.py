@@ -256,7 +256,7 @@ def _reflow_stages(
         else:
             student = copy.deepcopy(teacher)
         _note(task, f"{stage}: training {rc.train.steps} steps")
-        train_config = cell_train_config(config, form, prediction, "rectify")
+        train_config = cell_train_config(config, form, prediction, "rectify", net_config)
         fitted = rectify(
             student.train(), pairs, form=form, prediction=prediction, config=train_config,
             distill=rc.distill, progress=False,
@@ -287,7 +287,7 @@ def _teacher_stage(
     config, form, prediction = task.config, task.form, task.prediction
     torch.manual_seed(config.seed)
     model = build_model(net_config, form)
-    train_config = cell_train_config(config, form, prediction)
+    train_config = cell_train_config(config, form, prediction, net_config=net_config)
     if coupling is not None:
         train_config = dataclasses.replace(train_config, coupling=coupling)
     _note(task, f"{stage}: training {train_config.steps} steps")
@@ -332,7 +332,7 @@ def _distill_stage(
     pairs, where = _pairs(task, reflowed, reflowed_name, result.name, "distill",
                    config.seed + rc.rounds, grid)  # fmt: skip
     _note(task, f"distilled: training {rc.train.steps} steps")
-    train_config = cell_train_config(config, form, prediction, "rectify")
+    train_config = cell_train_config(config, form, prediction, "rectify", net_config)
     fitted = rectify(
         copy.deepcopy(reflowed).train(), pairs, form=form, prediction=prediction,
         config=train_config, distill=True, progress=False,
@@ -370,7 +370,7 @@ def _phased_stage(
     per_window = max(1, rc.steps // phases)
     num = rc.num_pairs * rc.steps // per_window
     train_config = dataclasses.replace(
-        cell_train_config(config, form, prediction, "rectify"), time_sampler="uniform",
+        cell_train_config(config, form, prediction, "rectify", net_config), time_sampler="uniform",
         weighting="none", time_sampler_params={}, weighting_params={},
     )  # fmt: skip
     _note(

@@ -102,6 +102,13 @@ class CompareConfig:
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
         for label, form, prediction in self.cells():
+            if (self.network.scaling == "fm" and prediction == "flow"
+                    and form.config().get("family") != "fm"):  # fmt: skip
+                raise ValueError(
+                    f"[network] scaling = 'fm' cannot scale a 'flow' output in form "
+                    f"{label!r} (its dx/dt is not a multiple of flow matching's); drop "
+                    "'flow' from [grid] predictions or use scaling = 'edm'."
+                )
             try:
                 check_start(form, prediction)
             except ValueError as err:

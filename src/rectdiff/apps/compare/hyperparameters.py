@@ -13,11 +13,12 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ... import samplers
 from ... import training as timesteps
 from ...forms import Form
+from ...models import Preconditioned
 from ...training.trainer import TrainConfig
 from .config import CompareConfig, restrict_form
 
@@ -51,7 +52,11 @@ def sampling_grid(form: Form, steps: int, config: CompareConfig) -> str | Tensor
 
 
 def cell_train_config(
-    config: CompareConfig, form: Form, prediction: str, stage: str = "teacher"
+    config: CompareConfig,
+    form: Form,
+    prediction: str,
+    stage: str = "teacher",
+    net_config: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """The training hyperparameters of one cell: the shared block, with (``equal =
     "logsnr"``) the time sampler and weighting of ``timesteps.equalize`` that give this form
@@ -62,6 +67,8 @@ def cell_train_config(
         form: the cell's form (restricted to the common logsnr range in logsnr mode).
         prediction: the cell's prediction.
         stage: ``"teacher"`` or ``"rectify"`` (the rectification stage's block and reference).
+        net_config: the cell's :func:`network_config`; with ``[network] equalize_units =
+            "network"`` its preconditioning's c_out is equalize's ``output_scale``.
     """
     rect = stage != "teacher"
     base = config.rectify.config.train if rect else config.train
@@ -69,12 +76,22 @@ def cell_train_config(
         return base
     reference = (config.rectify.reference or config.reference) if rect else config.reference
     sampler, weighting = timesteps.equalize(
-        form, prediction, reference.weight, logsnr_range=form.logsnr_range()
-    )
+        form, prediction, reference.weight, logsnr_range=form.logsnr_range(),
+        output_scale=_output_scale(config, form, net_config),
+    )  # fmt: skip
     return dataclasses.replace(
         base, time_sampler=sampler, weighting=weighting, time_sampler_params={},
         weighting_params={},
     )  # fmt: skip
+
+
+def _output_scale(config: CompareConfig, form: Form, net_config: dict[str, Any] | None) -> Any:
+    """The network's c_out for ``equalize_units = "network"`` (None otherwise)."""
+    if config.network.equalize_units != "network":
+        return None
+    if net_config is None:
+        raise ValueError("equalize_units = 'network' needs the cell's network config.")
+    return Preconditioned(nn.Identity(), form, **net_config["preconditioning"]).c_out
 
 
 def implied_weightings(
@@ -149,6 +166,8 @@ def network_config(config: CompareConfig, x_train: Tensor, prediction: str) -> d
             "output_prediction": prediction if net.precondition_output else None,
             # t in [0, 1] for every form: a DiscreteVP's model_time runs 0..999 and SD3's
             # 0..1000, which would put their cells on another scale of the time embedding
-            "time_input": "t",
+            # ("fm": FM's t at the same logsnr, the same time in every form)
+            "time_input": net.time_input,
+            "scaling": net.scaling,
         },
     }

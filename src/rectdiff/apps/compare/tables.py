@@ -20,6 +20,7 @@ from ...forms import Form, from_config, load, presets
 from ...io.configs import check_choice, reject_unknown
 from ...io.model_dir import NET_KINDS
 from ...metrics import METRICS
+from ...models import SCALINGS
 from ...predictions import PREDICTIONS
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS
@@ -127,15 +128,33 @@ class NetworkConfig:
         sigma_data: the data std of the input scaling c_in; None = the training data's std.
         precondition_output: also scale the output by c_out (unit-variance targets in every
             form and prediction; see ``nets.Preconditioned``).
+        scaling: ``"edm"`` (c_in and c_out for data of std sigma_data) or ``"fm"``
+            (flow-matching units: c_in = 1 / (alpha + sigma), c_out = alpha + sigma for v;
+            with ``time_input = "fm"`` every form's network sees and predicts what an
+            unscaled flow-matching network does; ``nets.Preconditioned``).
+        time_input: the network's time: ``"t"`` (each form's own t in [0, 1]) or ``"fm"``
+            (the flow-matching t with the same logsnr, the same in every form).
+        equalize_units: with ``equal = "logsnr"``, where ``timesteps.equalize`` makes each
+            sample's weight constant: ``"loss"`` (the loss in the form's units) or
+            ``"network"`` (the network's own output, after c_out: ``equalize(output_scale=
+            c_out)``), which keeps every sample's gradient weight alike also where c_out
+            spans orders of magnitude (VE's v). With ``scaling = "fm"``, ``time_input =
+            "fm"`` and ``"network"``, every form trains the same network as flow matching.
     """
 
     kind: str = "mlp"
     options: dict[str, Any] = field(default_factory=dict)
     sigma_data: float | None = None
     precondition_output: bool = True
+    scaling: str = "edm"
+    time_input: str = "t"
+    equalize_units: str = "loss"
 
     def __post_init__(self) -> None:
         check_choice(self.kind, list(NET_KINDS), "network kind")
+        check_choice(self.scaling, list(SCALINGS), "network scaling")
+        check_choice(self.time_input, ["t", "fm"], "network time_input")
+        check_choice(self.equalize_units, ["loss", "network"], "network equalize_units")
 
 
 @dataclass
