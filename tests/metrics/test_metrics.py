@@ -102,6 +102,20 @@ def test_sliced_w2_of_a_shift_matches_the_sphere_average(dim):
     assert sw2_sq == pytest.approx(norm_sq / dim, abs=5 * std_error)
 
 
+@pytest.mark.parametrize("n, dim, p", [(2000, 2, 2), (300, 5, 1), (500, 64, 2), (7, 3, 3)])
+def test_sliced_wasserstein_of_equal_sizes_is_pots(n, dim, p):
+    """For N = M the sorted projections are matched directly; POT's general quantile
+    matching on the same projections gives the same number to 1e-12 relative."""
+    import ot
+
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, dim)), 1.3 * rng.normal(size=(n, dim)) + 0.2
+    ours = sliced_wasserstein(x, y, n_projections=64, p=p, seed=5)
+    pots = ot.sliced_wasserstein_distance(x, y, n_projections=64, p=p,
+                                          seed=np.random.RandomState(5))  # fmt: skip
+    assert ours == pytest.approx(float(pots), rel=1e-12)
+
+
 def test_sliced_wasserstein_is_seeded():
     x, y = _cloud(100, 3, 0), _cloud(120, 3, 1)
     assert sliced_wasserstein(x, y, seed=3) == sliced_wasserstein(x, y, seed=3)
