@@ -76,6 +76,16 @@ def interleaved(
     a: Callable[[], object], b: Callable[[], object], rounds: int, block: int
 ) -> tuple[float, float]:
     """Median seconds per call of a and of b, timed in alternating blocks."""
+    times_a, times_b = interleaved_times(a, b, rounds, block)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def interleaved_times(
+    a: Callable[[], object], b: Callable[[], object], rounds: int, block: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of a and of b in each of ``rounds`` alternating blocks (the order
+    swapped every round); their minimum is the least disturbed block, which ``timeit``
+    recommends on a shared machine."""
     times_a, times_b = [], []
     for r in range(rounds):
         order = [(a, times_a), (b, times_b)] if r % 2 == 0 else [(b, times_b), (a, times_a)]
@@ -84,7 +94,7 @@ def interleaved(
             for _ in range(block):
                 fn()
             out.append((time.perf_counter() - start) / block)
-    return statistics.median(times_a), statistics.median(times_b)
+    return times_a, times_b
 
 
 def main() -> None:
