@@ -72,6 +72,12 @@ def tiny(**changes):
     return config_from_dict(values, source="tiny")
 
 
+def _net(config, prediction):
+    """The cell network config ``run_compare`` builds (its c_out is equalize's output scale)."""
+    x_train = load_data(config.data.name, config.data.n_train, config.seed)
+    return network_config(config, x_train, prediction)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
@@ -139,7 +145,7 @@ def test_equal_in_logsnr_gives_every_cell_the_reference_weighting():
     first = None
     for label, form, prediction in config.cells():
         assert form.logsnr_range() == pytest.approx((lo, hi), rel=1e-9)
-        train = cell_train_config(config, form, prediction)
+        train = cell_train_config(config, form, prediction, net_config=_net(config, prediction))
         w = timesteps.implied_weighting(form, prediction, train.time_sampler, train.weighting, lam)
         first = w if first is None else first
         # every cell has the same weighting (one interpolant of w_ref on the same nodes) ...
@@ -320,14 +326,13 @@ def test_every_cell_network_sees_time_on_one_scale():
 
 
 def test_forms_are_hyperparameters_in_flow_matching_units(tmp_path):
-    """With ``[network] scaling = "fm"``, ``time_input = "fm"`` and ``equalize_units =
-    "network"``, equalized to flow matching's objective, the VP, sub-VP, VE and FM cells
+    """With ``[network] scaling = "fm"``, ``time_input = "fm"`` (and the default
+    ``equalize_units = "network"``), equalized to flow matching's objective, the VP, sub-VP, VE and FM cells
     train the same network (equal final losses to 1e-6) and VP, sub-VP and FM sample the same
     points: their teachers' DDIM numbers agree to 1e-4 relative (float32 rounding). VE's
     samples differ (0.7 % here): its grid ends at t = 0 where sigma = sigma_min = 0.01, not 0."""
     reference = {"form": "fm", "prediction": "flow", "time_sampler": "uniform"}
-    network = {"options": {"hidden": 32, "depth": 2}, "scaling": "fm", "time_input": "fm",
-               "equalize_units": "network"}  # fmt: skip
+    network = {"options": {"hidden": 32, "depth": 2}, "scaling": "fm", "time_input": "fm"}
     config = tiny(**{"grid.forms": ["vp", "subvp", "ve", "fm"], "grid.predictions": ["v"],
                      "rectify.enabled": False, "evaluation.reference_solver": "",
                      "evaluation.diagnostics": []}, reference=reference, network=network)  # fmt: skip
@@ -419,7 +424,10 @@ def test_ot_and_ot_reflow_methods(tmp_path):
     x_train = load_data("8gaussians", config.data.n_train, config.seed)
     torch.manual_seed(config.seed)
     model = build_model(network_config(config, x_train, prediction), form)
-    train_config = dataclasses.replace(cell_train_config(config, form, prediction), coupling="ot")
+    net_config = network_config(config, x_train, prediction)
+    train_config = dataclasses.replace(
+        cell_train_config(config, form, prediction, net_config=net_config), coupling="ot"
+    )
     direct = timesteps.train(model, x_train, form=form, prediction=prediction,
                              config=train_config, resume=False, progress=False).model  # fmt: skip
     saved, _, _ = load_model_dir(tmp_path / "models" / "fm_v" / "ot")
@@ -502,7 +510,8 @@ def test_every_saved_model_records_its_full_training_settings(tiny_run):
     folder = out / "models" / f"{label}_{prediction}"
     for stage, which in (("teacher", "teacher"), ("rectified", "rectify")):
         info = read_model_info(folder / stage)["info"]
-        want = cell_train_config(config, form, prediction, which).to_dict()
+        want = cell_train_config(config, form, prediction, which, _net(config, prediction))
+        want = want.to_dict()
         assert info["training"] == json.loads(json.dumps(want)), stage
     assert read_model_info(folder / "teacher")["info"]["training"]["steps"] == 60
     assert read_model_info(folder / "rectified")["info"]["training"]["steps"] == 30

@@ -135,11 +135,13 @@ class NetworkConfig:
         time_input: the network's time: ``"t"`` (each form's own t in [0, 1]) or ``"fm"``
             (the flow-matching t with the same logsnr, the same in every form).
         equalize_units: with ``equal = "logsnr"``, where ``timesteps.equalize`` makes each
-            sample's weight constant: ``"loss"`` (the loss in the form's units) or
-            ``"network"`` (the network's own output, after c_out: ``equalize(output_scale=
-            c_out)``), which keeps every sample's gradient weight alike also where c_out
-            spans orders of magnitude (VE's v). With ``scaling = "fm"``, ``time_input =
-            "fm"`` and ``"network"``, every form trains the same network as flow matching.
+            sample's weight constant: ``"network"`` (default: the network's own output,
+            after c_out, ``equalize(output_scale=c_out)``), which keeps every sample's
+            gradient weight alike also where c_out spans orders of magnitude (VE's v: an
+            effective sample size of 0.04 on the network's output otherwise), or ``"loss"``
+            (the loss in the form's units, rectdiff 0.2's first scheme). With ``scaling =
+            "fm"`` and ``time_input = "fm"`` every form trains the same network as flow
+            matching.
     """
 
     kind: str = "mlp"
@@ -148,7 +150,7 @@ class NetworkConfig:
     precondition_output: bool = True
     scaling: str = "edm"
     time_input: str = "t"
-    equalize_units: str = "loss"
+    equalize_units: str = "network"
 
     def __post_init__(self) -> None:
         check_choice(self.kind, list(NET_KINDS), "network kind")
