@@ -38,6 +38,11 @@ def test_line_styles_pair_teacher_and_rectified() -> None:
     assert explicit["VP teacher"] == (explicit["VP student"][0], "--")
     assert explicit["VP student"][1] == "-"
     assert {style for _, style in plots.line_styles(["a", "b"]).values()} == {"-"}
+    # a teacher's second and third students: dotted, then dash-dot, in the teacher's colour
+    labels = ["vp", "vp rectified", "vp phased", "vp distilled"]
+    styles = plots.line_styles(labels, {k: "vp" for k in labels[1:]})
+    assert [styles[k][1] for k in labels] == ["--", "-", ":", "-."]
+    assert len({styles[k][0] for k in labels}) == 1
 
 
 def test_curvature_and_drift_csv_hold_the_drawn_numbers(tmp_path: Path) -> None:

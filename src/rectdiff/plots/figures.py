@@ -71,7 +71,8 @@ def numbers(values: Any) -> np.ndarray:
 def line_styles(
     labels: Sequence[str], rectified_labels: Mapping[str, str] | Collection[str] = ()
 ) -> dict[str, tuple[Any, str]]:
-    """``label -> (colour, linestyle)``: one colour per form, teacher dashed, rectified solid.
+    """``label -> (colour, linestyle)``: one colour per form, teacher dashed, rectified solid;
+    a group's further students (e.g. "vp phased" after "vp rectified") dotted, then dash-dot.
 
     Args:
         labels: the curves, in drawing order.
@@ -95,9 +96,16 @@ def line_styles(
     palette = plt.get_cmap("tab10").colors
     colour = {g: palette[i % len(palette)] for i, g in enumerate(groups)}
     dashed = "--" if rectified else "-"
-    return {
-        label: (colour[group(label)], "-" if label in rectified else dashed) for label in labels
-    }
+    students = ("-", ":", "-.")
+    seen: dict[str, int] = {}
+    styles = {}
+    for label in labels:
+        if label in rectified:
+            k = seen[group(label)] = seen.get(group(label), -1) + 1
+            styles[label] = (colour[group(label)], students[k % len(students)])
+        else:
+            styles[label] = (colour[group(label)], dashed)
+    return styles
 
 
 def line_figure(
