@@ -7,7 +7,7 @@ Time samplers (``t`` restricted to ``[form.t_min, form.t_max]`` and renormalised
     uniform_logsnr   lambda ~ U(form.logsnr_range())
     discrete         uniform over the N integer timesteps of a ``DiscreteVP``
     equalized        lambda drawn by importance for a reference weight over logsnr
-                     (see ``weightings.equalize``)
+                     (see ``equalization.equalize``)
     AtTime           every t at one value (t_max by default): one-step distillation
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -31,7 +30,6 @@ __all__ = [
     "UShaped",
     "UniformLogSNR",
     "Discrete",
-    "Equalized",
     "AtTime",
     "TIME_SAMPLERS",
     "time_sampler",
@@ -275,137 +273,6 @@ class Discrete(TimeSampler):
     def density(self, t: Any) -> Tensor:
         t64 = as_time(t)
         return self._inside(t64).to(_F64) / (self.form.t_max - self.form.t_min)
-
-
-class Equalized(TimeSampler):
-    """Samples logsnr for a reference weight w_ref(lambda) on [lo, hi] by importance, mapped to t.
-
-    What the loss must integrate is ``int w_ref(lambda) E||eps_hat - eps||^2 dlambda``; the
-    network's own error is ``c_pred^2`` times the eps error (``weightings.prediction_factor``).
-    logsnr is drawn from the proposal ``q(lambda) ∝ w_ref(lambda) / c_pred(lambda)^2`` (the
-    piecewise-linear interpolant of that ratio on ``grid_size`` nodes, its piecewise-quadratic
-    CDF inverted exactly), so the weight left on each sample,
-    ``w_ref / (c_pred^2 q)`` (:meth:`importance_weight`), is constant up to the
-    interpolation error and every sample of a batch counts (effective sample size ~1, see
-    ``weightings.effective_sample_size``). Sampling from ``w_ref`` itself and dividing by
-    ``c_pred^2`` afterwards, as before, left 0.3-2.5 % of a batch carrying the weight when
-    VP / sub-VP / VE with v-prediction were equalized to flow matching's objective.
-    ``prediction = "eps"`` (``c = 1``) samples ``w_ref`` itself. Built by :func:`equalize`.
-
-    With ``output_scale`` (the network's c_out(t), e.g. ``Preconditioned.c_out``) the error
-    the network itself makes is ``c_pred / c_out`` times the eps error, and the proposal is
-    ``q ∝ w_ref c_out^2 / c_pred^2``: every sample then carries the same weight on the
-    network's own output (the loss's weight ``w_ref / (c_pred^2 q)`` is ``1 / c_out^2`` up to
-    a constant). Without it a VE network with c_out ~ sigma gets per-sample gradient weights
-    spread over sigma_max^2.
-    """
-
-    name = "equalized"
-
-    def __init__(
-        self,
-        form: Form,
-        reference_weight: Callable[[Tensor], Tensor],
-        lo: float,
-        hi: float,
-        grid_size: int = 4097,
-        prediction: str = "eps",
-        output_scale: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        from .weightings import prediction_factor
-
-        super().__init__(form)
-        self.lo, self.hi, self.prediction = float(lo), float(hi), prediction
-        self.output_scale = output_scale
-        self.logsnr_nodes = torch.linspace(self.lo, self.hi, grid_size, dtype=_F64)
-        weights = torch.as_tensor(reference_weight(self.logsnr_nodes), dtype=_F64)
-        if weights.shape != self.logsnr_nodes.shape or not bool(torch.isfinite(weights).all()):
-            raise ValueError(
-                "reference_weight must map a (G,) float64 logsnr tensor to G finite weights."
-            )
-        if bool((weights < 0).any()) or float(weights.sum()) <= 0:
-            raise ValueError(
-                f"reference_weight must be >= 0 and not all zero on logsnr [{lo:.4g}, {hi:.4g}]."
-            )
-        self.weights = weights
-        self._h = (self.hi - self.lo) / (grid_size - 1)
-        self.total = float(self._integral(weights)[-1])
-        t_nodes = self._t(self.logsnr_nodes)
-        self.proposal = weights / prediction_factor(form, prediction, t_nodes)
-        if output_scale is not None:
-            self.proposal = self.proposal * self.network_factor(t_nodes)
-        self._cum = self._integral(self.proposal)
-        self.proposal_total = float(self._cum[-1])
-
-    def network_factor(self, t: Tensor) -> Tensor:
-        """``c_out(t)^2`` of ``output_scale`` (float64; 1 without it): the loss's error over
-        the network's own."""
-        t64 = as_time(t)
-        if self.output_scale is None:
-            return torch.ones_like(t64)
-        return torch.as_tensor(self.output_scale(t64), dtype=_F64, device=t64.device) ** 2
-
-    def _integral(self, nodes: Tensor) -> Tensor:
-        """Cumulative trapezoid integral of a piecewise-linear function on the nodes."""
-        cell_mass = 0.5 * (nodes[1:] + nodes[:-1]) * self._h
-        return torch.cat([torch.zeros(1, dtype=_F64), torch.cumsum(cell_mass, 0)])
-
-    def _t(self, lam: Tensor) -> Tensor:
-        return self.form.t_from_logsnr(lam).clamp(self.form.t_min, self.form.t_max)
-
-    def _interpolate(self, nodes: Tensor, lam: Tensor) -> Tensor:
-        pos = ((lam - self.lo) / self._h).clamp(0, len(nodes) - 1)
-        k = pos.floor().long().clamp(max=len(nodes) - 2)
-        frac = pos - k
-        value = nodes[k] + frac * (nodes[k + 1] - nodes[k])
-        inside = (lam >= self.lo - 1e-12) & (lam <= self.hi + 1e-12)
-        return torch.where(inside, value, torch.zeros_like(value))
-
-    def interpolate(self, lam: Tensor) -> Tensor:
-        """The piecewise-linear reference weight at ``lam`` (zero outside [lo, hi])."""
-        return self._interpolate(self.weights.to(lam.device), lam)
-
-    def proposal_density(self, lam: Tensor) -> Tensor:
-        """The density ``q(lambda)`` logsnr is drawn from (normalised on [lo, hi])."""
-        return self._interpolate(self.proposal.to(lam.device), lam) / self.proposal_total
-
-    def importance_weight(self, t: Any, prediction: str | None = None) -> Tensor:
-        """The loss weight ``w_ref(lambda) / (c_pred(t)^2 q(lambda))`` at ``t``, float64.
-
-        With it the implied weighting (``weightings.implied_weighting``) is the reference's
-        interpolant exactly, for any ``prediction`` (the sampler's by default); for the
-        sampler's own prediction it is ``proposal_total`` up to the interpolation error.
-        """
-        from .weightings import prediction_factor
-
-        t64 = as_time(t)
-        lam = self.form.logsnr(t64)
-        q = self.proposal_density(lam)
-        c2 = prediction_factor(self.form, prediction or self.prediction, t64)
-        ratio = self.interpolate(lam) / (c2 * q).clamp(min=1e-300)
-        return torch.where(q > 0, ratio, torch.zeros_like(ratio))
-
-    def icdf(self, u: Tensor) -> Tensor:
-        cum, nodes = self._cum.to(u.device), self.proposal.to(u.device)
-        mass = u * self.proposal_total
-        k = (torch.searchsorted(cum, mass.contiguous()) - 1).clamp(0, len(nodes) - 2)
-        rest = (mass - cum[k]) / self._h  # = q_k x + (q_{k+1} - q_k) x^2 / 2, solve for x
-        q0, slope = nodes[k], nodes[k + 1] - nodes[k]
-        root = torch.sqrt((q0**2 + 2 * slope * rest).clamp(min=0))
-        frac = torch.where(root + q0 > 0, 2 * rest / (q0 + root).clamp(min=1e-300), 0.5)
-        lam = self.lo + (k + frac.clamp(0, 1)) * self._h
-        return self._t(lam)
-
-    def density(self, t: Any) -> Tensor:
-        t64 = as_time(t)
-        lam = self.form.logsnr(t64)
-        return self.proposal_density(lam) * dlogsnr_dt(self.form, t64).abs()
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "lo": self.lo, "hi": self.hi, "grid_size": len(self.weights),
-            "prediction": self.prediction,
-        }  # fmt: skip
 
 
 class AtTime(TimeSampler):

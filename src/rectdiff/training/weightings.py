@@ -15,7 +15,7 @@ where ``c_pred`` converts the prediction's error into the eps error at fixed x_t
     flow  c = sigma' - sigma alpha' / alpha            (u = alpha' x0 + sigma' eps)
 
 :func:`implied_weighting` computes w(lambda) for any form, prediction, time sampler and
-weighting; :func:`equalize` builds the time sampler and weighting that give a form any
+weighting; :func:`.equalization.equalize` builds the time sampler and weighting that give a form any
 reference w(lambda), which is what "equal in logsnr" comparisons between forms need.
 
 Time samplers: :mod:`.time_samplers`.
@@ -30,7 +30,6 @@ Weightings (multipliers on the prediction's MSE):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +37,7 @@ from torch import Tensor
 
 from ..forms import Form, as_time
 from ..predictions import check_prediction
-from .time_samplers import Equalized, TimeSampler, check_params, dlogsnr_dt
+from .time_samplers import TimeSampler, check_params, dlogsnr_dt
 from .time_samplers import time_sampler as build_time_sampler
 
 __all__ = [
@@ -48,12 +47,10 @@ __all__ = [
     "MinSNRWeighting",
     "InverseFactorWeighting",
     "X0Weighting",
-    "EqualizedWeighting",
     "WEIGHTINGS",
     "loss_weighting",
     "prediction_factor",
     "implied_weighting",
-    "equalize",
     "common_logsnr_range",
     "effective_sample_size",
     "weighting_ess",
@@ -177,34 +174,6 @@ class X0Weighting(Weighting):
         return prediction_factor(form, "x0", t64) / prediction_factor(form, prediction, t64)
 
 
-class EqualizedWeighting(Weighting):
-    """weight = ``w_ref / (c_pred^2 q)``: the importance weight of an :class:`Equalized` sampler
-    (:meth:`Equalized.importance_weight`), nearly constant for the prediction it was built for.
-
-    Built by :func:`equalize` with its sampler; not in :data:`WEIGHTINGS` (it needs one).
-    """
-
-    name = "equalized"
-
-    def __init__(self, sampler: Equalized) -> None:
-        self.sampler = sampler
-
-    def params(self) -> dict[str, Any]:
-        return {"sampler": self.sampler}
-
-    def __call__(self, t: Any, *, form: Form, prediction: str) -> Tensor:
-        if form is not self.sampler.form and form != self.sampler.form:
-            raise ValueError(
-                f"this equalized weighting was built for {self.sampler.form!r}, not {form!r}; "
-                "build it with equalize() for that form."
-            )
-        return self.sampler.importance_weight(t, prediction)
-
-    def network_weight(self, t: Any, weight: Tensor) -> Tensor:
-        """``weight c_out(t)^2``: constant (up to interpolation) for the built prediction."""
-        return weight * self.sampler.network_factor(t).to(weight)
-
-
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,
     "snr": SNRWeighting,
@@ -280,57 +249,6 @@ def common_logsnr_range(*forms: Form) -> tuple[float, float]:
     if not lo < hi:
         raise ValueError(f"the logsnr ranges {ranges} of {list(forms)} do not overlap.")
     return lo, hi
-
-
-def equalize(
-    form: Form,
-    prediction: str,
-    reference_weight: Callable[[Tensor], Tensor],
-    *,
-    logsnr_range: tuple[float, float] | None = None,
-    grid_size: int = 4097,
-    output_scale: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Equalized, InverseFactorWeighting]:
-    """The time sampler and weighting that give ``form``/``prediction`` a reference w(lambda).
-
-    Importance sampling in logsnr: lambda is drawn with density ``q ∝ w_ref / c_pred^2``
-    (restricted to ``logsnr_range``, piecewise linear on ``grid_size`` nodes) and mapped to
-    t, and each sample is weighted by ``w_ref / (c_pred^2 q)`` (:class:`EqualizedWeighting`),
-    which is nearly the constant ``int w_ref / c_pred^2 dlambda``: the whole batch carries
-    weight (:func:`weighting_ess` ~1). The implied weighting is the reference weight itself
-    (its interpolant) on that range, in absolute scale, so losses stay comparable at equal
-    learning rates. To compare forms, pass every form the same reference and
-    ``logsnr_range=common_logsnr_range(*forms)``.
-
-    Args:
-        form: the form to train.
-        prediction: its prediction type.
-        reference_weight: w_ref(lambda) >= 0 on float64 logsnr tensors, e.g.
-            ``lambda lam: implied_weighting(ref_form, "flow", "uniform", "none", lam)``.
-        logsnr_range: ``(lo, hi)`` inside the form's range; the form's range by default.
-        grid_size: interpolation nodes in logsnr.
-        output_scale: the network's output scale c_out(t) on float64 t (e.g. the
-            ``c_out`` of its :class:`rectdiff.models.Preconditioned`): importance sampling
-            then makes the weight on the network's *own* output error constant, ``q ∝ w_ref
-            c_out^2 / c_pred^2`` (:class:`Equalized`); the implied weighting is the same.
-            With ``Preconditioned(scaling="fm", time_input="fm")`` in every form, every form
-            then draws the same logsnr and puts the same weight on the same network error:
-            the training is flow matching's, whatever the form.
-
-    Raises:
-        ValueError: if the range leaves the form's range or the weight is invalid.
-    """
-    check_prediction(prediction)
-    range_lo, range_hi = form.logsnr_range()
-    lo, hi = (range_lo, range_hi) if logsnr_range is None else map(float, logsnr_range)
-    if not range_lo - 1e-9 <= lo < hi <= range_hi + 1e-9:
-        raise ValueError(
-            f"logsnr_range ({lo:.6g}, {hi:.6g}) must lie inside the range "
-            f"({range_lo:.6g}, {range_hi:.6g}) of {form!r}; use common_logsnr_range(*forms)."
-        )
-    sampler = Equalized(form, reference_weight, lo, hi, grid_size, prediction=prediction,
-                        output_scale=output_scale)  # fmt: skip
-    return sampler, EqualizedWeighting(sampler)
 
 
 def effective_sample_size(weights: Tensor) -> Tensor:
