@@ -29,16 +29,20 @@ from rectdiff.stable_diffusion.rectify import load_record, rectify_sd
 PHASES = 4
 
 
-def measure(family: str, root: Path, steps: int = 200) -> dict:
+def measure(
+    family: str, root: Path, steps: int = 200, lr: float = 2e-3, sampler: str = "u_shaped",
+    start_mass: float = 0.25, num_pairs: int = 256,
+) -> dict:  # fmt: skip
     start = time.perf_counter()
     teacher, pairs, student = root / "teacher", root / "pairs", root / "phased"
     if not teacher.exists():
         build_tiny_pipeline(teacher, seed=0, family=family)
     if not pairs.exists():
-        generate_sd_pairs(teacher, tiny_prompts("train"), 256, pairs, steps=25, guidance=5.0,
+        generate_sd_pairs(teacher, tiny_prompts("train"), num_pairs, pairs, steps=25, guidance=5.0,
                           batch_size=32, shard_size=64, progress=False)  # fmt: skip
-    config = SDRectifyConfig(phases=PHASES, max_steps=steps, lr=2e-3, batch_size=32, loss="mse",
-                             ema=True, ema_decay=0.98, time_sampler="u_shaped", resume=False)  # fmt: skip
+    config = SDRectifyConfig(phases=PHASES, max_steps=steps, lr=lr, batch_size=32, loss="mse",
+                             ema=True, ema_decay=0.98, time_sampler=sampler,
+                             phase_start_mass=start_mass, resume=False)  # fmt: skip
     rectify_sd(teacher, pairs, student, config, progress=False)
     metrics = evaluate(student, teacher, tiny_prompts("held_out"), root / "eval", steps=(PHASES,),
                        num=32, batch_size=32)  # fmt: skip
@@ -46,6 +50,10 @@ def measure(family: str, root: Path, steps: int = 200) -> dict:
     return {
         "family": family,
         "steps": steps,
+        "num_pairs": num_pairs,
+        "lr": lr,
+        "time_sampler": sampler,
+        "start_mass": start_mass,
         "edges": load_record(student)["phase_edges"]["t"],
         "student_4": mse["student"][str(PHASES)],
         "teacher_4": mse["teacher"][str(PHASES)],
@@ -59,12 +67,17 @@ def main() -> None:
     parser.add_argument("--out", default="out/sd-phased")
     parser.add_argument("--families", default="sd15,sd2,sdxl,sd3")
     parser.add_argument("--steps", type=int, default=200, help="phased training steps")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--time-sampler", default="u_shaped")
+    parser.add_argument("--start-mass", type=float, default=0.25)
+    parser.add_argument("--pairs", type=int, default=256, help="pairs to generate")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     results = []
     for family in args.families.split(","):
-        row = measure(family, out / family, args.steps)
+        row = measure(family, out / family, args.steps, args.lr, args.time_sampler, args.start_mass,
+                      args.pairs)  # fmt: skip
         results.append(row)
         print(f"{family}: phased 4-step latent MSE {row['student_4']:.4g}, teacher's own 4 steps "
               f"{row['teacher_4']:.4g}, ratio {row['ratio']:.3f} ({row['seconds']} s); edges "
