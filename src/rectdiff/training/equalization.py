@@ -20,7 +20,7 @@ from torch import Tensor
 from ..forms import Form, as_time
 from ..predictions import check_prediction
 from .time_samplers import TimeSampler, dlogsnr_dt
-from .weightings import InverseFactorWeighting, Weighting, prediction_factor
+from .weightings import Weighting, prediction_factor
 
 __all__ = ["Equalized", "EqualizedWeighting", "equalize"]
 
@@ -190,7 +190,7 @@ def equalize(
     logsnr_range: tuple[float, float] | None = None,
     grid_size: int = 4097,
     output_scale: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Equalized, InverseFactorWeighting]:
+) -> tuple[Equalized, EqualizedWeighting]:
     """The time sampler and weighting that give ``form``/``prediction`` a reference w(lambda).
 
     Importance sampling in logsnr: lambda is drawn with density ``q ∝ w_ref / c_pred^2``
