@@ -27,7 +27,7 @@ from .predictions import check_prediction, from_x0_eps
 
 __all__ = [
     "embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned", "TIME_INPUTS",
-    "SCALINGS",
+    "SCALINGS", "check_scaling",
 ]  # fmt: skip
 
 #: what a :class:`Preconditioned` network can receive as its time input
@@ -192,6 +192,28 @@ class UNet(nn.Module):
         return self.unet(x, time, class_labels=class_labels, return_dict=False)[0]
 
 
+def check_scaling(scaling: str, form: Form, output_prediction: str | None) -> None:
+    """Refuse a :class:`Preconditioned` ``scaling`` that is unknown, or ``"fm"`` on an output
+    whose scale in flow-matching units is not known in ``form`` (flow outside flow matching).
+
+    Raises:
+        ValueError: naming the value and what is allowed.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; allowed: {', '.join(SCALINGS)}.")
+    if (
+        scaling == "fm"
+        and output_prediction not in (None, *_FM_UNIT_PREDICTIONS)
+        and form.config().get("family") != "fm"
+    ):
+        raise ValueError(
+            f"scaling='fm' with output_prediction={output_prediction!r} needs a "
+            f"flow-matching form, got {form!r}: a form's flow dx/dt is not a multiple "
+            f"of flow matching's; use output_prediction in {_FM_UNIT_PREDICTIONS} or "
+            "scaling='edm'."
+        )
+
+
 class Preconditioned(nn.Module):
     """Wraps a network so that it sees x_t at unit variance: ``net(c_in(t) x_t, model_time)``.
 
@@ -247,19 +269,7 @@ class Preconditioned(nn.Module):
         scaling: str = "edm",
     ) -> None:
         super().__init__()
-        if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {scaling!r}; allowed: {', '.join(SCALINGS)}.")
-        if (
-            scaling == "fm"
-            and output_prediction not in (None, *_FM_UNIT_PREDICTIONS)
-            and form.config().get("family") != "fm"
-        ):
-            raise ValueError(
-                f"scaling='fm' with output_prediction={output_prediction!r} needs a "
-                f"flow-matching form, got {form!r}: a form's flow dx/dt is not a multiple "
-                f"of flow matching's; use output_prediction in {_FM_UNIT_PREDICTIONS} or "
-                "scaling='edm'."
-            )
+        check_scaling(scaling, form, output_prediction)
         if time_input not in TIME_INPUTS:
             raise ValueError(
                 f"unknown time_input {time_input!r}; allowed: {', '.join(TIME_INPUTS)}."

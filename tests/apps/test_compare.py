@@ -100,9 +100,11 @@ def tiny_run(tmp_path_factory):
         ({"equal": "sigma"}, r"unknown equal mode 'sigma'; allowed: t, logsnr"),
         ({"rectify": {"pairs": 10}}, r"unknown key 'pairs' in \[rectify\]; allowed: rounds, num_pairs"),
         ({"train": {"time_sampler": "logit_normal"}}, r"with equal = 'logsnr' every cell's time sampler"),
+        ({"grid": {"forms": ["vp"], "predictions": ["flow"]}, "network": {"scaling": "fm"}},
+         r"\[network\] in form 'vp': scaling='fm' with output_prediction='flow' needs a flow-matching form"),
     ],
     ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
-         "diagnostic", "equal", "rectify", "sampler-in-logsnr"],
+         "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow"],
 )  # fmt: skip
 def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
     with pytest.raises(ValueError, match=pattern):

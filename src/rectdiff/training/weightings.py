@@ -15,8 +15,8 @@ where ``c_pred`` converts the prediction's error into the eps error at fixed x_t
     flow  c = sigma' - sigma alpha' / alpha            (u = alpha' x0 + sigma' eps)
 
 :func:`implied_weighting` computes w(lambda) for any form, prediction, time sampler and
-weighting; :func:`.equalization.equalize` builds the time sampler and weighting that give a form any
-reference w(lambda), which is what "equal in logsnr" comparisons between forms need.
+weighting; :func:`.equalization.equalize` builds the time sampler and weighting that give a
+form any reference w(lambda), which is what "equal in logsnr" comparisons between forms need.
 
 Time samplers: :mod:`.time_samplers`.
 Weightings (multipliers on the prediction's MSE):

@@ -369,9 +369,11 @@ def _phased_stage(
         edges = samplers.time_grid(form, phases, edges)
     per_window = max(1, rc.steps // phases)
     num = rc.num_pairs * rc.steps // per_window
+    # the rectification block with t uniform in each window and no weighting (what
+    # cell_train_config would give before its equalized sampler and weighting are replaced)
     train_config = dataclasses.replace(
-        cell_train_config(config, form, prediction, "rectify", net_config), time_sampler="uniform",
-        weighting="none", time_sampler_params={}, weighting_params={},
+        rc.train, time_sampler="uniform", weighting="none", time_sampler_params={},
+        weighting_params={},
     )  # fmt: skip
     _note(
         task,

@@ -51,6 +51,7 @@ from ... import training as timesteps
 from ...forms import Form, from_config
 from ...io.configs import check_choice, from_mapping, read_toml, reject_unknown
 from ...io.resources import data_dir
+from ...models import check_scaling
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS, check_start
 from ...training.trainer import TrainConfig
@@ -102,13 +103,11 @@ class CompareConfig:
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
         for label, form, prediction in self.cells():
-            if (self.network.scaling == "fm" and prediction == "flow"
-                    and form.config().get("family") != "fm"):  # fmt: skip
-                raise ValueError(
-                    f"[network] scaling = 'fm' cannot scale a 'flow' output in form "
-                    f"{label!r} (its dx/dt is not a multiple of flow matching's); drop "
-                    "'flow' from [grid] predictions or use scaling = 'edm'."
-                )
+            output = prediction if self.network.precondition_output else None
+            try:
+                check_scaling(self.network.scaling, form, output)
+            except ValueError as err:
+                raise ValueError(f"[network] in form {label!r}: {err}") from None
             try:
                 check_start(form, prediction)
             except ValueError as err:
