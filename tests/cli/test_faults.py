@@ -25,6 +25,7 @@ from rectdiff.io.model_dir import build_model, save_model_dir
 
 NET = {"kind": "mlp", "kwargs": {"dim": 2, "hidden": 8, "depth": 1}}
 STEPS = 200
+LONG = 2000  # the SIGKILL test's run
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,10 @@ def base(tmp_path_factory):
     return root
 
 
-def rectify_argv(root: Path, out: Path) -> list[str]:
+def rectify_argv(root: Path, out: Path, steps: int = STEPS, every: int = 10) -> list[str]:
     return ["rectify", "--model", str(root / "teacher"), "--pairs", str(root / "pairs"),
-            "--out", str(out), "--steps", str(STEPS), "--batch-size", "8",
-            "--checkpoint-every", "10"]  # fmt: skip
+            "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+            "--checkpoint-every", str(every)]  # fmt: skip
 
 
 def assert_same_weights(out: Path, whole: Path) -> None:
@@ -66,21 +67,26 @@ def wait_for(path: Path, process: subprocess.Popen, text: str | None = None) -> 
 def test_sigkill_mid_rectify_then_the_same_command_resumes_to_the_same_weights(
     base, tmp_path, capsys
 ):
+    # a run 10x longer than the others with 10x sparser checkpoints, so that the kill after
+    # the first one lands mid-run even when this process is descheduled for a while (with 200
+    # steps a busy CI machine once let the run finish before the kill arrived)
+    argv = [*rectify_argv(base, tmp_path / "student", LONG, 100), "--no-progress"]
+    assert main([*rectify_argv(base, tmp_path / "whole", LONG, 100), "--no-progress"]) == 0
     out = tmp_path / "student"
-    process = start_rectdiff([*rectify_argv(base, out), "--no-progress"], tmp_path)
+    process = start_rectdiff(argv, tmp_path)
     try:
-        wait_for(tmp_path / "student.train" / "checkpoints" / "latest", process, "step_20")
+        wait_for(tmp_path / "student.train" / "checkpoints" / "latest", process, "step_100")
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
     finally:
         process.kill()
     assert not out.exists() and lock_path(out).exists()  # killed: no model, a stale lock
     latest = (tmp_path / "student.train" / "checkpoints" / "latest").read_text().strip()
-    assert 20 <= int(latest.removeprefix("step_")) < STEPS
+    assert 100 <= int(latest.removeprefix("step_")) < LONG
 
-    assert main([*rectify_argv(base, out), "--no-progress"]) == 0
+    assert main(argv) == 0
     assert "took over the stale lock" in capsys.readouterr().err
-    assert_same_weights(out, base / "whole")
+    assert_same_weights(out, tmp_path / "whole")
     assert not lock_path(out).exists()
 
 
