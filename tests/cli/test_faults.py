@@ -30,7 +30,8 @@ LONG = 2000  # the SIGKILL test's run
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A flow-matching teacher, 32 of its pairs and the uninterrupted student."""
+    """A flow-matching teacher, 32 of its pairs and the uninterrupted students (STEPS, and LONG
+    with a checkpoint every 100 for the tests that act on a running process)."""
     root = tmp_path_factory.mktemp("faults")
     form = forms.FlowMatching()
     torch.manual_seed(0)
@@ -39,6 +40,7 @@ def base(tmp_path_factory):
     assert main(["pairs", "--model", str(root / "teacher"), "--out", str(root / "pairs"),
                  "--num", "32", "--steps", "2", "--solver", "ddim", "--no-progress"]) == 0  # fmt: skip
     assert main([*rectify_argv(root, root / "whole"), "--no-progress"]) == 0
+    assert main([*rectify_argv(root, root / "whole_long", LONG, 100), "--no-progress"]) == 0
     return root
 
 
@@ -71,7 +73,6 @@ def test_sigkill_mid_rectify_then_the_same_command_resumes_to_the_same_weights(
     # the first one lands mid-run even when this process is descheduled for a while (with 200
     # steps a busy CI machine once let the run finish before the kill arrived)
     argv = [*rectify_argv(base, tmp_path / "student", LONG, 100), "--no-progress"]
-    assert main([*rectify_argv(base, tmp_path / "whole", LONG, 100), "--no-progress"]) == 0
     out = tmp_path / "student"
     process = start_rectdiff(argv, tmp_path)
     try:
@@ -86,16 +87,16 @@ def test_sigkill_mid_rectify_then_the_same_command_resumes_to_the_same_weights(
 
     assert main(argv) == 0
     assert "took over the stale lock" in capsys.readouterr().err
-    assert_same_weights(out, tmp_path / "whole")
+    assert_same_weights(out, base / "whole_long")
     assert not lock_path(out).exists()
 
 
 def test_a_second_writer_is_refused_by_name_and_the_first_output_is_intact(base, tmp_path, capsys):
     out = tmp_path / "student"
-    first = start_rectdiff([*rectify_argv(base, out), "--no-progress"], tmp_path)
-    try:
-        wait_for(tmp_path / "student.train" / "checkpoints" / "step_10", first)
-        assert main([*rectify_argv(base, out), "--no-progress"]) == 2
+    first = start_rectdiff([*rectify_argv(base, out, LONG, 100), "--no-progress"], tmp_path)
+    try:  # the long run, so that the first writer is still running when the second starts
+        wait_for(tmp_path / "student.train" / "checkpoints" / "step_100", first)
+        assert main([*rectify_argv(base, out, LONG, 100), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert err.startswith(f"rectdiff rectify: error: {out} is being written by another")
@@ -103,7 +104,7 @@ def test_a_second_writer_is_refused_by_name_and_the_first_output_is_intact(base,
         assert first.wait(timeout=240) == 0, first.stderr.read().decode()[-2000:]
     finally:
         first.kill()
-    assert_same_weights(out, base / "whole")
+    assert_same_weights(out, base / "whole_long")
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "model"])
