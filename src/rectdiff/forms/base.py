@@ -111,6 +111,9 @@ class Form:
     def _d_sigma(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _model_time(self, t: Tensor) -> Tensor:
+        return t
+
     def _logsnr(self, t: Tensor) -> Tensor:
         return 2.0 * (torch.log(self._alpha(t)) - torch.log(self._sigma(t)))
 
@@ -147,7 +150,22 @@ class Form:
 
     def model_time(self, t: Any) -> Tensor:
         """What the network receives as its time input; ``t`` itself for continuous forms."""
-        return self._apply(lambda s: s, t)
+        return self._apply(self._model_time, t)
+
+    def kernels(self, *names: str) -> tuple[Callable[[Tensor], Tensor], ...]:
+        """The float64 kernels behind :meth:`model_time`, :meth:`alpha`, :meth:`sigma`,
+        :meth:`d_alpha`, :meth:`d_sigma` and :meth:`logsnr`, by those names, for a hot loop
+        that already holds float64 times: the same numbers without the public methods'
+        dtype conversions.
+
+        Raises:
+            ValueError: for a name that is not one of those six.
+        """
+        allowed = ("model_time", "alpha", "sigma", "d_alpha", "d_sigma", "logsnr")
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise ValueError(f"unknown kernel {unknown[0]!r}; allowed: {', '.join(allowed)}.")
+        return tuple(getattr(self, f"_{name}") for name in names)
 
     def t_from_model_time(self, model_t: Any) -> Tensor:
         """Inverse of :meth:`model_time`."""

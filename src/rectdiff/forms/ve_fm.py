@@ -122,9 +122,13 @@ class FlowMatching(Form):
         return self.sigma_min + (1.0 - self.sigma_min) * self._tau(t)
 
     def _d_alpha(self, t: Tensor) -> Tensor:
+        if self.shift == 1.0:  # fast path, the same numbers
+            return torch.full_like(t, -1.0)
         return -self._d_tau(t)
 
     def _d_sigma(self, t: Tensor) -> Tensor:
+        if self.sigma_min == 0.0:  # fast path, the same numbers
+            return self._d_tau(t)
         return (1.0 - self.sigma_min) * self._d_tau(t)
 
     def _t_from_logsnr(self, lam: Tensor) -> Tensor:
@@ -136,11 +140,13 @@ class FlowMatching(Form):
             tau = (1.0 - r * self.sigma_min) / (1.0 + r * (1.0 - self.sigma_min))
         return tau / (self.shift - (self.shift - 1.0) * tau)
 
-    def model_time(self, t: Any) -> Tensor:
+    def _model_time(self, t: Tensor) -> Tensor:
         """``time_scale * tau``: the network sees the *shifted* time, as SD3 and diffusers'
         ``FlowMatchEulerDiscreteScheduler`` pass ``timestep = 1000 sigma``; a network trained at
         one shift can then be sampled at another."""
-        return self._apply(lambda s: self._tau(s) * self.time_scale, t)
+        if self.time_scale == 1.0:  # fast path, the same numbers
+            return self._tau(t)
+        return self._tau(t) * self.time_scale
 
     def t_from_model_time(self, model_t: Any) -> Tensor:
         def inverse(s: Tensor) -> Tensor:

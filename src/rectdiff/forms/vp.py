@@ -249,8 +249,8 @@ class DiscreteVP(VarPreserving):
         frac = (-log_alpha - knots[k]) / (knots[k + 1] - knots[k])
         return self._t_knots[k] + frac / n
 
-    def model_time(self, t: Any) -> Tensor:
-        return self._apply(lambda s: s * self.num_train_timesteps - 1.0, t)
+    def _model_time(self, t: Tensor) -> Tensor:
+        return t * self.num_train_timesteps - 1.0
 
     def t_from_model_time(self, model_t: Any) -> Tensor:
         return self._apply(lambda s: (s + 1.0) / self.num_train_timesteps, model_t)

@@ -88,6 +88,9 @@ class DiffusionLoss:
         self._ot = coupling == "ot"
         self.time_sampler = sampler_for(time_sampler, form)
         self.weighting = loss_weighting(weighting)
+        names = ("model_time", "alpha", "sigma")
+        flow = self.prediction == "flow"
+        self._kernels = form.kernels(*names, *(("d_alpha", "d_sigma") if flow else ()))
         #: set ``track_ess`` to keep the effective sample size of each batch's loss weights
         #: (``weightings.effective_sample_size``) in ``last_ess`` (a 0-d tensor; stays None
         #: for an unweighted loss, whose ESS is 1)
@@ -97,16 +100,15 @@ class DiffusionLoss:
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, ...]:
         """``(model_time, alpha, sigma[, a, b])`` at float64 ``t`` in ``like``'s dtype: the model
         time of shape ``(B,)``, the rest shaped to broadcast over ``like``; ``a, b`` are the
-        target's coefficients (``alpha, sigma`` for v, ``alpha', sigma'`` for flow)."""
-        form = self.form
-        rows = [form.model_time(t), form.alpha(t), form.sigma(t)]
-        if self.prediction == "v":
-            rows += rows[1:3]
-        elif self.prediction == "flow":
-            rows += [form.d_alpha(t), form.d_sigma(t)]
-        table = torch.stack(rows).to(like.dtype)
-        shaped = table.view(len(rows), *like.shape[:1], *([1] * (like.ndim - 1)))
-        return (table[0], *shaped[1:])
+        target's coefficients (``alpha, sigma`` for v, ``alpha', sigma'`` for flow).
+
+        The form's float64 kernels (resolved at construction) are stacked and cast in one
+        call: the numbers of ``form.alpha(t).to(dtype)`` etc., in a few tensor operations."""
+        table = torch.stack([kernel(t) for kernel in self._kernels]).to(like.dtype)
+        model_time, *rows = table.view(len(table), len(like), *([1] * (like.ndim - 1))).unbind(0)
+        if self.prediction == "v":  # v = alpha eps - sigma x0
+            rows += rows
+        return (model_time.view(len(like)), *rows)
 
     def __call__(
         self,
@@ -248,7 +250,8 @@ def reduce_loss(
 def distance(diff: Tensor, loss: str = "mse", huber_c: float | None = None) -> Tensor:
     """The per-sample distance of a ``(B, ...)`` prediction error: the MSE over the dimensions,
     or the pseudo-Huber ``sqrt(||diff||^2 + c^2) - c`` (Song & Dhariwal 2023)."""
-    diff = diff.flatten(1)
+    if diff.ndim != 2:  # (B, D) needs no flatten (and no view node in the backward)
+        diff = diff.flatten(1)
     if loss == "mse":
         return diff.square().mean(1)
     c = default_huber_c(diff) if huber_c is None else float(huber_c)

@@ -82,8 +82,11 @@ class Trainer:
         self.cond_fn, self.pairs, self.loss_fn = cond_fn, pairs, loss_fn
         self.accelerator = acc = accelerator or new_accelerator(config)
         set_seed(config.seed)
+        # foreach: one multi-tensor update per step instead of a Python loop over the
+        # parameters; on the CPU the same per-tensor operations, so the same weights bit for
+        # bit (tests/training/test_trainer_speed.py), and torch's default on GPUs anyway
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
         )
         scheduler = get_scheduler(  # accelerate steps it once per process: scale the lengths
             config.lr_schedule,
@@ -99,6 +102,7 @@ class Trainer:
         plain = acc.scaler is None and acc.distributed_type != DistributedType.XLA
         raw = self.optimizer.optimizer if plain else self.optimizer
         self._optimizer_step, self._zero_grad = raw.step, raw.zero_grad
+        self._scheduler_step = self._scheduler_stepper(plain)
         # One micro-batch per step and nothing for accelerate to scale or sync: its
         # accumulate() context is then a no-op and its backward() divides the loss by 1,
         # so the hot loop calls loss.backward() itself (the same gradients, bit for bit).
@@ -143,6 +147,26 @@ class Trainer:
         self._snapshot_refused = False
         self._snapshot_noise: Tensor | None = None
         acc.register_for_checkpointing(CheckpointState(self))
+
+    def _scheduler_stepper(self, plain: bool) -> Callable[[], None]:
+        """The learning-rate scheduler's step as accelerate's ``AcceleratedScheduler.step``
+        takes it after an optimizer step that ran: the wrapped scheduler stepped once per
+        process (the lengths are scaled by the process count). Without a grad scaler no step
+        is ever skipped, so the hot loop steps the wrapped scheduler itself and skips the
+        wrapper's per-call state look-ups; with one (or a OneCycle-like ``total_steps``
+        bound, or split batches) it goes through the wrapper."""
+        acc, wrapper = self.accelerator, self.scheduler
+        inner = getattr(wrapper, "scheduler", None)
+        if not plain or inner is None or hasattr(inner, "total_steps") or acc.split_batches:
+            return wrapper.step
+        if acc.num_processes == 1:
+            return inner.step
+
+        def step() -> None:
+            for _ in range(acc.num_processes):
+                inner.step()
+
+        return step
 
     def _batches(self, data: Any) -> TensorBatches | LoaderBatches:
         acc = self.accelerator
@@ -210,7 +234,7 @@ class Trainer:
                         norm = acc.clip_grad_norm_(self.params, config.grad_clip)
                     self._note_gradients(norm)
                     self._optimizer_step()
-                    self.scheduler.step()
+                    self._scheduler_step()
                     self._zero_grad(set_to_none=True)
             total = loss.detach() if total is None else total + loss.detach()
         if self.ema is not None:
@@ -244,7 +268,7 @@ class Trainer:
             norm = self.accelerator.clip_grad_norm_(self.params, config.grad_clip)
         self._note_gradients(norm)
         self._optimizer_step()
-        self.scheduler.step()
+        self._scheduler_step()
         self._zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)

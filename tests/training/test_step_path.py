@@ -1,0 +1,138 @@
+"""The training step's fast path gives the numbers of the plain path, bit for bit: the loss's
+stacked float64 kernels against the forms' public methods, the Trainer's multi-tensor AdamW
+against torch's per-parameter loop, and its directly stepped learning-rate scheduler against
+a scheduler stepped as diffusers documents it."""
+
+import pytest
+import torch
+from diffusers.optimization import get_scheduler
+from shared import NAMED_FORMS
+from torch import nn
+
+from rectdiff.data import load_data
+from rectdiff.forms import FlowMatching
+from rectdiff.models import MLP
+from rectdiff.training import DiffusionLoss, TrainConfig, Trainer
+
+PREDICTIONS = ("eps", "x0", "v", "flow")
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_FORMS))
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_coefficients_equal_the_public_methods(name, prediction, dtype):
+    form = NAMED_FORMS[name]
+    t = form.t_min + torch.rand(257, dtype=torch.float64) * (form.t_max - form.t_min)
+    like = torch.zeros(257, 3, 2, dtype=dtype)
+    got = DiffusionLoss(form, prediction).coefficients(t, like)
+    want = [form.model_time(t), form.alpha(t), form.sigma(t)]
+    if prediction == "v":
+        want += [form.alpha(t), form.sigma(t)]
+    elif prediction == "flow":
+        want += [form.d_alpha(t), form.d_sigma(t)]
+    assert len(got) == len(want)
+    assert got[0].shape == (257,)
+    for row, ref in zip(got, want, strict=True):
+        assert row.dtype == dtype
+        assert torch.equal(row.reshape(-1), ref.to(dtype))
+    assert all(row.shape == (257, 1, 1) for row in got[1:])
+
+
+def test_kernels_refuse_an_unknown_name():
+    with pytest.raises(ValueError, match="unknown kernel 'beta'; allowed: model_time, alpha"):
+        FlowMatching().kernels("alpha", "beta")
+
+
+def test_fast_paths_of_flow_matching_are_the_general_formulas():
+    """shift = 1, sigma_min = 0 and time_scale = 1 skip a multiplication by 1 or a
+    subtraction from 0; the general formulas, taken at nearby parameters' code path by
+    hand, give the same numbers."""
+    t = torch.rand(1000, dtype=torch.float64)
+    form = FlowMatching()
+    assert torch.equal(form.model_time(t), t * 1.0)
+    assert torch.equal(form.d_alpha(t), -torch.ones_like(t))
+    assert torch.equal(form.d_sigma(t), (1.0 - 0.0) * torch.ones_like(t))
+    scaled = FlowMatching(time_scale=1000.0)
+    assert torch.equal(scaled.model_time(t), t * 1000.0)
+
+
+def _train(monkeypatch, foreach: bool, schedule: str = "cosine"):
+    real = torch.optim.AdamW
+
+    def adamw(params, **kwargs):
+        kwargs["foreach"] = foreach
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    torch.manual_seed(0)
+    model = MLP(2, hidden=32, depth=2)
+    config = TrainConfig(
+        steps=40, batch_size=64, lr=1e-2, weight_decay=0.05, grad_clip=0.5,
+        lr_schedule=schedule, warmup_steps=7,
+    )  # fmt: skip
+    trainer = Trainer(model, load_data("moons", 512, seed=0), form=FlowMatching(),
+                      prediction="flow", config=config)  # fmt: skip
+    rates = []
+    for _ in range(config.steps):
+        trainer.step()
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    return [p.detach().clone() for p in model.parameters()], rates
+
+
+def test_multi_tensor_adamw_gives_the_per_parameter_loops_weights(monkeypatch):
+    fast, _ = _train(monkeypatch, foreach=True)
+    loop, _ = _train(monkeypatch, foreach=False)
+    assert all(torch.equal(a, b) for a, b in zip(fast, loop, strict=True))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant_with_warmup", "linear"])
+def test_learning_rates_follow_the_scheduler(monkeypatch, schedule):
+    """The learning rate of each step is diffusers' schedule stepped once per optimizer step
+    on one process, as accelerate's wrapper steps it."""
+    _, rates = _train(monkeypatch, foreach=True, schedule=schedule)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    reference = get_scheduler(schedule, optimizer, num_warmup_steps=7, num_training_steps=40)
+    want = []
+    for _ in range(40):
+        optimizer.step()
+        reference.step()
+        want.append(optimizer.param_groups[0]["lr"])
+    assert rates == want
+    assert rates[5] < rates[6] == pytest.approx(1e-2)  # warm-up to the peak at step 7
+
+
+def _two_process_rates(out: str) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    config = TrainConfig(steps=12, batch_size=8, lr=1e-2, lr_schedule="cosine", warmup_steps=5)
+    trainer = Trainer(MLP(2, hidden=8, depth=1), load_data("moons", 64, seed=0),
+                      form=FlowMatching(), prediction="flow", config=config,
+                      accelerator=accelerator)  # fmt: skip
+    rates = []
+    for _ in range(config.steps):
+        trainer.step()
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    torch.save({"rates": rates, "processes": accelerator.num_processes},
+               f"{out}.{accelerator.process_index}")  # fmt: skip
+
+
+def test_two_processes_follow_the_one_process_schedule(tmp_path):
+    """accelerate steps the scheduler once per process (its lengths are scaled by the
+    process count); the Trainer's direct stepping does the same, so two processes see the
+    one-process learning rates."""
+    from accelerate import debug_launcher
+
+    out = str(tmp_path / "rates")
+    debug_launcher(_two_process_rates, args=(out,), num_processes=2)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
+    reference = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=12)
+    want = []
+    for _ in range(12):
+        optimizer.step()
+        reference.step()
+        want.append(optimizer.param_groups[0]["lr"])
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}")
+        assert got["processes"] == 2
+        assert got["rates"] == pytest.approx(want, rel=1e-12)
