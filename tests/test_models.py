@@ -132,13 +132,55 @@ def test_fm_scaling_shows_the_net_flow_matchings_raw_problem(name, prediction):
         )
 
 
+class FlowVelocity(nn.Module):
+    """Returns flow matching's velocity eps - x0 of a fixed batch, checking that it was
+    given flow matching's x_t (x_t / r_t) and time at the same logsnr."""
+
+    def __init__(self, x0, eps, fm_time):
+        super().__init__()
+        self.x0, self.eps, self.fm_time = x0, eps, fm_time
+
+    def forward(self, x, model_time, **cond):
+        fm = forms.FlowMatching()
+        torch.testing.assert_close(model_time, self.fm_time, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x, fm.add_noise(self.x0, self.eps, self.fm_time), rtol=1e-9,
+                                   atol=1e-9)  # fmt: skip
+        return self.eps - self.x0
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "fm", "sd15"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_velocity_scaling_turns_the_flow_matching_velocity_into_any_prediction(name, prediction):
+    """``scaling="velocity"``: a network that outputs flow matching's exact velocity
+    ``eps - x0`` at FM's x_t and t of the same logsnr gives, through ``c_skip x_t + c_out
+    net``, the exact target of every prediction in every form (float64 rounding)."""
+    form = FORMS[name]
+    gen = torch.Generator().manual_seed(5)
+    x0, eps = (torch.randn(64, 2, generator=gen, dtype=F64) for _ in range(2))
+    t = torch.linspace(form.t_min, form.t_max, 64, dtype=F64)
+    fm_time = form.sigma(t) / (form.alpha(t) + form.sigma(t))
+    wrapper = Preconditioned(FlowVelocity(x0, eps, fm_time), form, output_prediction=prediction,
+                             time_input="fm", scaling="velocity")  # fmt: skip
+    out = wrapper(form.add_noise(x0, eps, t), form.model_time(t))
+    target = predictions.target(x0, eps, t, prediction=prediction, form=form)
+    torch.testing.assert_close(out, target, rtol=1e-9, atol=1e-9)
+    if name == "fm" and prediction == "flow":  # flow matching's own velocity: no wrapper
+        assert torch.equal(wrapper.c_skip(t), torch.zeros_like(t))
+        assert torch.equal(wrapper.c_out(t), torch.ones_like(t))
+
+
+def test_velocity_scaling_needs_an_output_prediction():
+    with pytest.raises(ValueError, match="scaling='velocity' needs output_prediction"):
+        Preconditioned(Recorder(), FORMS["vp"], scaling="velocity")
+
+
 def test_fm_scaling_refuses_a_flow_output_outside_flow_matching():
     Preconditioned(Recorder(), FORMS["fm"], output_prediction="flow", scaling="fm")
     with pytest.raises(
         ValueError, match="scaling='fm' with output_prediction='flow' needs a flow-matching form"
     ):
         Preconditioned(Recorder(), FORMS["vp"], output_prediction="flow", scaling="fm")
-    with pytest.raises(ValueError, match="unknown scaling 'karras'; allowed: edm, fm"):
+    with pytest.raises(ValueError, match="unknown scaling 'karras'; allowed: edm, fm, velocity"):
         Preconditioned(Recorder(), FORMS["vp"], scaling="karras")
 
 

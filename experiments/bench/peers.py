@@ -26,8 +26,10 @@ student at 1/2 steps and the online-reflowed one at 1 step; pair-generation seco
 teacher training seconds. Then, on one seed's flow-matching teacher (the same velocity field
 for every library), each library's dopri5 NFE and RMS endpoint error against torchdiffeq's
 dopri5 at 1e-10 in float64; and the overhead per training step and per Euler step at batch
-256 against hand-written PyTorch (``overhead.interleaved_times``: alternating blocks; the
-median, and the minimum block, the least disturbed on a shared machine).
+256 against hand-written PyTorch (``overhead.round_robin_times``: blocks of every system
+and of the plain step, round-robin in rotated order; the median and the minimum, least
+disturbed, block in wall-clock time, and the median block in the thread's CPU time, which
+time spent descheduled does not count).
 
 rectified-flow-pytorch imports torchvision (``save_image``, ``VGG16_Weights``), which has no
 CPU wheel here; nothing it imports from torchvision runs in this benchmark, so a stub module
@@ -60,7 +62,7 @@ from rectdiff.rectify.coupling import start_noise
 from rectdiff.rectify.online import Diffusion, Reflow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import interleaved_times  # noqa: E402
+from overhead import round_robin_times  # noqa: E402
 
 BATCH, LR, N_EVAL, TOL = 256, 1e-3, 2000, 1e-5
 FM = forms.FlowMatching()
@@ -203,15 +205,19 @@ class RectdiffEqualized(RectdiffFM):
         # "fm": the network sees flow matching's x_t and t at the same logsnr and predicts
         # FM's v (c_in = 1 / (alpha + sigma), c_out = alpha + sigma), and equalize samples
         # so that each sample's weight on that output is the same: the training is then the
-        # same in every form. "edm": EDM's c_in and c_out for data of the data's std, the
-        # form's own t as time input, and the weight constant on the loss in form units
-        # (what this benchmark ran before)
+        # same in every form. "velocity": as "fm", and the network predicts FM's velocity
+        # eps - x0, turned into v by a skip connection: the peers' regression exactly, in
+        # every form. "edm": EDM's c_in and c_out for data of the data's std, the form's own
+        # t as time input, and the weight constant on the loss in form units (what this
+        # benchmark ran before)
+        if scaling == "velocity":
+            self.name += ", FM velocity"
         wrapped = models.Preconditioned(
             net, form, sigma_data=float(data.std()), output_prediction="v",
-            time_input="fm" if scaling == "fm" else "t", scaling=scaling,
+            time_input="t" if scaling == "edm" else "fm", scaling=scaling,
         )  # fmt: skip
         lo_hi = ts.common_logsnr_range(form, FM)
-        output_scale = wrapped.c_out if scaling == "fm" else None
+        output_scale = None if scaling == "edm" else wrapped.c_out
         sampler, weighting = ts.equalize(form, "v", reference, logsnr_range=lo_hi,
                                          output_scale=output_scale)  # fmt: skip
         self.net = wrapped
@@ -341,6 +347,18 @@ SYSTEMS: dict[str, Callable[[nn.Module, Tensor], System]] = {
     "rectdiff sub-VP v eq.": lambda n, d: RectdiffEqualized(n, d, forms.SubVP(), "sub-VP"),
     "rectdiff VE v eq.": lambda n, d: RectdiffEqualized(n, d, forms.VE(), "VE"),
     "rectdiff FM v eq.": lambda n, d: RectdiffEqualized(n, d, FM, "FM"),
+    "rectdiff VP v eq., FM velocity": lambda n, d: RectdiffEqualized(
+        n, d, forms.VP(), "VP", scaling="velocity"
+    ),
+    "rectdiff sub-VP v eq., FM velocity": lambda n, d: RectdiffEqualized(
+        n, d, forms.SubVP(), "sub-VP", scaling="velocity"
+    ),
+    "rectdiff VE v eq., FM velocity": lambda n, d: RectdiffEqualized(
+        n, d, forms.VE(), "VE", scaling="velocity"
+    ),
+    "rectdiff FM v eq., FM velocity": lambda n, d: RectdiffEqualized(
+        n, d, FM, "FM", scaling="velocity"
+    ),
     "rectdiff VP v eq., EDM scaling": lambda n, d: RectdiffEqualized(
         n, d, forms.VP(), "VP", scaling="edm"
     ),
@@ -459,13 +477,16 @@ class _PeerNet(nn.Module):
 # --- overhead per step -----------------------------------------------------------------------
 def overhead(
     data: Tensor, rounds: int, block: int, euler_steps: int = 100
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per system, ``{"train": (median ratio, min ratio)[, "euler": ...]}`` against plain
-    PyTorch over the interleaved blocks (``overhead.interleaved_times``)."""
+) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Per system, ``{"train": (median, min, CPU median)[, "euler": ...]}``: ratios to plain
+    PyTorch over blocks of every system and the plain step timed round-robin
+    (``overhead.round_robin_times``): of the median and of the least disturbed block in
+    wall-clock time, and of the median block in the thread's CPU time."""
 
-    def ratios(times: tuple[list[float], list[float]]) -> tuple[float, float]:
-        a, b = times
-        return statistics.median(a) / statistics.median(b), min(a) / min(b)
+    def ratios(times: dict[str, list[float]], plain: dict[str, list[float]]) -> tuple[float, ...]:
+        median = statistics.median
+        return (median(times["wall"]) / median(plain["wall"]), min(times["wall"]) /
+                min(plain["wall"]), median(times["cpu"]) / median(plain["cpu"]))  # fmt: skip
 
     torch.manual_seed(0)
     init = MLP()
@@ -519,15 +540,18 @@ def overhead(
         "flow_matching": lambda: systems["flow_matching"].sample(noise, euler_steps),
         "torchcfm I-CFM": lambda: systems["torchcfm I-CFM"].sample(noise, euler_steps),
     }  # fmt: skip
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for name, fn in train_fns.items():
+    for fn in [plain, *train_fns.values()]:  # warm-up
         for _ in range(20):
-            fn(), plain()
-        out[name] = {"train": ratios(interleaved_times(fn, plain, rounds, block))}
-    for name, fn in euler_fns.items():
-        with torch.no_grad():
-            times = interleaved_times(fn, plain_euler, max(5, rounds // 3), max(1, block // 10))
-        out[name]["euler"] = ratios(times)
+            fn()
+    train = round_robin_times({"plain": plain, **train_fns}, rounds, block)
+    with torch.no_grad():
+        euler = round_robin_times({"plain": plain_euler, **euler_fns}, max(5, rounds // 3),
+                                  max(1, block // 10))  # fmt: skip
+    out: dict[str, dict[str, tuple[float, ...]]] = {}
+    for name in train_fns:
+        out[name] = {"train": ratios(train[name], train["plain"])}
+        if name in euler:
+            out[name]["euler"] = ratios(euler[name], euler["plain"])
     return out
 
 
@@ -546,7 +570,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block", type=int, default=20)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default=";".join(SYSTEMS),
+                        help="the systems to run, separated by ';' (names hold commas)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="1000 teacher and reflow steps, 300 online steps, 10 rounds")  # fmt: skip
     parser.add_argument("--table-only", action="store_true",
@@ -563,7 +588,10 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_data("8gaussians", 100_000, seed=0)
     test = load_data("8gaussians", N_EVAL, seed=123)
-    names = args.systems.split(",")
+    names = [name.strip() for name in args.systems.split(";")]
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system {unknown[0]!r}; allowed: {'; '.join(SYSTEMS)}")
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for seed in range(args.seeds):
         for name in names:
@@ -610,12 +638,13 @@ def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
     """The overhead table: each system's training and Euler step against plain PyTorch."""
     print(
         f"\noverhead per step against hand-written PyTorch at batch {BATCH} "
-        f"({args.rounds} interleaved rounds; Euler: 100 steps)\n"
+        f"({args.rounds} round-robin rounds; Euler: 100 steps)\n"
     )
-    print("| system | training step: median / min | Euler step: median / min |\n|---|---|---|")
+    print("| system | training step: median / min / CPU | Euler step: median / min / CPU |\n"
+          "|---|---|---|")  # fmt: skip
     for name, ratios in overhead(data, args.rounds, args.block).items():
-        train = "{:.3f}x / {:.3f}x".format(*ratios["train"])
-        euler = "{:.3f}x / {:.3f}x".format(*ratios["euler"]) if "euler" in ratios else "–"
+        train = "{:.3f}x / {:.3f}x / {:.3f}x".format(*ratios["train"])
+        euler = "{:.3f}x / {:.3f}x / {:.3f}x".format(*ratios["euler"]) if "euler" in ratios else "–"
         print(f"| {name} | {train} | {euler} |")
 
 

@@ -33,7 +33,7 @@ __all__ = [
 #: what a :class:`Preconditioned` network can receive as its time input
 TIME_INPUTS = ("model", "t", "fm")
 #: how a :class:`Preconditioned` network's input and output are scaled
-SCALINGS = ("edm", "fm")
+SCALINGS = ("edm", "fm", "velocity")
 #: predictions whose scale in flow-matching units is known in every form (``scaling="fm"``)
 _FM_UNIT_PREDICTIONS = ("eps", "x0", "v")
 
@@ -201,6 +201,11 @@ def check_scaling(scaling: str, form: Form, output_prediction: str | None) -> No
     """
     if scaling not in SCALINGS:
         raise ValueError(f"unknown scaling {scaling!r}; allowed: {', '.join(SCALINGS)}.")
+    if scaling == "velocity" and output_prediction is None:
+        raise ValueError(
+            "scaling='velocity' needs output_prediction (eps, x0, v or flow): the wrapper "
+            "turns flow matching's velocity into that prediction."
+        )
     if (
         scaling == "fm"
         and output_prediction not in (None, *_FM_UNIT_PREDICTIONS)
@@ -256,6 +261,17 @@ class Preconditioned(nn.Module):
             form changes nothing but the loss weighting and time sampling, which
             ``training.equalize`` can match. ``sigma_data`` is not used; ``"flow"`` is
             refused outside flow matching (a form's dx/dt is not a multiple of FM's).
+            ``"velocity"``: as ``"fm"``, and the network predicts flow matching's velocity
+            ``u = eps - x0`` whatever ``output_prediction`` is; the wrapper turns it into
+            the prediction with a skip connection, ``out = c_skip x_t + c_out net(...)``.
+            For a prediction ``a_t x0 + b_t eps``, with ``x0 = (x_t - sigma_t u) / r_t`` and
+            ``eps = (x_t + alpha_t u) / r_t``: ``c_skip = (a_t + b_t) / r_t`` and ``c_out =
+            (b_t alpha_t - a_t sigma_t) / r_t`` (v: ``(alpha - sigma) / r`` and ``(alpha^2 +
+            sigma^2) / r``; flow in any form: ``(alpha' + sigma') / r`` and ``(alpha
+            sigma' - sigma alpha') / r``). With ``time_input="fm"`` and
+            ``training.equalize(output_scale=c_out)`` towards flow matching's objective, the
+            network then trains on exactly the regression of a flow-matching velocity
+            network: the form and the prediction type change only the units of the loss.
     """
 
     def __init__(
@@ -289,11 +305,11 @@ class Preconditioned(nn.Module):
         return tuple(self.net.sample_shape)
 
     def c_in(self, t: Any) -> Tensor:
-        """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2) (``scaling="fm"``: 1 / (alpha_t +
-        sigma_t)), float64."""
+        """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2) (``scaling="fm"`` or ``"velocity"``:
+        1 / (alpha_t + sigma_t)), float64."""
         t64 = as_time(t)
         alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
-        if self.scaling == "fm":
+        if self.scaling != "edm":
             return 1 / (alpha + sigma)
         return torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
 
@@ -304,21 +320,40 @@ class Preconditioned(nn.Module):
         alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
         return sigma / (alpha + sigma)
 
+    def _target_coefficients(self, t64: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a_t, b_t)`` of the output prediction ``a_t x0 + b_t eps``."""
+        assert self.output_prediction is not None
+        one, zero = torch.ones_like(t64), torch.zeros_like(t64)
+        return (
+            from_x0_eps(one, zero, self.output_prediction, t64, self.form),
+            from_x0_eps(zero, one, self.output_prediction, t64, self.form),
+        )
+
+    def c_skip(self, t: Any) -> Tensor:
+        """(a_t + b_t) / (alpha_t + sigma_t) for ``scaling="velocity"`` (the output
+        prediction ``a_t x0 + b_t eps``), else 0; float64."""
+        t64 = as_time(t)
+        if self.scaling != "velocity":
+            return torch.zeros_like(t64)
+        a, b = self._target_coefficients(t64)
+        return (a + b) / (self.form.alpha(t64) + self.form.sigma(t64))
+
     def c_out(self, t: Any) -> Tensor:
         """sqrt(a_t^2 sigma_data^2 + b_t^2) for target a_t x0 + b_t eps, float64 (1 when off;
-        ``scaling="fm"``: alpha_t + sigma_t for v, else 1)."""
+        ``scaling="fm"``: alpha_t + sigma_t for v, else 1; ``"velocity"``: (b_t alpha_t -
+        a_t sigma_t) / (alpha_t + sigma_t))."""
         t64 = as_time(t)
         if self.output_prediction is None:
             return torch.ones_like(t64)
+        if self.scaling == "velocity":
+            a, b = self._target_coefficients(t64)
+            alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
+            return (b * alpha - a * sigma) / (alpha + sigma)
         if self.scaling == "fm":
             if self.output_prediction != "v":  # eps and x0 are form-free; FM's own flow
                 return torch.ones_like(t64)
             return self.form.alpha(t64) + self.form.sigma(t64)
-        one, zero = torch.ones_like(t64), torch.zeros_like(t64)
-        a, b = (
-            from_x0_eps(one, zero, self.output_prediction, t64, self.form),
-            from_x0_eps(zero, one, self.output_prediction, t64, self.form),
-        )
+        a, b = self._target_coefficients(t64)
         return torch.sqrt(a**2 * self.sigma_data**2 + b**2)
 
     def forward(self, x_t: Tensor, model_time: Any, **cond: Any) -> Tensor:
@@ -326,6 +361,7 @@ class Preconditioned(nn.Module):
         if not self.scale_input and self.output_prediction is None and plain_time:
             return self.net(x_t, model_time, **cond)
         t = self.form.t_from_model_time(as_time(model_time).to(x_t.device))
+        skip = broadcast(self.c_skip(t), x_t) * x_t if self.scaling == "velocity" else None
         if self.scale_input:
             x_t = broadcast(self.c_in(t), x_t) * x_t
         if not plain_time:
@@ -334,4 +370,4 @@ class Preconditioned(nn.Module):
         out = self.net(x_t, model_time, **cond)
         if self.output_prediction is not None:
             out = broadcast(self.c_out(t), out) * out
-        return out
+        return out if skip is None else skip + out

@@ -102,9 +102,13 @@ def tiny_run(tmp_path_factory):
         ({"train": {"time_sampler": "logit_normal"}}, r"with equal = 'logsnr' every cell's time sampler"),
         ({"grid": {"forms": ["vp"], "predictions": ["flow"]}, "network": {"scaling": "fm"}},
          r"\[network\] in form 'vp': scaling='fm' with output_prediction='flow' needs a flow-matching form"),
+        ({"network": {"scaling": "velocity", "precondition_output": False}},
+         r"\[network\] in form 'vp': scaling='velocity' needs output_prediction"),
+        ({"network": {"scaling": "karras"}}, r"unknown network scaling 'karras'; allowed: edm, fm, velocity"),
     ],
     ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
-         "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow"],
+         "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow",
+         "velocity-without-output", "unknown-scaling"],
 )  # fmt: skip
 def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -348,6 +352,30 @@ def test_forms_are_hyperparameters_in_flow_matching_units(tmp_path):
         for form in ("vp", "subvp"):
             for metric in ("sliced_w2", "energy"):
                 assert by_form[(form, steps)][metric] == pytest.approx(fm[metric], rel=1e-4)
+
+
+def test_forms_and_predictions_are_hyperparameters_with_velocity_scaling(tmp_path):
+    """With ``[network] scaling = "velocity"`` every cell's network predicts flow matching's
+    velocity, whatever its form and prediction, so equalized to flow matching's objective
+    the VP, VE and FM cells with eps, x0 and v prediction all train the same network: equal
+    final losses (1e-6 relative) and, for VP and FM, equal DDIM numbers (1e-4)."""
+    reference = {"form": "fm", "prediction": "flow", "time_sampler": "uniform"}
+    network = {"options": {"hidden": 32, "depth": 2}, "scaling": "velocity", "time_input": "fm"}
+    config = tiny(**{"grid.forms": ["vp", "ve", "fm"], "grid.predictions": ["eps", "x0", "v"],
+                     "rectify.enabled": False, "evaluation.reference_solver": "",
+                     "evaluation.diagnostics": []}, reference=reference, network=network)  # fmt: skip
+    results = run_compare(config, tmp_path, progress=False)
+    losses = {(c["form"], c["prediction"]): c["final_loss"]["teacher"] for c in results["cells"]}
+    assert len(losses) == 9
+    for loss in losses.values():
+        assert loss == pytest.approx(losses[("fm", "v")], rel=1e-6)
+    records = {(r["form"], r["prediction"], r["steps"]): r for r in results["records"]
+               if r["stage"] == "teacher" and r["solver"] == "ddim"}  # fmt: skip
+    assert len(records) >= 9
+    for (form, prediction, steps), record in records.items():
+        if form != "ve":
+            want = records[("fm", "v", steps)]["energy"]
+            assert record["energy"] == pytest.approx(want, rel=1e-4), (form, prediction, steps)
 
 
 def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):

@@ -128,10 +128,13 @@ class NetworkConfig:
         sigma_data: the data std of the input scaling c_in; None = the training data's std.
         precondition_output: also scale the output by c_out (unit-variance targets in every
             form and prediction; see ``nets.Preconditioned``).
-        scaling: ``"edm"`` (c_in and c_out for data of std sigma_data) or ``"fm"``
+        scaling: ``"edm"`` (c_in and c_out for data of std sigma_data), ``"fm"``
             (flow-matching units: c_in = 1 / (alpha + sigma), c_out = alpha + sigma for v;
             with ``time_input = "fm"`` every form's network sees and predicts what an
-            unscaled flow-matching network does; ``nets.Preconditioned``).
+            unscaled flow-matching network does) or ``"velocity"`` (as ``"fm"``, and the
+            network predicts flow matching's velocity eps - x0 in every prediction, turned
+            into it by a skip connection; needs ``precondition_output``);
+            ``nets.Preconditioned``.
         time_input: the network's time: ``"t"`` (each form's own t in [0, 1]) or ``"fm"``
             (the flow-matching t with the same logsnr, the same in every form).
         equalize_units: with ``equal = "logsnr"``, where ``timesteps.equalize`` makes each
@@ -141,7 +144,7 @@ class NetworkConfig:
             effective sample size of 0.04 on the network's output otherwise), or ``"loss"``
             (the loss in the form's units, rectdiff 0.2's first scheme). With ``scaling =
             "fm"`` and ``time_input = "fm"`` every form trains the same network as flow
-            matching.
+            matching; with ``"velocity"`` every form and prediction does.
     """
 
     kind: str = "mlp"
