@@ -103,7 +103,10 @@ def test_learning_rates_follow_the_scheduler(monkeypatch, schedule):
 
 def _two_process_rates(out: str) -> None:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # a forked worker inherits the test process's one-process state singleton
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
     config = TrainConfig(steps=12, batch_size=8, lr=1e-2, lr_schedule="cosine", warmup_steps=5)
     trainer = Trainer(MLP(2, hidden=8, depth=1), load_data("moons", 64, seed=0),
