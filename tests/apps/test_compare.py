@@ -376,6 +376,15 @@ def test_forms_and_predictions_are_hyperparameters_with_velocity_scaling(tmp_pat
         if form != "ve":
             want = records[("fm", "v", steps)]["energy"]
             assert record["energy"] == pytest.approx(want, rel=1e-4), (form, prediction, steps)
+    # the saved teacher reloads with its skip connection: the recorded number again
+    model, form, prediction = load_model_dir(tmp_path / "models" / "vp_eps" / "teacher")
+    assert (model.scaling, prediction) == ("velocity", "eps")
+    noise = standard_noise((2,), config.data.n_eval, config.seed, "evaluation")
+    sample = samplers.sample(model, noise, form=form, prediction=prediction, solver="ddim",
+                             steps=2, t_grid=sampling_grid(form, 2, config))  # fmt: skip
+    reference = load_data("8gaussians", config.data.n_eval, config.seed + 1)
+    direct = metrics.compute_metrics(["energy"], sample, reference, seed=config.seed)
+    assert direct["energy"] == records[("vp", "eps", 2)]["energy"]
 
 
 def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
