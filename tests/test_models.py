@@ -257,3 +257,29 @@ def test_sample_shape_is_what_pair_generation_infers():
     assert infer_shape(Preconditioned(MLP(dim=3, hidden=8), form), None) == [3]
     unet = UNet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
     assert infer_shape(Preconditioned(unet, form), None) == [1, 8, 8]
+
+
+@pytest.mark.parametrize("scaling", ["edm", "fm", "velocity"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+@pytest.mark.parametrize("time_input", ["model", "t", "fm"])
+def test_forward_is_the_public_scales_composed_bit_for_bit(scaling, prediction, time_input):
+    """The forward pass computes alpha_t and sigma_t once for all its scales; it gives exactly
+    ``c_skip x + c_out net(c_in x, time)`` of the public ``c_skip``, ``c_in``, ``c_out`` and
+    ``fm_time`` (float64, every form where the scaling is defined)."""
+    for name, form in FORMS.items():
+        if scaling == "fm" and prediction == "flow" and name != "fm":
+            continue
+        recorder = Recorder()
+        wrapper = Preconditioned(recorder, form, sigma_data=0.7, output_prediction=prediction,
+                                 time_input=time_input, scaling=scaling)  # fmt: skip
+        t = torch.linspace(form.t_min, form.t_max, 17, dtype=F64)
+        x = torch.randn(17, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+        model_time = form.model_time(t)
+        out = wrapper(x, model_time)
+        t_back = form.t_from_model_time(model_time)
+        time = {"model": model_time, "t": t_back, "fm": wrapper.fm_time(t_back)}[time_input]
+        want = wrapper.c_out(t_back)[:, None] * (wrapper.c_in(t_back)[:, None] * x)
+        if scaling == "velocity":
+            want = wrapper.c_skip(t_back)[:, None] * x + want
+        assert torch.equal(out, want), name
+        assert torch.equal(recorder.model_time, time), name

@@ -23,7 +23,7 @@ from diffusers import UNet2DModel
 from torch import Tensor, nn
 
 from .forms import Form, as_time, broadcast
-from .predictions import check_prediction, from_x0_eps
+from .predictions import check_prediction
 
 __all__ = [
     "embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned", "TIME_INPUTS",
@@ -304,11 +304,16 @@ class Preconditioned(nn.Module):
         """The wrapped network's ``sample_shape`` (AttributeError when it has none)."""
         return tuple(self.net.sample_shape)
 
+    def _alpha_sigma(self, t: Any) -> tuple[Tensor, Tensor, Tensor]:
+        t64 = as_time(t)
+        return t64, self.form.alpha(t64), self.form.sigma(t64)
+
     def c_in(self, t: Any) -> Tensor:
         """1 / sqrt(alpha_t^2 sigma_data^2 + sigma_t^2) (``scaling="fm"`` or ``"velocity"``:
         1 / (alpha_t + sigma_t)), float64."""
-        t64 = as_time(t)
-        alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
+        return self._c_in(*self._alpha_sigma(t)[1:])
+
+    def _c_in(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         if self.scaling != "edm":
             return 1 / (alpha + sigma)
         return torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
@@ -316,58 +321,67 @@ class Preconditioned(nn.Module):
     def fm_time(self, t: Any) -> Tensor:
         """sigma_t / (alpha_t + sigma_t), float64: the flow-matching time whose logsnr,
         2 log((1 - s) / s), is this form's at t (``time_input="fm"``)."""
-        t64 = as_time(t)
-        alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
+        _, alpha, sigma = self._alpha_sigma(t)
         return sigma / (alpha + sigma)
 
-    def _target_coefficients(self, t64: Tensor) -> tuple[Tensor, Tensor]:
-        """``(a_t, b_t)`` of the output prediction ``a_t x0 + b_t eps``."""
-        assert self.output_prediction is not None
+    def _target_coefficients(
+        self, t64: Tensor, alpha: Tensor, sigma: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(a_t, b_t)`` of the output prediction ``a_t x0 + b_t eps``
+        (``predictions.from_x0_eps`` of (1, 0) and (0, 1), written out)."""
+        prediction = self.output_prediction
+        if prediction == "v":  # v = alpha eps - sigma x0
+            return -sigma, alpha
+        if prediction == "flow":  # alpha' x0 + sigma' eps
+            return self.form.d_alpha(t64), self.form.d_sigma(t64)
         one, zero = torch.ones_like(t64), torch.zeros_like(t64)
-        return (
-            from_x0_eps(one, zero, self.output_prediction, t64, self.form),
-            from_x0_eps(zero, one, self.output_prediction, t64, self.form),
-        )
+        return (one, zero) if prediction == "x0" else (zero, one)
 
     def c_skip(self, t: Any) -> Tensor:
         """(a_t + b_t) / (alpha_t + sigma_t) for ``scaling="velocity"`` (the output
         prediction ``a_t x0 + b_t eps``), else 0; float64."""
-        t64 = as_time(t)
+        return self._c_skip(*self._alpha_sigma(t))
+
+    def _c_skip(self, t64: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         if self.scaling != "velocity":
             return torch.zeros_like(t64)
-        a, b = self._target_coefficients(t64)
-        return (a + b) / (self.form.alpha(t64) + self.form.sigma(t64))
+        a, b = self._target_coefficients(t64, alpha, sigma)
+        return (a + b) / (alpha + sigma)
 
     def c_out(self, t: Any) -> Tensor:
         """sqrt(a_t^2 sigma_data^2 + b_t^2) for target a_t x0 + b_t eps, float64 (1 when off;
         ``scaling="fm"``: alpha_t + sigma_t for v, else 1; ``"velocity"``: (b_t alpha_t -
         a_t sigma_t) / (alpha_t + sigma_t))."""
-        t64 = as_time(t)
+        return self._c_out(*self._alpha_sigma(t))
+
+    def _c_out(self, t64: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         if self.output_prediction is None:
             return torch.ones_like(t64)
-        if self.scaling == "velocity":
-            a, b = self._target_coefficients(t64)
-            alpha, sigma = self.form.alpha(t64), self.form.sigma(t64)
-            return (b * alpha - a * sigma) / (alpha + sigma)
         if self.scaling == "fm":
             if self.output_prediction != "v":  # eps and x0 are form-free; FM's own flow
                 return torch.ones_like(t64)
-            return self.form.alpha(t64) + self.form.sigma(t64)
-        a, b = self._target_coefficients(t64)
+            return alpha + sigma
+        a, b = self._target_coefficients(t64, alpha, sigma)
+        if self.scaling == "velocity":
+            return (b * alpha - a * sigma) / (alpha + sigma)
         return torch.sqrt(a**2 * self.sigma_data**2 + b**2)
 
     def forward(self, x_t: Tensor, model_time: Any, **cond: Any) -> Tensor:
         plain_time = self.time_input == "model"
         if not self.scale_input and self.output_prediction is None and plain_time:
             return self.net(x_t, model_time, **cond)
-        t = self.form.t_from_model_time(as_time(model_time).to(x_t.device))
-        skip = broadcast(self.c_skip(t), x_t) * x_t if self.scaling == "velocity" else None
+        # alpha_t and sigma_t once, for every scale below
+        t, alpha, sigma = self._alpha_sigma(self.form.t_from_model_time(
+            as_time(model_time).to(x_t.device)))  # fmt: skip
+        skip = None
+        if self.scaling == "velocity":
+            skip = broadcast(self._c_skip(t, alpha, sigma), x_t) * x_t
         if self.scale_input:
-            x_t = broadcast(self.c_in(t), x_t) * x_t
+            x_t = broadcast(self._c_in(alpha, sigma), x_t) * x_t
         if not plain_time:
             dtype = model_time.dtype if isinstance(model_time, Tensor) else x_t.dtype
-            model_time = (self.fm_time(t) if self.time_input == "fm" else t).to(dtype)
+            model_time = (sigma / (alpha + sigma) if self.time_input == "fm" else t).to(dtype)
         out = self.net(x_t, model_time, **cond)
         if self.output_prediction is not None:
-            out = broadcast(self.c_out(t), out) * out
+            out = broadcast(self._c_out(t, alpha, sigma), out) * out
         return out if skip is None else skip + out
