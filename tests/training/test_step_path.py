@@ -139,3 +139,27 @@ def test_two_processes_follow_the_one_process_schedule(tmp_path):
         got = torch.load(f"{out}.{rank}")
         assert got["processes"] == 2
         assert got["rates"] == pytest.approx(want, rel=1e-12)
+
+
+def test_direct_gradient_clipping_is_accelerates():
+    """Without a grad scaler or a sharded model the Trainer clips with torch's
+    ``clip_grad_norm_`` itself; through accelerate's ``clip_grad_norm_`` the weights and the
+    logged gradient norms are the same, bit for bit."""
+
+    def run(through_accelerate: bool):
+        torch.manual_seed(0)
+        config = TrainConfig(steps=30, batch_size=64, lr=1e-2, grad_clip=0.05, log_every=3)
+        trainer = Trainer(MLP(2, hidden=32, depth=2), load_data("moons", 512, seed=0),
+                          form=FlowMatching(), prediction="flow", config=config)  # fmt: skip
+        if through_accelerate:
+            trainer._clip_grad_norm = trainer.accelerator.clip_grad_norm_
+        trainer._logging = True
+        norms = []
+        for _ in range(config.steps):
+            trainer.step()
+            norms.append(trainer._grad_norm)
+        return [p.detach().clone() for p in trainer.model.parameters()], norms
+
+    (direct, direct_norms), (wrapped, wrapped_norms) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(direct, wrapped, strict=True))
+    assert direct_norms == wrapped_norms and direct_norms[2] > 0.05  # clipped

@@ -103,6 +103,14 @@ class Trainer:
         raw = self.optimizer.optimizer if plain else self.optimizer
         self._optimizer_step, self._zero_grad = raw.step, raw.zero_grad
         self._scheduler_step = self._scheduler_stepper(plain)
+        # accelerate's clip_grad_norm_ unscales (fp16), syncs (XLA) or delegates (FSDP,
+        # DeepSpeed) and otherwise calls torch's on the parameters; the hot loop does that
+        sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        self._clip_grad_norm = (
+            torch.nn.utils.clip_grad_norm_
+            if plain and acc.distributed_type not in sharded
+            else acc.clip_grad_norm_
+        )
         # One micro-batch per step and nothing for accelerate to scale or sync: its
         # accumulate() context is then a no-op and its backward() divides the loss by 1,
         # so the hot loop calls loss.backward() itself (the same gradients, bit for bit).
@@ -231,7 +239,7 @@ class Trainer:
                 if acc.sync_gradients:
                     norm = None
                     if config.grad_clip > 0:
-                        norm = acc.clip_grad_norm_(self.params, config.grad_clip)
+                        norm = self._clip_grad_norm(self.params, config.grad_clip)
                     self._note_gradients(norm)
                     self._optimizer_step()
                     self._scheduler_step()
@@ -265,7 +273,7 @@ class Trainer:
         loss.backward()
         norm = None
         if config.grad_clip > 0:
-            norm = self.accelerator.clip_grad_norm_(self.params, config.grad_clip)
+            norm = self._clip_grad_norm(self.params, config.grad_clip)
         self._note_gradients(norm)
         self._optimizer_step()
         self._scheduler_step()
@@ -286,7 +294,7 @@ class Trainer:
         if not self._logs_next_step():
             return
         if norm is None:  # max_norm = inf: measured (unscaled under fp16), never rescaled
-            norm = self.accelerator.clip_grad_norm_(self.params, math.inf)
+            norm = self._clip_grad_norm(self.params, math.inf)
         self._grad_norm = math.nan if norm is None else float(norm)
         self._lr = float(self.optimizer.param_groups[0]["lr"])
 
