@@ -101,21 +101,28 @@ class Equalized(TimeSampler):
     def _t(self, lam: Tensor) -> Tensor:
         return self.form.t_from_logsnr(lam).clamp(self.form.t_min, self.form.t_max)
 
-    def _interpolate(self, nodes: Tensor, lam: Tensor) -> Tensor:
-        pos = ((lam - self.lo) / self._h).clamp(0, len(nodes) - 1)
-        k = pos.floor().long().clamp(max=len(nodes) - 2)
-        frac = pos - k
-        value = nodes[k] + frac * (nodes[k + 1] - nodes[k])
+    def _cell(self, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, frac, inside)``: the grid cell of each ``lam``, the position in it, and
+        whether ``lam`` is in [lo, hi]."""
+        pos = ((lam - self.lo) / self._h).clamp(0, len(self.weights) - 1)
+        k = pos.floor().long().clamp(max=len(self.weights) - 2)
         inside = (lam >= self.lo - 1e-12) & (lam <= self.hi + 1e-12)
+        return k, pos - k, inside
+
+    @staticmethod
+    def _interpolate(nodes: Tensor, cell: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        k, frac, inside = cell
+        nodes = nodes.to(frac.device)
+        value = nodes[k] + frac * (nodes[k + 1] - nodes[k])
         return torch.where(inside, value, torch.zeros_like(value))
 
     def interpolate(self, lam: Tensor) -> Tensor:
         """The piecewise-linear reference weight at ``lam`` (zero outside [lo, hi])."""
-        return self._interpolate(self.weights.to(lam.device), lam)
+        return self._interpolate(self.weights, self._cell(lam))
 
     def proposal_density(self, lam: Tensor) -> Tensor:
         """The density ``q(lambda)`` logsnr is drawn from (normalised on [lo, hi])."""
-        return self._interpolate(self.proposal.to(lam.device), lam) / self.proposal_total
+        return self._interpolate(self.proposal, self._cell(lam)) / self.proposal_total
 
     def importance_weight(self, t: Any, prediction: str | None = None) -> Tensor:
         """The loss weight ``w_ref(lambda) / (c_pred(t)^2 q(lambda))`` at ``t``, float64.
@@ -125,10 +132,10 @@ class Equalized(TimeSampler):
         sampler's own prediction it is ``proposal_total`` up to the interpolation error.
         """
         t64 = as_time(t)
-        lam = self.form.logsnr(t64)
-        q = self.proposal_density(lam)
+        cell = self._cell(self.form.logsnr(t64))  # shared by both interpolations
+        q = self._interpolate(self.proposal, cell) / self.proposal_total
         c2 = prediction_factor(self.form, prediction or self.prediction, t64)
-        ratio = self.interpolate(lam) / (c2 * q).clamp(min=1e-300)
+        ratio = self._interpolate(self.weights, cell) / (c2 * q).clamp(min=1e-300)
         return torch.where(q > 0, ratio, torch.zeros_like(ratio))
 
     def icdf(self, u: Tensor) -> Tensor:
