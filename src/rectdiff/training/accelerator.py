@@ -1,18 +1,22 @@
 """The ``Accelerator`` a training run makes for its :class:`~rectdiff.training.TrainConfig`,
-with the tracker ``log_with`` names (tensorboard or wandb, optional packages)."""
+with the tracker ``log_with`` names (tensorboard or wandb, optional packages), and the calls
+its hot loop makes on the prepared optimizer and scheduler (:func:`direct_calls`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin
 
 from ..errors import ConfigError
 from .config import TrainConfig
 
-__all__ = ["new_accelerator", "tracker", "tracked_settings"]
+__all__ = ["new_accelerator", "tracker", "tracked_settings", "DirectCalls", "direct_calls"]
 
 
 def tracker(config: TrainConfig) -> str | None:
@@ -60,3 +64,51 @@ def new_accelerator(config: TrainConfig) -> Accelerator:
             "already set up with accelerate, which allows one per process. Use the same "
             "mixed_precision for every train() in a process, or pass accelerator=."
         ) from err
+
+
+@dataclass(frozen=True)
+class DirectCalls:
+    """What a training step calls for the optimizer, the scheduler and clipping: the wrapped
+    objects themselves where accelerate's wrappers would only delegate to them (``plain``),
+    accelerate's wrappers otherwise."""
+
+    plain: bool
+    optimizer_step: Callable[[], Any]
+    zero_grad: Callable[..., Any]
+    scheduler_step: Callable[[], None]
+    clip_grad_norm: Callable[..., Any]
+
+
+def direct_calls(acc: Accelerator, optimizer: Any, scheduler: Any) -> DirectCalls:
+    """The calls of a hot training loop on ``acc``'s prepared optimizer and scheduler.
+
+    Without a grad scaler (fp16) or XLA, accelerate's wrappers add only per-call look-ups:
+    ``AcceleratedOptimizer.step`` probes for the lomo_optim package and ``zero_grad``
+    inspects a signature; ``AcceleratedScheduler.step`` steps the wrapped scheduler once per
+    process after an optimizer step that ran (and none is skipped without a scaler);
+    ``clip_grad_norm_`` calls torch's unless the model is sharded (FSDP, DeepSpeed,
+    Megatron). Then the wrapped objects are called directly, with the same numbers bit for
+    bit (tests/training/test_step_path.py).
+    """
+    plain = acc.scaler is None and acc.distributed_type != DistributedType.XLA
+    raw = optimizer.optimizer if plain else optimizer
+    inner = getattr(scheduler, "scheduler", None)
+    scheduler_step: Callable[[], None] = scheduler.step
+    if plain and inner is not None and not hasattr(inner, "total_steps") and not acc.split_batches:
+        processes = acc.num_processes
+        scheduler_step = inner.step if processes == 1 else _repeated(inner.step, processes)
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    clip = (
+        torch.nn.utils.clip_grad_norm_
+        if plain and acc.distributed_type not in sharded
+        else acc.clip_grad_norm_
+    )
+    return DirectCalls(plain, raw.step, raw.zero_grad, scheduler_step, clip)
+
+
+def _repeated(step: Callable[[], Any], times: int) -> Callable[[], None]:
+    def repeated() -> None:
+        for _ in range(times):
+            step()
+
+    return repeated

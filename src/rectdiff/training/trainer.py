@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..forms import Form
 from ..io.files import write_text_atomic
 from ..predictions import check_prediction
-from .accelerator import new_accelerator, tracked_settings, tracker
+from .accelerator import direct_calls, new_accelerator, tracked_settings, tracker
 from .batches import LoaderBatches, TensorBatches
 from .checkpoints import checkpoint_root, load_latest, save_checkpoint
 from .config import TrainConfig
@@ -96,26 +96,14 @@ class Trainer:
         )
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # AcceleratedOptimizer.step probes for the lomo_optim package (two importlib
-        # look-ups) and zero_grad inspects a signature on every call; without a grad scaler
-        # (fp16) or XLA they then just call the wrapped optimizer, so the hot loop does that.
-        plain = acc.scaler is None and acc.distributed_type != DistributedType.XLA
-        raw = self.optimizer.optimizer if plain else self.optimizer
-        self._optimizer_step, self._zero_grad = raw.step, raw.zero_grad
-        self._scheduler_step = self._scheduler_stepper(plain)
-        # accelerate's clip_grad_norm_ unscales (fp16), syncs (XLA) or delegates (FSDP,
-        # DeepSpeed) and otherwise calls torch's on the parameters; the hot loop does that
-        sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-        self._clip_grad_norm = (
-            torch.nn.utils.clip_grad_norm_
-            if plain and acc.distributed_type not in sharded
-            else acc.clip_grad_norm_
-        )
+        calls = direct_calls(acc, self.optimizer, self.scheduler)
+        self._optimizer_step, self._zero_grad = calls.optimizer_step, calls.zero_grad
+        self._scheduler_step, self._clip_grad_norm = calls.scheduler_step, calls.clip_grad_norm
         # One micro-batch per step and nothing for accelerate to scale or sync: its
         # accumulate() context is then a no-op and its backward() divides the loss by 1,
         # so the hot loop calls loss.backward() itself (the same gradients, bit for bit).
         self._direct = (
-            plain
+            calls.plain
             and config.grad_accum == 1
             and acc.gradient_accumulation_steps == 1
             and acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
@@ -155,26 +143,6 @@ class Trainer:
         self._snapshot_refused = False
         self._snapshot_noise: Tensor | None = None
         acc.register_for_checkpointing(CheckpointState(self))
-
-    def _scheduler_stepper(self, plain: bool) -> Callable[[], None]:
-        """The learning-rate scheduler's step as accelerate's ``AcceleratedScheduler.step``
-        takes it after an optimizer step that ran: the wrapped scheduler stepped once per
-        process (the lengths are scaled by the process count). Without a grad scaler no step
-        is ever skipped, so the hot loop steps the wrapped scheduler itself and skips the
-        wrapper's per-call state look-ups; with one (or a OneCycle-like ``total_steps``
-        bound, or split batches) it goes through the wrapper."""
-        acc, wrapper = self.accelerator, self.scheduler
-        inner = getattr(wrapper, "scheduler", None)
-        if not plain or inner is None or hasattr(inner, "total_steps") or acc.split_batches:
-            return wrapper.step
-        if acc.num_processes == 1:
-            return inner.step
-
-        def step() -> None:
-            for _ in range(acc.num_processes):
-                inner.step()
-
-        return step
 
     def _batches(self, data: Any) -> TensorBatches | LoaderBatches:
         acc = self.accelerator
