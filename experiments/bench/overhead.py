@@ -86,33 +86,24 @@ def interleaved_times(
     """Wall-clock seconds per call of a and of b in each of ``rounds`` alternating blocks
     (the order swapped every round); their minimum is the least disturbed block, which
     ``timeit`` recommends on a shared machine."""
-    return interleaved_clock_times(a, b, rounds, block)["wall"]
-
-
-def interleaved_clock_times(
-    a: Callable[[], object], b: Callable[[], object], rounds: int, block: int
-) -> dict[str, tuple[list[float], list[float]]]:
-    """:func:`interleaved_times` on two clocks read around the same blocks: ``"wall"``
-    (``time.perf_counter``) and ``"cpu"`` (``time.thread_time``, the CPU time of the calling
-    thread: with torch on one thread every operation runs there, and time the thread spends
-    descheduled by other work on a shared machine is not counted)."""
     times = round_robin_times({"a": a, "b": b}, rounds, block)
-    return {clock: (times["a"][clock], times["b"][clock]) for clock in ("wall", "cpu")}
+    return times["a"]["wall"], times["b"]["wall"]
 
 
 def round_robin_times(
     fns: dict[str, Callable[[], object]], rounds: int, block: int
 ) -> dict[str, dict[str, list[float]]]:
     """Per name, ``{"wall": [...], "cpu": [...]}``: seconds per call in each of ``rounds``
-    blocks of ``block`` calls. Every round times one block of each function, the order
-    rotated by one each round, so all of them run under the same conditions of a shared
-    machine (and none always runs first or last)."""
+    blocks of ``block`` calls, on two clocks read around the same blocks: ``time.perf_counter``
+    and ``time.thread_time`` (the calling thread's CPU time: with torch on one thread every
+    operation runs there, and time spent descheduled is not counted). Every round times one
+    block of each function, the order rotated by one each round, so all of them run under
+    the same conditions of a shared machine and each takes every place in the order alike."""
     names = list(fns)
     out: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(rounds):
         k = r % len(names)
-        order = names[k:] + names[:k]
-        for name in order if r % 2 == 0 else order[::-1]:
+        for name in names[k:] + names[:k]:
             fn = fns[name]
             start_wall, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(block):

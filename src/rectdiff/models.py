@@ -321,7 +321,10 @@ class Preconditioned(nn.Module):
     def fm_time(self, t: Any) -> Tensor:
         """sigma_t / (alpha_t + sigma_t), float64: the flow-matching time whose logsnr,
         2 log((1 - s) / s), is this form's at t (``time_input="fm"``)."""
-        _, alpha, sigma = self._alpha_sigma(t)
+        return self._fm_time(*self._alpha_sigma(t)[1:])
+
+    @staticmethod
+    def _fm_time(alpha: Tensor, sigma: Tensor) -> Tensor:
         return sigma / (alpha + sigma)
 
     def _target_coefficients(
@@ -380,7 +383,7 @@ class Preconditioned(nn.Module):
             x_t = broadcast(self._c_in(alpha, sigma), x_t) * x_t
         if not plain_time:
             dtype = model_time.dtype if isinstance(model_time, Tensor) else x_t.dtype
-            model_time = (sigma / (alpha + sigma) if self.time_input == "fm" else t).to(dtype)
+            model_time = (self._fm_time(alpha, sigma) if self.time_input == "fm" else t).to(dtype)
         out = self.net(x_t, model_time, **cond)
         if self.output_prediction is not None:
             out = broadcast(self._c_out(t, alpha, sigma), out) * out

@@ -84,7 +84,7 @@ class Trainer:
         set_seed(config.seed)
         # foreach: one multi-tensor update per step instead of a Python loop over the
         # parameters; on the CPU the same per-tensor operations, so the same weights bit for
-        # bit (tests/training/test_trainer_speed.py), and torch's default on GPUs anyway
+        # bit (tests/training/test_step_path.py), and torch's default on GPUs anyway
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
         )
