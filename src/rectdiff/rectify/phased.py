@@ -41,7 +41,7 @@ from .. import samplers
 from ..forms import DiscreteVP, Form, as_time, broadcast
 from ..io.configs import check_choice
 from ..predictions import check_prediction, to_x0_eps
-from ..training.losses import LOSSES, reduce_loss, sampler_for
+from ..training.losses import LOSSES, reduce_loss, sampler_for, take_rows
 from ..training.time_samplers import TimeSampler
 from ..training.trainer import TrainConfig, TrainResult, train
 from .coupling import Couplings, load_pairs, start_noise
@@ -273,6 +273,7 @@ def phased_loss(
     generator: torch.Generator | None = None,
     start_mass: float = 0.0,
     sigma_data: float | None = None,
+    rows: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The phased loss on window couplings ``(eps*, x0*)`` (signature of ``diffusion_loss``).
 
@@ -291,6 +292,9 @@ def phased_loss(
     difference is scaled by that factor. Without it a VE form's early windows, whose endpoints
     are ``sigma_e`` times larger, outweigh the last window by ``sigma_e^2``.
 
+    ``rows`` (multi-process training; see ``diffusion_loss``): t is drawn for the whole
+    batch, then only these rows are computed.
+
     Returns:
         ``(mean_loss, per_sample_loss)``.
     """
@@ -307,6 +311,8 @@ def phased_loss(
         draw = torch.rand(frac.shape, generator=generator, dtype=frac.dtype, device=frac.device)
         frac = torch.where(draw < start_mass, torch.ones_like(frac), frac)
     t = lo + (hi - lo) * frac
+    if rows is not None:
+        x0, eps, t, end, cond = take_rows((x0, eps, t, end, cond), rows, len(frac))
     x_t = form.add_noise(x0, eps, t)
     out = model(x_t, form.model_time(t).to(x0.dtype), **cond)
     x0_pred, eps_pred = to_x0_eps(out, prediction, x_t, t, form)

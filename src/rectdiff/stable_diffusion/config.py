@@ -41,7 +41,8 @@ class SDRectifyConfig:
         max_steps: optimizer steps.
         lr, weight_decay, warmup_steps, grad_clip: AdamW, constant schedule after warm-up
             (paper: lr 5e-6, weight decay 1e-3, clip 1).
-        batch_size, grad_accum: pairs per process per micro-batch, micro-batches per step.
+        batch_size, grad_accum: pairs per micro-batch (all processes together, split among
+            them: the result does not depend on the process count), micro-batches per step.
         loss, huber_c: ``"mse"`` or ``"pseudo_huber"`` (paper) and its constant.
         loss_prediction: the prediction the loss compares: default ``"x0"`` (paper) for the
             checkpoint's form, ``"flow"`` for ``target_form="fm"``.

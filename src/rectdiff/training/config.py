@@ -57,7 +57,9 @@ class TrainConfig:
 
     Attributes:
         steps: optimizer steps.
-        batch_size: samples per process per micro-batch.
+        batch_size: samples per micro-batch, all processes together: each of P processes
+            computes batch_size / P of them (a multiple of P), and the result does not
+            depend on P.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length of ``lr_schedule``.
         lr_schedule: a diffusers ``get_scheduler`` name (``LR_SCHEDULES``).

@@ -36,6 +36,7 @@ __all__ = [
     "drop_conditioning",
     "reduce_loss",
     "sampler_for",
+    "take_rows",
     "with_cond_dropout",
 ]
 
@@ -119,6 +120,7 @@ class DiffusionLoss:
         t: Any = None,
         cond: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(mean_loss, per_sample_loss)`` of ``model`` on the batch ``x0`` (see
         :func:`diffusion_loss`)."""
@@ -144,6 +146,8 @@ class DiffusionLoss:
                     f"t must be a scalar or have shape (B,) = ({batch},) to match a batch of "
                     f"shape {tuple(x0.shape)}; got shape {tuple(t.shape)}."
                 )
+        if rows is not None:  # this process's rows of the whole batch's draws
+            x0, eps, t, cond = take_rows((x0, eps, t, cond), rows, batch)
         model_time, alpha, sigma, *ab = self.coefficients(t, x0)
         x_t = alpha * x0 + sigma * eps
         out = model(x_t, model_time, **(cond or {}))
@@ -186,6 +190,7 @@ def diffusion_loss(
     t: Any = None,
     cond: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    rows: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The diffusion loss of ``model`` on the batch ``x0``.
 
@@ -212,9 +217,14 @@ def diffusion_loss(
         t: times, scalar or ``(B,)`` inside ``[form.t_min, form.t_max]`` (sampled when None).
         cond: extra keyword arguments for the model (e.g. ``class_labels``).
         generator: random generator for eps and t.
+        rows: the rows of the batch to compute (multi-process training: every process
+            draws eps, t and the coupling for the whole batch ``x0`` alike, then computes
+            only its own rows, so the mean gradient over processes is the one-process
+            gradient of the whole batch); None for all.
 
     Returns:
-        ``(mean_loss, per_sample_loss)``; the second has shape ``(B,)``.
+        ``(mean_loss, per_sample_loss)`` over the computed rows; the second has shape
+        ``(B,)`` (``(len(rows),)`` with ``rows``).
 
     Raises:
         ValueError: for an unknown prediction, loss or coupling, or given t outside the safe
@@ -224,7 +234,19 @@ def diffusion_loss(
         form, prediction, time_sampler=time_sampler, weighting=weighting, loss=loss,
         huber_c=huber_c, coupling=coupling,
     )  # fmt: skip
-    return objective(model, x0, eps=eps, t=t, cond=cond, generator=generator)
+    return objective(model, x0, eps=eps, t=t, cond=cond, generator=generator, rows=rows)
+
+
+def take_rows(value: Any, rows: slice, batch: int) -> Any:
+    """``value[rows]`` for a batch tensor (first dimension ``batch``), recursively through
+    tuples, lists and dicts; anything else (a scalar, a shared tensor, None) as it is."""
+    if isinstance(value, Tensor):
+        return value[rows] if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {key: take_rows(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(item, rows, batch) for item in value)
+    return value
 
 
 def reduce_loss(
@@ -288,8 +310,9 @@ def with_cond_dropout(loss_fn: Any, p: float, uncond: dict[str, Tensor]) -> Any:
     """``loss_fn`` (e.g. :func:`diffusion_loss`) training on batches whose conditioning is
     dropped to ``uncond`` for each sample with probability ``p``.
 
-    The drop mask is drawn first from the loss's own ``generator`` (the trainer seeds it per
-    step and process), so a run is reproducible and resumes exactly.
+    The drop mask is drawn first, for the whole batch, from the loss's own ``generator``
+    (the trainer seeds it per step), so a run is reproducible, resumes exactly and does
+    not depend on the number of processes (``rows`` reaches ``loss_fn`` unchanged).
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"the conditioning dropout must be in [0, 1), got {p!r}.")

@@ -18,7 +18,8 @@ torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` draws B pairs *with r
 from that plan, so a batch repeats about a third of its pairs and drops as many; here every
 data point keeps one noise sample (the permutation itself, as in Pooladian et al.). In the
 rectified-flow papers' time (t = 1 data) the pairing is the same; only t is mirrored.
-Under ``accelerate`` each process couples its own batch of ``batch_size`` samples.
+Under ``accelerate`` every process couples the whole batch alike and computes its own rows,
+so the coupling does not depend on the number of processes.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ Data is either clean samples ``x0`` (fresh noise each step) or, with ``pairs=Tru
 ``(eps, x0[, cond])`` couplings whose noise is fixed per pair (rectification). A tensor (or a
 tuple of tensors) is batched in memory on the device; a ``DataLoader`` goes through
 ``accelerator.prepare`` (with accelerate's seedable sampler, so a resumed run replays the
-same batches). Noise and t of step n on process r are seeded by (seed, r, n). A non-finite loss raises :class:`NonFiniteLossError` naming the step
-and the last good checkpoint; losses are checked at every log and checkpoint step (and at
+same batches). ``batch_size`` is the whole batch of all processes together: every process
+draws the same batch, noise and t (seeded by (seed, step)) and computes its own block of
+rows (``rows=`` of the loss), so the result does not depend on the number of processes. A
+non-finite loss raises :class:`NonFiniteLossError` naming the step and the last good checkpoint; losses are checked at every log and checkpoint step (and at
 the end) so that the hot loop never waits on the device.
 """
 
@@ -39,11 +41,13 @@ from ..forms import Form
 from ..io.files import write_text_atomic
 from ..predictions import check_prediction
 from .accelerator import direct_calls, new_accelerator, tracked_settings, tracker
-from .batches import LoaderBatches, TensorBatches
+from .batches import (
+    LoaderBatches, TensorBatches, draws_per_process, prepare_whole_batches, process_rows,
+)
 from .checkpoints import checkpoint_root, load_latest, save_checkpoint
 from .config import TrainConfig
 from .loss_log import LOSS_LOG, LossLog
-from .losses import DiffusionLoss, diffusion_loss
+from .losses import DiffusionLoss, diffusion_loss, take_rows
 from .minibatch_ot import check_coupling_use
 from .snapshots import take_snapshot
 from .state import CheckpointState, NonFiniteLossError, TrainResult
@@ -117,6 +121,10 @@ class Trainer:
         self.data_generator = torch.Generator(device).manual_seed(config.seed)
         self.noise_generator = torch.Generator(device)
         self.batches: TensorBatches | LoaderBatches = self._batches(data_or_loader)
+        # each process computes its rows of every whole batch; a custom loss without ``rows``
+        # gets them sliced and draws its own noise per process (its result depends on the count)
+        process_rows(getattr(data_or_loader, "batch_size", None) or config.batch_size, acc)
+        self._own_draws = draws_per_process(loss_fn, acc)
         self.sampler = time_sampler(config.time_sampler, form, **config.time_sampler_params)
         self.weighting = loss_weighting(config.weighting, **config.weighting_params)
         check_coupling_use(config.coupling, pairs, custom_loss=loss_fn is not diffusion_loss)
@@ -150,12 +158,9 @@ class Trainer:
             data = (data,)
         if isinstance(data, (tuple, list)) and all(isinstance(t, Tensor) for t in data):
             tensors = tuple(t.to(acc.device) for t in data)
-            return TensorBatches(
-                tensors, self.config.batch_size, self.data_generator,
-                acc.process_index, acc.num_processes,
-            )  # fmt: skip
+            return TensorBatches(tensors, self.config.batch_size, self.data_generator)
         if isinstance(data, torch.utils.data.DataLoader):
-            return LoaderBatches(acc.prepare(data))
+            return LoaderBatches(prepare_whole_batches(data, acc))
         raise ValueError(
             f"data must be a tensor, a tuple of tensors or a DataLoader, got {type(data).__name__}."
         )
@@ -189,9 +194,10 @@ class Trainer:
         Advances ``step_count``; :meth:`run` adds the loss history, checks and checkpoints.
         """
         acc, config = self.accelerator, self.config
-        # t and eps of step n on process r depend on (seed, r, n) only: exact resume without
-        # gathering per-process generator states (ints and tuples of ints hash unsalted)
-        step_seed = hash((config.seed, acc.process_index, self.step_count)) & (2**63 - 1)
+        # t and eps of step n depend on (seed, n) only, alike on every process: exact resume
+        # without saving generator states (ints and tuples of ints hash unsalted)
+        stream = acc.process_index if self._own_draws else 0
+        step_seed = hash((config.seed, stream, self.step_count)) & (2**63 - 1)
         self.noise_generator.manual_seed(step_seed)
         return self._direct_step() if self._direct else self._accumulated_step()
 
@@ -219,17 +225,21 @@ class Trainer:
         return total / config.grad_accum if config.grad_accum > 1 else total
 
     def _loss(self, x0: Tensor, eps: Tensor | None, cond: dict[str, Any]) -> Tensor:
-        """The mean loss of one micro-batch (the resolved objective for the default loss)."""
+        """The mean loss of this process's rows of one micro-batch (the resolved objective
+        for the default loss)."""
+        rows = process_rows(len(x0), self.accelerator)
         if self._objective is not None:
             loss, _ = self._objective(
-                self.model, x0, eps=eps, cond=cond, generator=self.noise_generator
+                self.model, x0, eps=eps, cond=cond, generator=self.noise_generator, rows=rows
             )
             return loss
-        config = self.config
+        config, rows = self.config, {} if rows is None else {"rows": rows}
+        if self._own_draws:
+            x0, eps, cond = take_rows((x0, eps, cond), rows.pop("rows"), len(x0))
         loss, _ = self.loss_fn(
             self.model, x0, form=self.form, prediction=self.prediction,
             time_sampler=self.sampler, weighting=self.weighting, loss=config.loss,
-            huber_c=config.huber_c, eps=eps, cond=cond, generator=self.noise_generator,
+            huber_c=config.huber_c, eps=eps, cond=cond, generator=self.noise_generator, **rows,
         )  # fmt: skip
         return loss
 
