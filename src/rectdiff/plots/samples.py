@@ -35,6 +35,13 @@ def image_grid(images: np.ndarray, columns: int, lo: float, hi: float) -> np.nda
     return grid
 
 
+def _dots(ax: Any, points: np.ndarray, color: str, label: str) -> None:
+    """Thousands of same-size dots: one marker line (several times faster to draw than a
+    scatter's path collection), rasterized inside an SVG (its axes and text stay vectors)."""
+    ax.plot(points[:, 0], points[:, 1], linestyle="none", marker="o", markersize=1.7,
+            markeredgewidth=0, color=color, label=label, rasterized=True)  # fmt: skip
+
+
 def plot_samples(
     samples: Mapping[str, Tensor],
     stem: str | Path,
@@ -83,14 +90,8 @@ def plot_samples(
             pts = values[:max_points]
             if reference is not None and label != "data (reference)":
                 ref = arrays["data (reference)"][:max_points]
-                ax.scatter(ref[:, 0], ref[:, 1], s=3, color="0.8", label="data (reference)")
-            ax.scatter(
-                pts[:, 0],
-                pts[:, 1],
-                s=3,
-                color="C0" if label != "data (reference)" else "0.3",
-                label=label,
-            )
+                _dots(ax, ref, "0.8", "data (reference)")
+            _dots(ax, pts, "C0" if label != "data (reference)" else "0.3", label)
             ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
             ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
             ax.set_aspect("equal", adjustable="box")
