@@ -11,8 +11,8 @@ import sys
 import torch
 
 from rectdiff import forms
-from rectdiff.oracles import GaussianOracle
 from rectdiff.models import MLP
+from rectdiff.oracles import GaussianOracle
 from rectdiff.rectify import phase_edges, process_state, rectify_phased, window_couplings
 from rectdiff.training import TrainConfig
 

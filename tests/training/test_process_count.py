@@ -12,8 +12,8 @@ import torch
 from rectdiff.data import load_data
 from rectdiff.forms import VP, FlowMatching
 from rectdiff.models import MLP
-from rectdiff.training import TrainConfig, Trainer
 from rectdiff.rectify.phased import phased_loss
+from rectdiff.training import TrainConfig, Trainer
 from rectdiff.training.batches import draws_per_process, process_rows
 from rectdiff.training.losses import diffusion_loss, with_cond_dropout
 

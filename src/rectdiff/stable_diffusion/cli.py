@@ -210,7 +210,9 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument(
-        "--batch-size", type=int, default=d.batch_size,
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
         help="pairs per micro-batch, all processes together (default: %(default)s)",
     )
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)

@@ -42,7 +42,11 @@ from ..io.files import write_text_atomic
 from ..predictions import check_prediction
 from .accelerator import direct_calls, new_accelerator, tracked_settings, tracker
 from .batches import (
-    LoaderBatches, TensorBatches, draws_per_process, prepare_whole_batches, process_rows,
+    LoaderBatches,
+    TensorBatches,
+    draws_per_process,
+    prepare_whole_batches,
+    process_rows,
 )
 from .checkpoints import checkpoint_root, load_latest, save_checkpoint
 from .config import TrainConfig

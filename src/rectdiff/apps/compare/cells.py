@@ -34,6 +34,7 @@ from ...rectify.student import rectify
 from ...training.trainer import train
 from .config import CompareConfig
 from .evaluate import evaluate_model, standard_noise
+from .figures import draw_cell_samples
 from .hyperparameters import cell_train_config, network_config, sampling_grid
 
 __all__ = ["CellTask", "CellResult", "run_cell"]
@@ -76,6 +77,7 @@ class CellResult:
         ess: stage -> mean effective sample size of its training batches' loss weights
             (``TrainResult.ess``; 1 for an unweighted loss).
         seconds: wall time of the cell.
+        figures: file names (in the figures folder) of what the cell's worker drew.
     """
 
     label: str
@@ -91,6 +93,7 @@ class CellResult:
     student_steps: dict[str, int] = field(default_factory=dict)
     ess: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    figures: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -210,6 +213,9 @@ def run_cell(task: CellTask) -> CellResult:
             if "ot+reflow" in methods:
                 _reflow_stages(result, task, ot_teacher, net_config, models_dir, grid,
                                prefix="ot_rectified", base="ot")  # fmt: skip
+    if config.evaluation.figures:  # in this worker, alongside the other cells
+        drawn = draw_cell_samples(result, task.out / "figures", task.reference_data)
+        result.figures = [path.name for path in drawn]
     result.seconds = time.perf_counter() - start
     _note(task, "done")
     return result

@@ -113,6 +113,21 @@ def _method_figures(
     return written
 
 
+def draw_cell_samples(
+    cell: Any, out: str | os.PathLike[str], reference: Tensor | None
+) -> list[Path]:
+    """One cell's sample scatter plots or image grids (every stage's one-step and reference
+    solves side by side), ``samples_<cell>.*``; drawn by the cell's own worker process."""
+    panels: dict[str, Tensor] = {}
+    for stage, kept in cell.samples.items():
+        for solve, sample in kept.items():
+            panels[f"{stage} {solve}"] = sample
+    if not panels:
+        return []
+    ref = None if reference is None else reference[: len(next(iter(panels.values())))]
+    return plots.plot_samples(panels, Path(out) / f"samples_{cell.name}", reference=ref)
+
+
 def draw_figures(
     results: dict[str, Any],
     out: str | os.PathLike[str],
@@ -124,14 +139,10 @@ def draw_figures(
     out = Path(out)
     written = draw_result_figures(results, out)
     ev = results["config"]["evaluation"]
-    for cell in cells:
-        panels: dict[str, Tensor] = {}
-        for stage, kept in cell.samples.items():
-            for solve, sample in kept.items():
-                panels[f"{stage} {solve}"] = sample
-        if panels:
-            ref = None if reference is None else reference[: len(next(iter(panels.values())))]
-            written += plots.plot_samples(panels, out / f"samples_{cell.name}", reference=ref)
+    for cell in cells:  # drawn by the cell's worker already, unless resumed from before that
+        drawn = [out / name for name in getattr(cell, "figures", [])]
+        drawn_all = bool(drawn) and all(path.is_file() for path in drawn)
+        written += drawn if drawn_all else draw_cell_samples(cell, out, reference)
     two_d = [c for c in cells if c.trajectories and next(iter(c.trajectories.values())).x.shape[-1] == 2
              and next(iter(c.trajectories.values())).x.ndim == 3]  # fmt: skip
     if two_d:
