@@ -125,8 +125,8 @@ def test_shipped_configs_load_and_quick_shrinks_them():
     assert [c[0] for c in config.cells()[::3]] == ["vp", "subvp", "ve", "fm"]
     assert config.data.n_eval >= 5000 and config.rectify.enabled
     quick = quick_config(config)
-    assert quick.train.steps == -(-config.train.steps // 5)
-    assert quick.data.n_eval <= 1000 and max(quick.evaluation.steps) <= 4
+    assert quick.train.steps == -(-config.train.steps // 10)
+    assert quick.data.n_eval <= 500 and max(quick.evaluation.steps) <= 4
 
 
 def test_load_config_reports_the_file(tmp_path):

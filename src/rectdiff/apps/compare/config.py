@@ -346,13 +346,13 @@ def load_config(path: str | Path | None = None) -> CompareConfig:
 
 
 def quick_config(config: CompareConfig) -> CompareConfig:
-    """A smoke-test version of ``config`` (``--quick``): a fifth of the training steps,
-    at most 1000 evaluation samples, 2000 pairs, 256 diagnostic trajectories, steps <= 4,
+    """A smoke-test version of ``config`` (``--quick``): a tenth of the training steps,
+    at most 500 evaluation samples, 1000 pairs, 128 diagnostic trajectories, steps <= 4,
     and a looser adaptive reference (rtol = atol = 1e-4)."""
     quick = copy.deepcopy(config)
 
     def shrink(train: TrainConfig) -> TrainConfig:
-        steps = max(1, math.ceil(train.steps / 5))
+        steps = max(1, math.ceil(train.steps / 10))
         return dataclasses.replace(
             train, steps=steps, warmup_steps=min(train.warmup_steps, steps // 10)
         )
@@ -360,11 +360,11 @@ def quick_config(config: CompareConfig) -> CompareConfig:
     quick.train = shrink(quick.train)
     rect = quick.rectify.config
     rect.train = shrink(rect.train)
-    rect.num_pairs = min(rect.num_pairs, 2000)
-    quick.data.n_eval = min(quick.data.n_eval, 1000)
+    rect.num_pairs = min(rect.num_pairs, 1000)
+    quick.data.n_eval = min(quick.data.n_eval, 500)
     ev = quick.evaluation
     ev.steps = [k for k in ev.steps if k <= 4] or ev.steps[:1]
-    ev.n_diagnostic = min(ev.n_diagnostic, 256)
+    ev.n_diagnostic = min(ev.n_diagnostic, 128)
     ev.rtol, ev.atol = max(ev.rtol, 1e-4), max(ev.atol, 1e-4)
     quick.source = f"{config.source} (--quick)"
     return quick
