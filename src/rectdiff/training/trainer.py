@@ -11,13 +11,14 @@ norm, ESS, seconds at every ``log_every`` steps; :mod:`rectdiff.training.loss_lo
 
 Data is either clean samples ``x0`` (fresh noise each step) or, with ``pairs=True``,
 ``(eps, x0[, cond])`` couplings whose noise is fixed per pair (rectification). A tensor (or a
-tuple of tensors) is batched in memory on the device; a ``DataLoader`` goes through
-``accelerator.prepare`` (with accelerate's seedable sampler, so a resumed run replays the
-same batches). ``batch_size`` is the whole batch of all processes together: every process
-draws the same batch, noise and t (seeded by (seed, step)) and computes its own block of
-rows (``rows=`` of the loss), so the result does not depend on the number of processes. A
-non-finite loss raises :class:`NonFiniteLossError` naming the step and the last good checkpoint; losses are checked at every log and checkpoint step (and at
-the end) so that the hot loop never waits on the device.
+tuple of tensors) is batched in memory on the device; a ``DataLoader`` is prepared by
+accelerate as for one process (its seedable sampler, so a resumed run replays the same
+batches). ``batch_size`` is the whole batch of all processes together: every process draws
+the same batch, noise and t (seeded by (seed, step)) and computes its own block of rows
+(``rows=`` of the loss), so the result does not depend on the number of processes. A
+non-finite loss raises :class:`NonFiniteLossError` naming the step and the last good
+checkpoint; losses are checked at every log and checkpoint step (and at the end) so that
+the hot loop never waits on the device.
 """
 
 from __future__ import annotations
