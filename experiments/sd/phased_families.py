@@ -31,7 +31,7 @@ PHASES = 4
 
 def measure(
     family: str, root: Path, steps: int = 200, lr: float = 2e-3, sampler: str = "u_shaped",
-    start_mass: float = 0.25, num_pairs: int = 256,
+    start_mass: float = 0.25, num_pairs: int = 256, starts: str = "line",
 ) -> dict:  # fmt: skip
     start = time.perf_counter()
     teacher, pairs, student = root / "teacher", root / "pairs", root / "phased"
@@ -42,7 +42,8 @@ def measure(
                           batch_size=32, shard_size=64, progress=False)  # fmt: skip
     config = SDRectifyConfig(phases=PHASES, max_steps=steps, lr=lr, batch_size=32, loss="mse",
                              ema=True, ema_decay=0.98, time_sampler=sampler,
-                             phase_start_mass=start_mass, resume=False)  # fmt: skip
+                             phase_start_mass=start_mass, phase_starts=starts,
+                             resume=False)  # fmt: skip
     rectify_sd(teacher, pairs, student, config, progress=False)
     metrics = evaluate(student, teacher, tiny_prompts("held_out"), root / "eval", steps=(PHASES,),
                        num=32, batch_size=32)  # fmt: skip
@@ -54,6 +55,7 @@ def measure(
         "lr": lr,
         "time_sampler": sampler,
         "start_mass": start_mass,
+        "starts": starts,
         "edges": load_record(student)["phase_edges"]["t"],
         "student_4": mse["student"][str(PHASES)],
         "teacher_4": mse["teacher"][str(PHASES)],
@@ -71,13 +73,14 @@ def main() -> None:
     parser.add_argument("--time-sampler", default="u_shaped")
     parser.add_argument("--start-mass", type=float, default=0.25)
     parser.add_argument("--pairs", type=int, default=256, help="pairs to generate")
+    parser.add_argument("--phase-starts", default="line", choices=["line", "trajectory"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     results = []
     for family in args.families.split(","):
         row = measure(family, out / family, args.steps, args.lr, args.time_sampler, args.start_mass,
-                      args.pairs)  # fmt: skip
+                      args.pairs, args.phase_starts)  # fmt: skip
         results.append(row)
         print(f"{family}: phased 4-step latent MSE {row['student_4']:.4g}, teacher's own 4 steps "
               f"{row['teacher_4']:.4g}, ratio {row['ratio']:.3f} ({row['seconds']} s); edges "

@@ -121,6 +121,50 @@ def test_phased_loss_vanishes_at_the_phased_oracle(name: str, source: str) -> No
     assert float(plain) > 1e-4
 
 
+@pytest.mark.parametrize("name", FOUR)
+def test_trajectory_starts_follow_the_teacher_from_the_pairs_noise(name: str) -> None:
+    """``starts="trajectory"``: window k of a pair starts where the teacher's exact flow from
+    the pair's noise is at t_k and ends where it is at t_(k+1) (to 1e-7); the pair's own
+    line (``"line"``) leaves that path after the first window."""
+    form = pick(name)[name]
+    teacher = GaussianOracle(form, "eps", mean=MEAN, std=STD)
+    edges = phase_edges(form, 4, "logsnr")
+    noise = torch.randn(200, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    start = float(form.sigma(form.t_max)) * noise
+    pairs = Couplings(noise, teacher.solve(start, form.t_max, 0.0))
+    window = torch.arange(200) % 4
+    t_s, t_e = edges[window], edges[window + 1]
+
+    def states(starts: str) -> tuple[torch.Tensor, torch.Tensor]:
+        made = window_couplings(teacher, pairs, form=form, prediction="eps", edges=edges,
+                                solver="dopri5", rtol=1e-10, atol=1e-10, chunk_size=64,
+                                starts=starts)  # fmt: skip
+        assert torch.equal(made.window_start, t_s)
+        on = [form.alpha(t)[:, None] * made.x0 + form.sigma(t)[:, None] * made.eps
+              for t in (t_s, t_e)]  # fmt: skip
+        return on[0], on[1]
+
+    x_s, x_e = states("trajectory")
+    path = {float(t): teacher.solve(start, form.t_max, float(t)) for t in edges[:-1]}
+    exact_s = torch.stack([path[float(t)][i] for i, t in enumerate(t_s)])
+    assert float((x_s - exact_s).abs().max()) < 1e-7
+    inner = t_e > 0  # the last window ends with the sampler's step from t_min to 0
+    exact_e = torch.stack([path[float(t)][i] for i, t in enumerate(t_e) if t > 0])
+    assert float((x_e[inner] - exact_e).abs().max()) < 1e-7
+    line_s, _ = states("line")
+    first = window == 0
+    assert float((line_s[first] - exact_s[first]).abs().max()) < 1e-7  # both start at the noise
+    assert float((line_s[~first] - exact_s[~first]).abs().max()) > 1e-2
+
+
+def test_bad_starts_are_named() -> None:
+    form = forms.VP()
+    teacher = GaussianOracle(form, "eps", mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="unknown starts 'path'; allowed: line, trajectory"):
+        window_couplings(teacher, MEAN + torch.zeros(8, 2, dtype=F64), form=form,
+                         prediction="eps", edges=phase_edges(form, 2), starts="path")  # fmt: skip
+
+
 class _TimeRecorder(torch.nn.Module):
     """Answers 0 and remembers the model times it was called at."""
 

@@ -71,6 +71,7 @@ def test_stock_k_steps_are_rectdiffs_ddim_steps_on_the_window_edges(flow, phased
     assert record["phase_edges"]["timesteps"] == [999, 749, 499, 249]
     assert record["sample_with"] == {"num_inference_steps": PHASES, "guidance_scale": 1.0}
     assert record["window_solver"]["guidance"] == flow.pair_guidance
+    assert record["window_solver"]["starts"] == "line"
     assert record["training"]["loss"] == "mse" and record["training"]["time_sampler"] == "u_shaped"
     pipe = StableDiffusionPipeline.from_pretrained(phased, local_files_only=True)
     form, prediction = pipeline_form(pipe)

@@ -3,10 +3,7 @@
 The time range is split into K windows ``t_0 = t_max > t_1 > ... > t_K = 0``
 (:func:`phase_edges`). In window k the teacher solves from a state ``x_s`` at its start
 ``t_s = t_k`` to ``x_e`` at its end ``t_e = t_{k+1}``; the two states fix one first-order line
-``x_t = alpha_t x0* + sigma_t eps*`` through both (:func:`window_line`, a 2x2 solve):
-
-    x0*  = (sigma_e x_s - sigma_s x_e) / D,   eps* = (alpha_s x_e - alpha_e x_s) / D,
-    D    = alpha_s sigma_e - alpha_e sigma_s.
+``x_t = alpha_t x0* + sigma_t eps*`` through both (:mod:`~rectdiff.rectify.windows`).
 
 The student is trained so that one first-order (DDIM) step from any point of that line
 lands on the teacher's endpoint: at t drawn inside the window, ``x_t`` on the line, its
@@ -18,40 +15,41 @@ is K DDIM steps on the edges (``samplers.sample(..., solver="ddim", t_grid=edges
 window's trajectory is first-order (``diagnostics.window_first_order_deviation``).
 
 The window's start state comes from real data noised to ``t_s`` (the papers' online
-setting: no stored pairs) or from stored pairs ``(eps, x0_hat)``, on the pair's own line
-through the sampler's start (``coupling.start_noise``). Window couplings are made in chunks
-whose noise depends only on (seed, chunk), chunk c on process ``c % num_processes``, and
-gathered: they do not depend on the number of processes.
+setting: no stored pairs) or from stored pairs ``(eps, x0_hat)``: on the pair's own line
+through the sampler's start, or on the teacher's own path from the pair's noise
+(:mod:`~rectdiff.rectify.windows`, ``starts``).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from .. import samplers
 from ..forms import DiscreteVP, Form, as_time, broadcast
 from ..io.configs import check_choice
-from ..predictions import check_prediction, to_x0_eps
+from ..predictions import to_x0_eps
 from ..training.losses import LOSSES, reduce_loss, sampler_for, take_rows
 from ..training.time_samplers import TimeSampler
 from ..training.trainer import TrainConfig, TrainResult, train
-from .coupling import Couplings, load_pairs, start_noise
-from .pairs import process_state
+from .coupling import Couplings, load_pairs
 from .store import PairDataset
+from .windows import WindowCouplings, window_couplings
 
 __all__ = [
-    "SPACINGS", "WindowCouplings", "PhasedResult", "phase_edges", "window_grid", "window_line",
-    "window_couplings", "phased_loss", "rectify_phased",
-]  # fmt: skip
+    "SPACINGS",
+    "PhasedResult",
+    "phase_edges",
+    "window_grid",
+    "phased_loss",
+    "rectify_phased",
+]
 
 #: how :func:`phase_edges` places the window edges
 SPACINGS = ("t", "logsnr", "timesteps")
@@ -112,150 +110,6 @@ def window_grid(form: Form, edges: Tensor, steps: int = 8, kind: str = "uniform"
     parts = [samplers.time_grid(form, steps, kind, t_start=float(a), t_end=float(b))
              for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)]  # fmt: skip
     return torch.cat([parts[0], *(p[1:] for p in parts[1:])])
-
-
-def window_line(
-    x_start: Tensor, x_end: Tensor, t_start: Tensor, t_end: Tensor, form: Form
-) -> tuple[Tensor, Tensor]:
-    """``(x0*, eps*)`` of the first-order line through ``(x_start, t_start)`` and
-    ``(x_end, t_end)`` (module docstring), per sample (``t_start``, ``t_end`` of shape (B,))."""
-    ts, te = as_time(t_start).to(x_start.device), as_time(t_end).to(x_start.device)
-    a_s, s_s = form.alpha(ts), form.sigma(ts)
-    a_e, s_e = form.alpha(te), form.sigma(te)
-    det = a_s * s_e - a_e * s_s
-    xs, xe = x_start.to(torch.float64), x_end.to(torch.float64)
-    x0 = (broadcast(s_e, xs) * xs - broadcast(s_s, xs) * xe) / broadcast(det, xs)
-    eps = (broadcast(a_s, xs) * xe - broadcast(a_e, xs) * xs) / broadcast(det, xs)
-    return x0.to(x_start.dtype), eps.to(x_start.dtype)
-
-
-@dataclass
-class WindowCouplings:
-    """Per-window couplings: the line ``(x0*, eps*)`` of each and the window it lives in.
-
-    Attributes:
-        x0, eps: ``(N, ...)``, the first-order line through the teacher's window solve.
-        window_start, window_end: ``(N,)`` float64 times of each coupling's window.
-        cond: per-coupling conditioning (class labels), passed to the student.
-    """
-
-    x0: Tensor
-    eps: Tensor
-    window_start: Tensor
-    window_end: Tensor
-    cond: dict[str, Tensor] = field(default_factory=dict)
-
-    def training_data(self) -> tuple[tuple[Tensor, ...], list[str]]:
-        """``(eps, x0, *cond)`` for the trainer and the cond keys in order."""
-        cond = {**self.cond, "window_start": self.window_start, "window_end": self.window_end}
-        keys = sorted(cond)
-        return (self.eps, self.x0, *(cond[k] for k in keys)), keys
-
-
-def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    digest = hashlib.sha256(f"rectdiff.phased:{seed}:{chunk}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
-
-
-def _starts(
-    source: Couplings | Tensor, index: Tensor, t_s: Tensor, form: Form, gen: torch.Generator
-) -> Tensor:
-    """Window start states: data noised to ``t_s``, or points on the pairs' own lines."""
-    if isinstance(source, Couplings):
-        eps = start_noise(source.eps[index], source.x0[index], form)
-        return form.add_noise(source.x0[index], eps, t_s)
-    x0 = source[index]
-    eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-    return form.add_noise(x0, eps, t_s)
-
-
-def window_couplings(
-    teacher: Any,
-    source: Couplings | Tensor,
-    *,
-    form: Form,
-    prediction: str,
-    edges: Tensor,
-    num: int | None = None,
-    cond: dict[str, Tensor] | None = None,
-    solver: str = "dpmpp_2m",
-    steps: int = 8,
-    t_grid: str = "logsnr",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    chunk_size: int = 1024,
-    seed: int = 0,
-) -> WindowCouplings:
-    """The teacher's window solves as first-order lines, ``num`` of them (default: one per
-    source sample), coupling i in window ``i mod K`` from source sample ``i mod N``.
-
-    Args:
-        teacher: called as ``teacher(x_t, model_time, **cond)``, answering ``prediction``.
-        source: clean data ``(N, ...)`` (noised to each window's start) or :class:`Couplings`
-            (each window starts on the pair's line; its conditioning is used).
-        form, prediction: the teacher's.
-        edges: window edges from :func:`phase_edges`.
-        cond: per-sample conditioning of data (e.g. ``{"class_labels": labels}``).
-        solver, steps, t_grid, rtol, atol: the teacher's solve inside each window.
-        chunk_size, seed: couplings are made in chunks seeded by (seed, chunk).
-    """
-    check_prediction(prediction)
-    if isinstance(source, Couplings):
-        cond = dict(source.cond)
-    n_source = len(source.x0) if isinstance(source, Couplings) else len(source)
-    num = n_source if num is None else int(num)
-    phases = len(edges) - 1
-    state = process_state()
-    mine = range(state.process_index, math.ceil(num / chunk_size), state.num_processes)
-    solve = {"solver": solver, "steps": steps, "t_grid": t_grid, "rtol": rtol, "atol": atol}
-    made = [(c, _chunk(teacher, source, c, form, prediction, edges, num, cond or {}, solve,
-                       chunk_size, seed, phases)) for c in mine]  # fmt: skip
-    if state.num_processes > 1:
-        made = gather_object(made)
-    parts = [part for _, part in sorted(made, key=lambda item: item[0])]
-    x0, eps, start, end = (torch.cat([p[i] for p in parts]) for i in range(4))
-    keys = sorted(parts[0][4]) if parts else []
-    return WindowCouplings(x0, eps, start, end, {k: torch.cat([p[4][k] for p in parts])
-                                                  for k in keys})  # fmt: skip
-
-
-def _chunk(
-    teacher: Any, source: Couplings | Tensor, chunk: int, form: Form, prediction: str,
-    edges: Tensor, num: int, cond: dict[str, Tensor], solve: dict[str, Any], chunk_size: int,
-    seed: int, phases: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
-    """One chunk of :func:`window_couplings`, window by window."""
-    gen = _chunk_generator(seed, chunk)
-    ids = torch.arange(chunk * chunk_size, min(num, (chunk + 1) * chunk_size))
-    n_source = len(source.x0) if isinstance(source, Couplings) else len(source)
-    x0s, epss, order = [], [], []
-    for k in range(phases):
-        mask = ids % phases == k
-        if not bool(mask.any()):
-            continue
-        index = ids[mask] % n_source
-        t_s, t_e = float(edges[k]), float(edges[k + 1])
-        x_s = _starts(source, index, torch.tensor(t_s, dtype=torch.float64), form, gen)
-        window_cond = {key: value[index] for key, value in cond.items()}
-        with torch.no_grad():
-            x_e = samplers.sample(
-                teacher, x_s / float(form.sigma(t_s)), form=form, prediction=prediction,
-                t_start=t_s, t_end=t_e, cond=window_cond or None, **solve,
-            )  # fmt: skip
-        n = len(index)
-        line = window_line(x_s, x_e, torch.full((n,), t_s, dtype=torch.float64),
-                           torch.full((n,), t_e, dtype=torch.float64), form)  # fmt: skip
-        x0s.append(line[0])
-        epss.append(line[1])
-        order.append(torch.nonzero(mask)[:, 0])
-    order_all = torch.cat(order)
-    inverse = torch.empty_like(order_all)
-    inverse[order_all] = torch.arange(len(order_all))
-    x0, eps = torch.cat(x0s)[inverse], torch.cat(epss)[inverse]
-    window = ids % phases
-    index = ids % n_source
-    return (x0, eps, edges[window], edges[window + 1],
-            {key: value[index] for key, value in cond.items()})  # fmt: skip
 
 
 def phased_loss(
@@ -354,6 +208,7 @@ def rectify_phased(
     config: TrainConfig | None = None,
     start_mass: float = 0.25,
     sigma_data: float | str | None = "auto",
+    starts: str = "line",
     seed: int = 0,
     progress: bool = True,
     accelerator: Any = None,
@@ -379,6 +234,8 @@ def rectify_phased(
         sigma_data: scale each endpoint error by what the teacher's flow does to it
             (:func:`phased_loss`): ``"auto"`` uses the std of the data (or of the pairs'
             samples), a float that value, None turns it off.
+        starts: with pairs, where each window starts (:func:`window_couplings`):
+            ``"line"``, the pair's own line, or ``"trajectory"``, the teacher's own path.
         seed: seeds the couplings' noise.
 
     Returns:
@@ -399,7 +256,7 @@ def rectify_phased(
     source, cond = _source(data_or_pairs)
     couplings = window_couplings(
         teacher, source, form=form, prediction=prediction, edges=edges, num=num, cond=cond,
-        solver=solver, steps=steps, seed=seed,
+        solver=solver, steps=steps, seed=seed, starts=starts,
     )  # fmt: skip
     data, keys = couplings.training_data()
     student = copy.deepcopy(teacher) if student is None else student

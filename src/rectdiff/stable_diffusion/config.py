@@ -86,6 +86,11 @@ class SDRectifyConfig:
         phase_start_mass: with K > 1, the fraction of training times placed exactly at their
             window's start, where the K stock steps evaluate the student
             (:func:`rectdiff.rectify.phased_loss`'s ``start_mass``).
+        phase_starts: with K > 1, where each window's training starts
+            (:mod:`rectdiff.rectify.windows`): ``"line"`` (default), the pair's straight line
+            from its noise to its sample; ``"trajectory"``, the teacher's own path from the
+            pair's noise, where a student that reproduces the earlier windows enters the
+            window when it samples (2.5x the window solves for K = 4).
 
     Raises:
         ValueError: on construction, for a bad ``max_steps``, ``lora_rank``, ``target_form``,
@@ -119,6 +124,7 @@ class SDRectifyConfig:
     num_workers: int = 0
     phases: int = 1
     phase_start_mass: float = 0.25
+    phase_starts: str = "line"
     cond_dropout: float = 0.0
     log_with: str | None = None
     verify: bool = True
@@ -145,6 +151,11 @@ class SDRectifyConfig:
         if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 <= mass < 1:
             raise ValueError(
                 f"phase_start_mass must be a number in [0, 1), got phase_start_mass={mass!r}."
+            )
+        if self.phase_starts not in ("line", "trajectory"):
+            raise ValueError(
+                "phase_starts must be 'trajectory' (the teacher's own path) or 'line' (the "
+                f"pair's line), got phase_starts={self.phase_starts!r}."
             )
         dropout = self.cond_dropout
         if (

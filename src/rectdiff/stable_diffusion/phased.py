@@ -146,13 +146,15 @@ def sd_window_couplings(
     *,
     device: Any,
     chunk_size: int,
+    starts: str = "line",
 ) -> WindowCouplings:
     """The teacher's solves from every pair of ``dataset`` in every window (module
     docstring): K couplings per pair, pair-major, on CPU.
 
     Call before the network is trained or given a LoRA: the teacher is the pipeline's network
     as loaded. ``chunk_size`` pairs are solved at once (twice that under guidance); the
-    couplings do not depend on it or on the number of processes.
+    couplings do not depend on it or on the number of processes. ``starts``: where each
+    window starts (:func:`rectdiff.rectify.window_couplings`).
     """
     settings = dataset.manifest["settings"]
     form, prediction = family.form(pipe)
@@ -163,13 +165,15 @@ def sd_window_couplings(
     made = window_couplings(
         teacher, pairs, form=form, prediction=prediction, edges=edges,
         solver=str(settings["solver"]), steps=window_steps(settings["steps"], len(edges) - 1),
-        t_grid="logsnr", chunk_size=chunk_size,
+        t_grid="logsnr", chunk_size=chunk_size, starts=starts,
     )  # fmt: skip
     return WindowCouplings(made.x0.cpu(), made.eps.cpu(), made.window_start.cpu(),
                            made.window_end.cpu(), {k: v.cpu() for k, v in made.cond.items()})  # fmt: skip
 
 
-def phase_record(form: Form, edges: Tensor, dataset: PairDataset) -> dict[str, Any]:
+def phase_record(
+    form: Form, edges: Tensor, dataset: PairDataset, starts: str = "line"
+) -> dict[str, Any]:
     """What ``rectdiff.json`` adds for K > 1: the edges (t and timesteps), the window solves
     and how to sample (exactly K stock DDIM-trailing steps)."""
     phases = len(edges) - 1
@@ -185,6 +189,7 @@ def phase_record(form: Form, edges: Tensor, dataset: PairDataset) -> dict[str, A
             "steps": window_steps(settings["steps"], phases),
             "t_grid": "logsnr",
             "guidance": settings["guidance"],
+            "starts": starts,
         },
         "sample_with": {"num_inference_steps": phases, "guidance_scale": 1.0},
     }

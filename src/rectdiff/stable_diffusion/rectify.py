@@ -376,8 +376,8 @@ def rectify_sd(
 
     couplings = None
     if edges is not None:  # the teacher's window solves, before the network is trained
-        couplings = sd_window_couplings(pipe, family, dataset, edges,
-                                        device=accelerator.device, chunk_size=config.batch_size)  # fmt: skip
+        couplings = sd_window_couplings(pipe, family, dataset, edges, device=accelerator.device,
+                                        chunk_size=config.batch_size, starts=config.phase_starts)  # fmt: skip
     model = _student_model(pipe, family, config)
     trained = model
     if (train_form, train_prediction) != (form, prediction):
@@ -407,7 +407,7 @@ def rectify_sd(
     if config.cond_dropout > 0:
         record["sample_with"]["guidance_scale"] = 1.5
     if edges is not None:
-        record |= phase_record(form, edges, dataset)
+        record |= phase_record(form, edges, dataset, config.phase_starts)
     lora_dir = out / "lora" if config.lora_rank is not None else None
     if accelerator.is_main_process:
         tmp = temporary_sibling(out)
