@@ -96,7 +96,8 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
                  mixed_precision="bf16", gradient_checkpointing=True, ema=True, ema_decay=0.99,
                  lora_rank=8, lora_alpha=16.0, weight_decay=0.5, warmup_steps=5, seed=9,
                  checkpoint_every=4, work_dir="w", num_workers=2, phases=4,
-                 phase_start_mass=0.5, cond_dropout=0.25, keep_checkpoints=3,
+                 phase_start_mass=0.5, phase_starts="trajectory", cond_dropout=0.25,
+                 keep_checkpoints=3,
                  log_with="tensorboard")  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SDRectifyConfig)}
     assert set(given) == fields - {"grad_clip", "resume", "verify"}  # --no-resume, --no-verify
@@ -150,6 +151,8 @@ def test_config_from_a_mapping_or_toml_rejects_unknown_keys(tmp_path):
         ({"loss_prediction": "score"}, "unknown prediction type 'score'"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
         ({"phases": 0}, "phases must be a positive integer, got phases=0"),
+        ({"phase_start_mass": 1.0}, r"phase_start_mass must be a number in \[0, 1\), got"),
+        ({"phase_starts": "path"}, "phase_starts must be 'trajectory'.*or 'line'.*got"),
         ({"cond_dropout": 1.0}, r"cond_dropout must be a fraction in \[0, 1\), got 1.0"),
         ({"cond_dropout": -0.1}, "cond_dropout must be a fraction"),
     ],
