@@ -31,7 +31,7 @@ PHASES = 4
 
 def measure(
     family: str, root: Path, steps: int = 200, lr: float = 2e-3, sampler: str = "u_shaped",
-    start_mass: float = 0.25, num_pairs: int = 256, starts: str = "line",
+    start_mass: float = 0.25, num_pairs: int = 256, starts: str = "trajectory",
 ) -> dict:  # fmt: skip
     start = time.perf_counter()
     teacher, pairs, student = root / "teacher", root / "pairs", root / "phased"
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--time-sampler", default="u_shaped")
     parser.add_argument("--start-mass", type=float, default=0.25)
     parser.add_argument("--pairs", type=int, default=256, help="pairs to generate")
-    parser.add_argument("--phase-starts", default="line", choices=["line", "trajectory"])
+    parser.add_argument("--phase-starts", default="trajectory", choices=["trajectory", "line"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)

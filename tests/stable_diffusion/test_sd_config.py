@@ -96,7 +96,7 @@ def test_every_rectify_flag_sets_its_config_field(monkeypatch):
                  mixed_precision="bf16", gradient_checkpointing=True, ema=True, ema_decay=0.99,
                  lora_rank=8, lora_alpha=16.0, weight_decay=0.5, warmup_steps=5, seed=9,
                  checkpoint_every=4, work_dir="w", num_workers=2, phases=4,
-                 phase_start_mass=0.5, phase_starts="trajectory", cond_dropout=0.25,
+                 phase_start_mass=0.5, phase_starts="line", cond_dropout=0.25,
                  keep_checkpoints=3,
                  log_with="tensorboard")  # fmt: skip
     fields = {f.name for f in dataclasses.fields(SDRectifyConfig)}

@@ -208,7 +208,7 @@ def rectify_phased(
     config: TrainConfig | None = None,
     start_mass: float = 0.25,
     sigma_data: float | str | None = "auto",
-    starts: str = "line",
+    starts: str = "trajectory",
     seed: int = 0,
     progress: bool = True,
     accelerator: Any = None,
@@ -235,7 +235,7 @@ def rectify_phased(
             (:func:`phased_loss`): ``"auto"`` uses the std of the data (or of the pairs'
             samples), a float that value, None turns it off.
         starts: with pairs, where each window starts (:func:`window_couplings`):
-            ``"line"``, the pair's own line, or ``"trajectory"``, the teacher's own path.
+            ``"trajectory"``, the teacher's own path, or ``"line"``, the pair's own line.
         seed: seeds the couplings' noise.
 
     Returns:

@@ -129,7 +129,7 @@ def window_couplings(
     atol: float = 1e-5,
     chunk_size: int = 1024,
     seed: int = 0,
-    starts: str = "line",
+    starts: str = "trajectory",
 ) -> WindowCouplings:
     """The teacher's window solves as first-order lines, ``num`` of them (default: one per
     source sample), coupling i in window ``i mod K`` from source sample ``i mod N``.
@@ -143,8 +143,8 @@ def window_couplings(
         cond: per-sample conditioning of data (e.g. ``{"class_labels": labels}``).
         solver, steps, t_grid, rtol, atol: the teacher's solve inside each window.
         chunk_size, seed: couplings are made in chunks seeded by (seed, chunk).
-        starts: with pairs, where each window starts: ``"line"`` (the pair's own line) or
-            ``"trajectory"`` (the teacher's own path from the pair's noise; module docstring);
+        starts: with pairs, where each window starts: ``"trajectory"`` (the teacher's own
+            path from the pair's noise; module docstring) or ``"line"`` (the pair's own line);
             data is always noised to the window start.
     """
     check_prediction(prediction)

@@ -262,9 +262,9 @@ def _add_rectify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase-start-mass", type=float, default=d.phase_start_mass,
                    help="with --phases: fraction of training times placed at the window start, "
                         "where the K stock steps evaluate (default: %(default)s)")  # fmt: skip
-    p.add_argument("--phase-starts", choices=["line", "trajectory"], default=d.phase_starts,
-                   help="with --phases: windows start on each pair's line, or on the teacher's "
-                        "own path from the pair's noise (default: %(default)s)")  # fmt: skip
+    p.add_argument("--phase-starts", choices=["trajectory", "line"], default=d.phase_starts,
+                   help="with --phases: windows start on the teacher's own path from each "
+                        "pair's noise, or on the pair's line (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=_cmd_rectify, interrupted=_rectify_kept)
 
 

@@ -87,10 +87,10 @@ class SDRectifyConfig:
             window's start, where the K stock steps evaluate the student
             (:func:`rectdiff.rectify.phased_loss`'s ``start_mass``).
         phase_starts: with K > 1, where each window's training starts
-            (:mod:`rectdiff.rectify.windows`): ``"line"`` (default), the pair's straight line
-            from its noise to its sample; ``"trajectory"``, the teacher's own path from the
-            pair's noise, where a student that reproduces the earlier windows enters the
-            window when it samples (2.5x the window solves for K = 4).
+            (:mod:`rectdiff.rectify.windows`): ``"trajectory"`` (default), the teacher's own
+            path from the pair's noise, where a student that reproduces the earlier windows
+            enters the window when it samples (2.5x the window solves of ``"line"`` for
+            K = 4); ``"line"``, the pair's straight line from its noise to its sample.
 
     Raises:
         ValueError: on construction, for a bad ``max_steps``, ``lora_rank``, ``target_form``,
@@ -124,7 +124,7 @@ class SDRectifyConfig:
     num_workers: int = 0
     phases: int = 1
     phase_start_mass: float = 0.25
-    phase_starts: str = "line"
+    phase_starts: str = "trajectory"
     cond_dropout: float = 0.0
     log_with: str | None = None
     verify: bool = True

@@ -146,7 +146,7 @@ def sd_window_couplings(
     *,
     device: Any,
     chunk_size: int,
-    starts: str = "line",
+    starts: str = "trajectory",
 ) -> WindowCouplings:
     """The teacher's solves from every pair of ``dataset`` in every window (module
     docstring): K couplings per pair, pair-major, on CPU.
@@ -172,7 +172,7 @@ def sd_window_couplings(
 
 
 def phase_record(
-    form: Form, edges: Tensor, dataset: PairDataset, starts: str = "line"
+    form: Form, edges: Tensor, dataset: PairDataset, starts: str = "trajectory"
 ) -> dict[str, Any]:
     """What ``rectdiff.json`` adds for K > 1: the edges (t and timesteps), the window solves
     and how to sample (exactly K stock DDIM-trailing steps)."""
