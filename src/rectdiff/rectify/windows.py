@@ -9,18 +9,19 @@ both (:func:`window_line`, a 2x2 solve):
 
 Where the start state comes from (``starts``):
 
-- clean data noised to ``t_s`` with fresh noise (``"data"``): the papers' online setting, the
-  forward process's marginal at ``t_s`` (Rectified Diffusion, Wang et al. 2024; PeRFlow, Yan
-  et al. 2024);
+- clean data noised to ``t_s`` with fresh noise (whatever ``starts`` says): the papers'
+  online setting, the forward process's marginal at ``t_s`` (Rectified Diffusion, Wang et
+  al. 2024; PeRFlow, Yan et al. 2024);
 - stored pairs ``(eps, x0_hat)``, on the pair's own line through the sampler's start
   (``"line"``, :func:`~rectdiff.rectify.coupling.start_noise`);
 - stored pairs, on the teacher's own trajectory from the pair's noise (``"trajectory"``):
-  the teacher solves windows 0..k-1 one by one from ``sigma(t_max) eps``, with the same
-  solver, so window k starts where the teacher is at ``t_k``, which is where a student
-  that reproduces the earlier windows enters window k when it samples. A line start is on
-  the straight segment from the noise to the final sample instead, which the teacher's
-  curved path leaves between the first and last edge. Costs K(K+1)/2 window solves per
-  pair instead of K.
+  the teacher solves window after window from ``sigma(t_max) eps``, with the same solver,
+  so window k starts where the teacher is at ``t_k``, which is where a student that
+  reproduces the earlier windows enters window k when it samples. A line start is on the
+  straight segment from the noise to the final sample instead, which the teacher's curved
+  path leaves between the first and last edge. Each window of a pair's path is solved once
+  per chunk: a pair used in every window (``sd rectify``) costs K window solves, as with
+  line starts; a pair used in window k only costs the k + 1 windows up to its end.
 
 Couplings are made in chunks whose noise depends only on (seed, chunk), chunk c on process
 ``c % num_processes``, and gathered: they do not depend on the number of processes.
@@ -95,22 +96,44 @@ def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
 
 
 def _starts(
-    source: Couplings | Tensor, index: Tensor, k: int, edges: Tensor, form: Form,
-    gen: torch.Generator, starts: str, solve: Any,
-) -> Tensor:  # fmt: skip
-    """Window k's start states (module docstring); ``solve(x, j)`` is the teacher's window j."""
-    t_s = edges[k]
-    if not isinstance(source, Couplings):
-        x0 = source[index]
-        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-        return form.add_noise(x0, eps, t_s)
-    if starts == "line":
+    source: Couplings | Tensor, index: Tensor, t_s: Tensor, form: Form, gen: torch.Generator
+) -> Tensor:
+    """Window start states: data noised to ``t_s``, or points on the pairs' own lines."""
+    if isinstance(source, Couplings):
         eps = start_noise(source.eps[index], source.x0[index], form)
         return form.add_noise(source.x0[index], eps, t_s)
-    x = float(form.sigma(edges[0])) * source.eps[index]  # the sampler's start
-    for j in range(k):
-        x = solve(x, j)
-    return x
+    x0 = source[index]
+    eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+    return form.add_noise(x0, eps, t_s)
+
+
+def _path_states(
+    source: Couplings,
+    index: Tensor,
+    window: Tensor,
+    phases: int,
+    edges: Tensor,
+    form: Form,
+    cond: dict[str, Tensor],
+    solve: Any,
+) -> list[tuple[Tensor, Tensor]]:
+    """``(x_s, x_e)`` of window k's couplings (in ``window == k`` order), for every k: the
+    teacher's path from each pair's noise, each window of each pair solved once
+    (``solve(x, k, cond)``), as far as the pair's last window in the chunk."""
+    rows, where = torch.unique(index, return_inverse=True)
+    last = torch.full((len(rows),), -1, dtype=window.dtype).scatter_reduce(0, where, window, "amax")
+    state = float(form.sigma(edges[0])) * source.eps[rows]  # the sampler's start
+    states = []
+    for k in range(phases):
+        alive = torch.nonzero(last >= k)[:, 0]
+        after = state.clone()
+        if len(alive):
+            window_cond = {key: value[rows[alive]] for key, value in cond.items()} or None
+            after[alive] = solve(state[alive], k, window_cond)
+        mine = where[window == k]
+        states.append((state[mine], after[mine]))
+        state = after
+    return states
 
 
 def window_couplings(
@@ -169,8 +192,8 @@ def window_couplings(
 
 
 def _solve_window(
-    teacher: Any, x_s: Tensor, j: int, *, edges: Tensor, form: Form, prediction: str,
-    cond: dict[str, Tensor] | None, solve: dict[str, Any],
+    teacher: Any, x_s: Tensor, j: int, cond: dict[str, Tensor] | None, *, edges: Tensor,
+    form: Form, prediction: str, solve: dict[str, Any],
 ) -> Tensor:  # fmt: skip
     """The teacher's solve of window j from ``x_s`` at its start to its end."""
     t_a, t_b = float(edges[j]), float(edges[j + 1])
@@ -190,21 +213,26 @@ def _chunk(
     gen = _chunk_generator(seed, chunk)
     ids = torch.arange(chunk * chunk_size, min(num, (chunk + 1) * chunk_size))
     n_source = len(source.x0) if isinstance(source, Couplings) else len(source)
+    window, index = ids % phases, ids % n_source
+    solve_window = functools.partial(
+        _solve_window, teacher, edges=edges, form=form, prediction=prediction, solve=solve
+    )
+    path = None
+    if starts == "trajectory" and isinstance(source, Couplings):
+        path = _path_states(source, index, window, phases, edges, form, cond, solve_window)
     x0s, epss, order = [], [], []
     for k in range(phases):
-        mask = ids % phases == k
+        mask = window == k
         if not bool(mask.any()):
             continue
-        index = ids[mask] % n_source
-        window_cond = {key: value[index] for key, value in cond.items()} or None
-        solve_window = functools.partial(
-            _solve_window, teacher, edges=edges, form=form, prediction=prediction,
-            cond=window_cond, solve=solve,
-        )  # fmt: skip
         t_s, t_e = float(edges[k]), float(edges[k + 1])
-        x_s = _starts(source, index, k, edges, form, gen, starts, solve_window)
-        x_e = solve_window(x_s, k)
-        n = len(index)
+        if path is not None:
+            x_s, x_e = path[k]
+        else:
+            rows = index[mask]
+            x_s = _starts(source, rows, torch.tensor(t_s, dtype=torch.float64), form, gen)
+            x_e = solve_window(x_s, k, {key: v[rows] for key, v in cond.items()} or None)
+        n = int(mask.sum())
         line = window_line(x_s, x_e, torch.full((n,), t_s, dtype=torch.float64),
                            torch.full((n,), t_e, dtype=torch.float64), form)  # fmt: skip
         x0s.append(line[0])
@@ -214,7 +242,5 @@ def _chunk(
     inverse = torch.empty_like(order_all)
     inverse[order_all] = torch.arange(len(order_all))
     x0, eps = torch.cat(x0s)[inverse], torch.cat(epss)[inverse]
-    window = ids % phases
-    index = ids % n_source
     return (x0, eps, edges[window], edges[window + 1],
             {key: value[index] for key, value in cond.items()})  # fmt: skip

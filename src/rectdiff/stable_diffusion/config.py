@@ -89,8 +89,8 @@ class SDRectifyConfig:
         phase_starts: with K > 1, where each window's training starts
             (:mod:`rectdiff.rectify.windows`): ``"trajectory"`` (default), the teacher's own
             path from the pair's noise, where a student that reproduces the earlier windows
-            enters the window when it samples (2.5x the window solves of ``"line"`` for
-            K = 4); ``"line"``, the pair's straight line from its noise to its sample.
+            enters the window when it samples (the same K window solves per pair as
+            ``"line"``); ``"line"``, the pair's straight line from its noise to its sample.
 
     Raises:
         ValueError: on construction, for a bad ``max_steps``, ``lora_rank``, ``target_form``,
