@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import UNet2DModel
 from torch import Tensor, nn
 
 from .forms import Form, as_time, broadcast
 from .predictions import check_prediction
+
+if TYPE_CHECKING:  # imported on use: diffusers adds seconds to every MLP process's start
+    from diffusers import UNet2DModel
 
 __all__ = [
     "embedding_frequencies", "sinusoidal_embedding", "MLP", "UNet", "Preconditioned", "TIME_INPUTS",
@@ -163,6 +165,8 @@ class UNet(nn.Module):
             up = ["UpBlock2D"] * levels
             if attention:
                 down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+            from diffusers import UNet2DModel
+
             unet = UNet2DModel(
                 sample_size=sample_size,
                 in_channels=in_channels,

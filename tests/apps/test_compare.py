@@ -105,10 +105,14 @@ def tiny_run(tmp_path_factory):
         ({"network": {"scaling": "velocity", "precondition_output": False}},
          r"\[network\] in form 'vp': scaling='velocity' needs output_prediction"),
         ({"network": {"scaling": "karras"}}, r"unknown network scaling 'karras'; allowed: edm, fm, velocity"),
+        ({"evaluation": {"figure_formats": ["png", "jpg"]}},
+         r"unknown figure format 'jpg' in \[evaluation\]; allowed: png, svg, pdf"),
+        ({"evaluation": {"figure_formats": "png"}},
+         r"figure_formats = 'png' in \[evaluation\] has type str; expected list\[str\]"),
     ],
     ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
          "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow",
-         "velocity-without-output", "unknown-scaling"],
+         "velocity-without-output", "unknown-scaling", "figure-format", "figure-format-string"],
 )  # fmt: skip
 def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -125,8 +129,12 @@ def test_shipped_configs_load_and_quick_shrinks_them():
     assert [c[0] for c in config.cells()[::3]] == ["vp", "subvp", "ve", "fm"]
     assert config.data.n_eval >= 5000 and config.rectify.enabled
     quick = quick_config(config)
-    assert quick.train.steps == -(-config.train.steps // 10)
+    assert quick.train.steps == -(-config.train.steps // 20)
     assert quick.data.n_eval <= 500 and max(quick.evaluation.steps) <= 4
+    assert quick.evaluation.figure_formats == ["png"] and config.evaluation.figure_formats == [
+        "png",
+        "svg",
+    ]
 
 
 def test_load_config_reports_the_file(tmp_path):

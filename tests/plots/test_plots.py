@@ -139,6 +139,20 @@ def test_samples_points_and_images(tmp_path: Path) -> None:
         plots.plot_samples({"bad": torch.zeros(4, 5)}, tmp_path / "bad")
 
 
+def test_figure_formats_are_the_files_written(tmp_path: Path) -> None:
+    curves = {"vp": ([1, 2, 4], [0.5, 0.25, 0.2])}
+    stem = tmp_path / "png_only"
+    written = plots.plot_quality_vs_nfe(curves, stem, "w2", formats=["png"])
+    assert [p.name for p in written] == ["png_only.png", "png_only.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["png_only.csv", "png_only.png"]
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = plots.plot_samples({"x": torch.randn(5, 2)}, tmp_path / "s", formats=("pdf",))
+    assert written[0].read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ValueError, match=r"figure formats \['jpg'\].*'png', 'svg', 'pdf'"):
+        plots.plot_x0_drift(curves, tmp_path / "bad", formats=["jpg"])
+    assert not list(tmp_path.glob("bad*"))
+
+
 def test_image_grid_layout() -> None:
     # 5 images of 2x3 pixels in 3 columns: 2 rows, 1-pixel white gaps, values mapped to [0, 1]
     images = np.arange(5 * 6, dtype=np.float64).reshape(5, 1, 2, 3)

@@ -253,6 +253,13 @@ def test_config_from_toml_and_errors(tmp_path):
         TrainConfig(mixed_precision="fp8")
     with pytest.raises(ValueError, match="lr_schedule.*cosine"):
         TrainConfig(lr_schedule="exponential")
+    # the names are written out (no diffusers import with the config); each is one that
+    # diffusers' get_scheduler takes
+    from diffusers.optimization import SchedulerType
+
+    from rectdiff.training.config import LR_SCHEDULES
+
+    assert set(LR_SCHEDULES) <= {s.value for s in SchedulerType} and "cosine" in LR_SCHEDULES
     with pytest.raises(ValueError, match="time_sampler.*logit_normal"):
         TrainConfig(time_sampler="lognormal")
     with pytest.raises(ValueError, match="steps must be >= 1"):

@@ -9,7 +9,6 @@ arithmetic is float64; scalar results are 0-d float64 tensors.
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -98,6 +97,8 @@ def relative_transport_cost(
     Returns:
         A 0-d float64 tensor.
     """
+    import ot  # POT, imported on use: 2 s of every process's start otherwise
+
     x1, x0 = _pairs(eps, x0, form)
     idx = _subsample(len(x1), max_points, seed)
     x1, x0 = x1[idx], x0[idx]

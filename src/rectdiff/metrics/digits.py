@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from ..io.files import atomic_path
@@ -105,6 +104,8 @@ def digits_train_test(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Images are (N, 1, 8, 8) float32 scaled from 0..16 to [-1, 1] (x / 8 - 1); a seeded
     permutation holds out 20% (360 of 1797) as the test split.
     """
+    from sklearn.datasets import load_digits  # on use: sklearn takes 2 s to import
+
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     labels = torch.as_tensor(digits.target, dtype=torch.int64)

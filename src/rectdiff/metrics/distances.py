@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ot
 import torch
 from scipy.spatial.distance import cdist, pdist
 from torch import Tensor
@@ -99,6 +98,8 @@ def sliced_wasserstein(
     matching pairs the i-th smallest projections, ``W_p^p = mean_i |x_(i) - y_(i)|^p``
     on POT's projections directly (the same number to ~1e-15 relative, about 10x faster).
     """
+    import ot  # POT, imported on use: 2 s of every process's start otherwise
+
     x, y = _as_pair(x, y)
     if n_projections < 1 or p < 1:
         raise ValueError(f"need n_projections >= 1 and p >= 1, got {n_projections=} and {p=}.")
@@ -124,6 +125,8 @@ def wasserstein2(x: ArrayLike, y: ArrayLike, max_samples: int = 1000, seed: int 
     Clouds larger than ``max_samples`` are first subsampled without replacement (seeded);
     cost is about O(n^3), 0.15 s at n = 1000.
     """
+    import ot  # POT, imported on use: 2 s of every process's start otherwise
+
     x, y = _as_pair(x, y)
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}.")

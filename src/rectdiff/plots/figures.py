@@ -22,10 +22,14 @@ from torch import Tensor  # noqa: E402
 
 from ..io.files import atomic_path, write_text_atomic  # noqa: E402
 
-__all__ = ["T_LABEL", "Curves", "write_csv", "save_figure", "numbers", "line_styles", "line_figure"]
+__all__ = ["T_LABEL", "Curves", "FORMATS", "FIGURE_FORMATS", "write_csv", "save_figure", "numbers",
+           "line_styles", "line_figure"]  # fmt: skip
 
 T_LABEL = "t   (0 = data, 1 = noise)"
 Curves = Mapping[str, tuple[Any, Any]]
+#: the figure files every plot writes by default, and the formats it can write
+FORMATS = ("png", "svg")
+FIGURE_FORMATS = ("png", "svg", "pdf")
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -42,13 +46,20 @@ def save_figure(
     stem: str | Path,
     header: Sequence[str],
     rows: Sequence[Sequence[Any]],
-    formats: Sequence[str] = ("png", "svg"),
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
-    """Save ``fig`` as ``stem.png``/``stem.svg`` and its numbers as ``stem.csv``; close it.
+    """Save ``fig`` as ``stem.png``/``stem.svg`` (``formats``) and its numbers as ``stem.csv``;
+    close it.
 
     Returns:
         The paths written, figure formats first, CSV last.
     """
+    unknown = [fmt for fmt in formats if fmt not in FIGURE_FORMATS]
+    if unknown or not formats:
+        plt.close(fig)
+        raise ValueError(
+            f"figure formats {list(formats)!r}: expected one or more of {list(FIGURE_FORMATS)}."
+        )
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -121,6 +132,7 @@ def line_figure(
     logy: bool = False,
     log_floor: float | None = None,
     markers: bool = False,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """One panel of labelled curves. On a log axis, values <= 0 are not drawn, or, with
     ``log_floor``, values below ``log_floor * max`` are drawn at that floor (so exact zeros,
@@ -182,4 +194,4 @@ def line_figure(
     # long handles so that dashed (teacher) and solid (rectified) lines differ in the legend
     ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1, handlelength=4)
     fig.tight_layout()
-    return save_figure(fig, stem, ["label", "rectified", *header], rows)
+    return save_figure(fig, stem, ["label", "rectified", *header], rows, formats)

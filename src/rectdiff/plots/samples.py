@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .figures import save_figure  # noqa: E402
+from .figures import FORMATS, save_figure  # noqa: E402
 
 __all__ = ["image_grid", "plot_samples"]
 
@@ -49,6 +49,7 @@ def plot_samples(
     *,
     max_points: int = 2000,
     max_images: int = 36,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """Samples side by side: scatter plots for 2-D points, image mosaics for (N, C, H, W).
 
@@ -57,6 +58,7 @@ def plot_samples(
         stem: output path without suffix.
         reference: data drawn in grey behind each scatter (2-D), or as a first mosaic (images).
         max_points: points per scatter; max_images: images per mosaic.
+        formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     panels = ({"data (reference)": reference} if reference is not None else {}) | dict(samples)
     arrays = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in panels.items()}
@@ -119,4 +121,4 @@ def plot_samples(
         else ["label", "index", "pixels (C, H, W) flattened"]
     )
     fig.tight_layout()
-    return save_figure(fig, stem, header, rows)
+    return save_figure(fig, stem, header, rows, formats)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -13,12 +13,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..forms import Form  # noqa: E402
-from .figures import Curves, line_figure, numbers, save_figure, write_csv  # noqa: E402
+from .figures import FORMATS, Curves, line_figure, numbers, save_figure, write_csv  # noqa: E402
 
 __all__ = ["plot_schedules", "plot_implied_weighting"]
 
 
-def plot_schedules(forms: Mapping[str, Form], stem: str | Path, points: int = 201) -> list[Path]:
+def plot_schedules(
+    forms: Mapping[str, Form], stem: str | Path, points: int = 201,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:  # fmt: skip
     """alpha_t, sigma_t and logsnr(t) of several forms, side by side.
 
     Each curve is drawn over the form's safe range ``[t_min, t_max]`` (logsnr is infinite at
@@ -51,15 +54,16 @@ def plot_schedules(forms: Mapping[str, Form], stem: str | Path, points: int = 20
     axes[2].legend(fontsize=8, ncol=2)
     fig.suptitle("Diffusion forms: x_t = alpha_t x0 + sigma_t eps")
     fig.tight_layout()
-    return save_figure(fig, stem, ["form", "t", "alpha", "sigma", "logsnr"], rows)
+    return save_figure(fig, stem, ["form", "t", "alpha", "sigma", "logsnr"], rows, formats)
 
 
 # --- line figures: curvature, x0 drift, quality vs NFE, implied weighting ----------------------
 
 
 def plot_implied_weighting(
-    curves: Curves, stem: str | Path, *, normalize: bool = True, logy: bool = True
-) -> list[Path]:
+    curves: Curves, stem: str | Path, *, normalize: bool = True, logy: bool = True,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:  # fmt: skip
     """The eps-MSE weight over logsnr that each training set-up implies (Kingma & Gao 2023).
 
     Args:
@@ -67,6 +71,7 @@ def plot_implied_weighting(
         stem: output path without suffix.
         normalize: divide each curve by its maximum, so shapes compare (the CSV keeps raw values).
         logy: logarithmic y axis (zeros, outside a form's logsnr range, are not drawn).
+        formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     if normalize:
         shown = {}
@@ -84,6 +89,7 @@ def plot_implied_weighting(
         title="Implied weighting of the eps-MSE over logSNR",
         header=["logsnr", "weight"],
         logy=logy,
+        formats=formats,
     )
     if normalize:  # the CSV holds the raw weights
         rows = [

@@ -4,7 +4,7 @@ paths in x and in y = x / alpha."""
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .figures import T_LABEL, Curves, line_figure, save_figure  # noqa: E402
+from .figures import FORMATS, T_LABEL, Curves, line_figure, save_figure  # noqa: E402
 
 __all__ = ["plot_curvature", "plot_x0_drift", "plot_quality_vs_nfe", "plot_trajectories_xy"]
 
@@ -29,6 +29,7 @@ def plot_curvature(
     ylabel: str | None = None,
     logy: bool = False,
     log_floor: float | None = 1e-8,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """Curvature against t for several forms in one figure (teacher dashed, rectified solid).
 
@@ -42,6 +43,7 @@ def plot_curvature(
         log_floor: on a log axis, values below ``log_floor`` times the largest are drawn at
             that floor, so first-order (zero, up to rounding) curves show as a flat line at the
             bottom; None leaves them out.
+        formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     if ylabel is None:
         ylabel = r"$E\,\| (Z_1 - Z_0) - dZ/du \|^2$"
@@ -56,6 +58,7 @@ def plot_curvature(
         log_floor=log_floor,
         title=f"Trajectory curvature along t, {where}",
         header=["t", "curvature"],
+        formats=formats,
     )
 
 
@@ -67,6 +70,7 @@ def plot_x0_drift(
     which: str = "x0",
     logy: bool = False,
     log_floor: float | None = 1e-8,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """How far the x0-prediction (or eps-prediction) is from its final value, along t.
 
@@ -77,6 +81,7 @@ def plot_x0_drift(
         which: ``"x0"`` or ``"eps"``, for the labels.
         logy: logarithmic y axis.
         log_floor: as in :func:`plot_curvature`.
+        formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     ref = r"t_{end}" if which == "x0" else r"t_{start}"
     hat = r"\hat{x}_0" if which == "x0" else r"\hat{\epsilon}"
@@ -91,6 +96,7 @@ def plot_x0_drift(
         log_floor=log_floor,
         title=f"{which}-prediction drift along the trajectory (0 = first-order)",
         header=["t", "drift"],
+        formats=formats,
     )
 
 
@@ -101,6 +107,7 @@ def plot_quality_vs_nfe(
     rectified_labels: Mapping[str, str] | Collection[str] = (),
     *,
     logy: bool = False,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """Sample quality against the number of function evaluations (log2 NFE axis).
 
@@ -110,6 +117,7 @@ def plot_quality_vs_nfe(
         metric_name: the metric's name, for the y axis (e.g. "sliced W2 (lower is better)").
         rectified_labels: see :func:`line_styles`.
         logy: logarithmic y axis.
+        formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     return line_figure(
         results,
@@ -122,6 +130,7 @@ def plot_quality_vs_nfe(
         logx=True,
         logy=logy,
         markers=True,
+        formats=formats,
     )
 
 
@@ -148,6 +157,7 @@ def plot_trajectories_xy(
     *,
     max_paths: int = 48,
     s_view: float = 2.0,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """2-D sampling trajectories in x (left) and in y = x / alpha (right), one row per label.
 
@@ -162,6 +172,7 @@ def plot_trajectories_xy(
         max_paths: draw at most this many trajectories per row (all enter the straightness).
         s_view: the y panel shows the part of the paths with s <= s_view (straight lines
             continue out of the frame towards the noise end).
+        formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     from ..diagnostics import straightness
 
@@ -226,7 +237,8 @@ def plot_trajectories_xy(
             for k in range(x.shape[0])
         ]
     fig.tight_layout()
-    return save_figure(fig, stem, ["label", "path", "step", "t", "x_1", "x_2", "y_1", "y_2"], rows)
+    header = ["label", "path", "step", "t", "x_1", "x_2", "y_1", "y_2"]
+    return save_figure(fig, stem, header, rows, formats)
 
 
 # --- samples ---------------------------------------------------------------------------------

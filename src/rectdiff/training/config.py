@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers.optimization import SchedulerType
-
 from ..errors import ConfigError
 from ..io.configs import from_mapping, read_toml_table
 from .losses import LOSSES
@@ -25,7 +23,11 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LOG_WITH = ("csv", "tensorboard", "wandb")
 #: the package each tracker needs
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-LR_SCHEDULES = tuple(s.value for s in SchedulerType)
+#: diffusers' ``get_scheduler`` names (``diffusers.optimization.SchedulerType``'s values; a
+#: test keeps the two equal). Written out so that importing the config does not import
+#: diffusers (3 s of every compare worker's start on a slow CPU)
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                "constant_with_warmup", "piecewise_constant")  # fmt: skip
 
 
 def check_log_with(value: str | None, owner: str = "TrainConfig") -> None:

@@ -25,7 +25,6 @@ so the coupling does not depend on the number of processes.
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -96,6 +95,8 @@ def ot_assignment(x0: Tensor, eps: Tensor) -> Tensor:
             f"x0 and eps must have the same shape to be coupled, got {tuple(x0.shape)} and "
             f"{tuple(eps.shape)}."
         )
+    import ot  # POT, imported on use: 2 s of every process's start otherwise
+
     batch = x0.shape[0]
     cost = transport_cost(x0, eps).numpy()
     weights = np.full(batch, 1.0 / batch)

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusers.training_utils import EMAModel
 from torch import nn
 
 from ..errors import RectdiffError
 from .batches import LoaderBatches
 
 if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
     from .trainer import Trainer
 
-__all__ = ["NonFiniteLossError", "TrainResult", "CheckpointState"]
+__all__ = ["NonFiniteLossError", "TrainResult", "CheckpointState", "make_ema"]
 
 
 class NonFiniteLossError(RectdiffError, RuntimeError):
@@ -93,3 +94,14 @@ class CheckpointState:
             if state["ema"] is None:
                 raise ValueError("the checkpoint was written without EMA; set ema_decay = 0.")
             tr.ema.load_state_dict(state["ema"])
+
+
+def make_ema(params: list[nn.Parameter], decay: float) -> EMAModel | None:
+    """diffusers' ``EMAModel`` of ``params`` (multi-tensor), or None when ``decay`` is 0.
+    Imported on use: with the module, ``diffusers.training_utils`` adds 5 s to every
+    process's start on a slow CPU (each ``compare`` worker's), though few runs keep an EMA."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay, foreach=True)

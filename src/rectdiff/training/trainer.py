@@ -33,8 +33,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -55,7 +53,7 @@ from .loss_log import LOSS_LOG, LossLog
 from .losses import DiffusionLoss, diffusion_loss, take_rows
 from .minibatch_ot import check_coupling_use
 from .snapshots import take_snapshot
-from .state import CheckpointState, NonFiniteLossError, TrainResult
+from .state import CheckpointState, NonFiniteLossError, TrainResult, make_ema
 from .time_samplers import time_sampler
 from .weightings import loss_weighting
 
@@ -97,6 +95,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
         )
+        from diffusers.optimization import get_scheduler  # here: diffusers takes seconds
+
         scheduler = get_scheduler(  # accelerate steps it once per process: scale the lengths
             config.lr_schedule,
             optimizer,
@@ -117,11 +117,7 @@ class Trainer:
             and acc.gradient_accumulation_steps == 1
             and acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
         )
-        self.ema = (
-            EMAModel(self.params, decay=config.ema_decay, foreach=True)
-            if config.ema_decay > 0
-            else None
-        )
+        self.ema = make_ema(self.params, config.ema_decay)
         device = acc.device
         self.data_generator = torch.Generator(device).manual_seed(config.seed)
         self.noise_generator = torch.Generator(device)

@@ -214,7 +214,8 @@ def run_cell(task: CellTask) -> CellResult:
                 _reflow_stages(result, task, ot_teacher, net_config, models_dir, grid,
                                prefix="ot_rectified", base="ot")  # fmt: skip
     if config.evaluation.figures:  # in this worker, alongside the other cells
-        drawn = draw_cell_samples(result, task.out / "figures", task.reference_data)
+        drawn = draw_cell_samples(result, task.out / "figures", task.reference_data,
+                                  config.evaluation.figure_formats)  # fmt: skip
         result.figures = [path.name for path in drawn]
     result.seconds = time.perf_counter() - start
     _note(task, "done")

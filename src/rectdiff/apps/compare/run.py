@@ -280,38 +280,40 @@ def _kept(out: Path, results: list[CellResult | None]) -> str:
     )
 
 
-def _run_tasks(tasks: list[CellTask], workers: int, progress: bool) -> list[CellResult]:
-    """Run the cells, in ``workers`` processes when more than one. Ctrl-C stops the workers
-    within seconds and raises ``KeyboardInterrupt`` whose message says what was kept."""
+def _new_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The worker processes (``spawn``; started on first use) that run the cells and then
+    draw the figures; None for ``workers <= 1``."""
+    if workers <= 1:
+        return None
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
+
+
+def _run_tasks(
+    tasks: list[CellTask], pool: ProcessPoolExecutor | None, progress: bool
+) -> list[CellResult]:
+    """Run the cells, in ``pool``'s processes when there is one and more than one cell to
+    run. Ctrl-C raises ``KeyboardInterrupt`` whose message says what was kept (the caller
+    stops the workers)."""
     bar = tqdm(total=len(tasks), desc="compare", unit="cell", disable=not progress)
     results: list[CellResult | None] = [_load_cell(task.out, task) for task in tasks]
     bar.update(sum(r is not None for r in results))  # resumed: finished in an earlier run
     todo = [task for task in tasks if results[task.index] is None]
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if pool is None or len(todo) <= 1:
             for task in todo:
                 bar.set_postfix_str(f"{task.label}/{task.prediction}")
                 results[task.index] = run_cell(task)
                 _save_cell(task.out, task, results[task.index])
                 bar.update(1)
         else:
-            context = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=context, initializer=_ignore_sigint
-            )
-            try:
-                futures = {pool.submit(run_cell, task): task for task in todo}
-                for future in as_completed(futures):
-                    task = futures[future]
-                    results[task.index] = future.result()
-                    _save_cell(task.out, task, results[task.index])
-                    bar.set_postfix_str(f"done {task.label}/{task.prediction}")
-                    bar.update(1)
-            except BaseException:
-                _stop_workers(pool)
-                del pool  # not kept alive by the traceback: its queues are freed before exit
-                raise
-            pool.shutdown(wait=True)
+            futures = {pool.submit(run_cell, task): task for task in todo}
+            for future in as_completed(futures):
+                task = futures[future]
+                results[task.index] = future.result()
+                _save_cell(task.out, task, results[task.index])
+                bar.set_postfix_str(f"done {task.label}/{task.prediction}")
+                bar.update(1)
     except KeyboardInterrupt as interrupt:
         raise KeyboardInterrupt(_kept(tasks[0].out, results)) from interrupt
     finally:
@@ -359,20 +361,30 @@ def run_compare(
         _prepare_out(out, overwrite, settings)
         write_json_atomic(out / CELLS / SETTINGS, settings)
         _warm_caches(config)
-        tasks = [
-            CellTask(i, label, form, prediction, config, x_train, reference, out, progress)
-            for i, (label, form, prediction) in enumerate(config.cells())
-        ]
-        cells = _run_tasks(tasks, config.workers, progress)
     finally:
         torch.set_num_threads(threads)
-    results = summarize(config, cells, __version__)
-    results["curves"]["implied_weighting"] = implied_weightings(config)
-    if config.evaluation.figures:
-        results["figures"] = [
-            str(p.relative_to(out))
-            for p in draw_figures(results, out / "figures", cells, reference)
-        ]
+    tasks = [
+        CellTask(i, label, form, prediction, config, x_train, reference, out, progress)
+        for i, (label, form, prediction) in enumerate(config.cells())
+    ]
+    pool = _new_pool(config.workers)
+    try:
+        cells = _run_tasks(tasks, pool, progress)
+        torch.set_num_threads(threads)  # a cell run in this process set its own
+        results = summarize(config, cells, __version__)
+        results["curves"]["implied_weighting"] = implied_weightings(config)
+        if config.evaluation.figures:
+            drawn = draw_figures(results, out / "figures", cells, reference,
+                                 map_fn=map if pool is None else pool.map)  # fmt: skip
+            results["figures"] = [str(p.relative_to(out)) for p in drawn]
+    except BaseException:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            _stop_workers(pool)
+        del pool  # not kept alive by the traceback: its queues are freed before exit
+        raise
+    if pool is not None:
+        pool.shutdown(wait=True)
     results["timing"] = {
         "seconds": round(time.perf_counter() - start, 1),
         "cells": {cell.name: round(cell.seconds, 1) for cell in cells},

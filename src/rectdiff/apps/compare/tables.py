@@ -21,6 +21,7 @@ from ...io.configs import check_choice, reject_unknown
 from ...io.model_dir import NET_KINDS
 from ...metrics import METRICS
 from ...models import SCALINGS
+from ...plots.figures import FIGURE_FORMATS, FORMATS
 from ...predictions import PREDICTIONS
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS
@@ -261,6 +262,8 @@ class EvaluationConfig:
         diagnostic_solver, diagnostic_steps: the solve whose trajectories the diagnostics read.
         n_diagnostic: trajectories for the diagnostics (and pairs for the crossing rate).
         figures: draw the figures.
+        figure_formats: the files each figure is written as (``plots.FIGURE_FORMATS``;
+            PNG and SVG by default, PNG only with ``--quick``); a CSV of its numbers always.
         trajectory_forms: forms drawn in the x-vs-y trajectory figure (default: vp and fm
             when in the grid, else the first two).
         trajectory_prediction: their prediction (default: v when in the grid, else the
@@ -288,6 +291,7 @@ class EvaluationConfig:
     diagnostic_steps: int = 32
     n_diagnostic: int = 1000
     figures: bool = True
+    figure_formats: list[str] = field(default_factory=lambda: list(FORMATS))
     trajectory_forms: list[str] = field(default_factory=list)
     trajectory_prediction: str = ""
 
@@ -300,6 +304,14 @@ class EvaluationConfig:
         reject_unknown(self.metric_options, self.metrics, "metric in metric_options")
         reject_unknown(self.diagnostics, DIAGNOSTICS, "diagnostic")
         check_choice(self.t_grid, list(TIME_GRIDS), "t_grid")
+        if isinstance(self.figure_formats, str) or not self.figure_formats:
+            raise ValueError(
+                f"[evaluation] figure_formats = {self.figure_formats!r}: give a list of one or more of {list(FIGURE_FORMATS)} "
+                '(e.g. ["png"]), or figures = false for none.'
+            )
+        reject_unknown(
+            self.figure_formats, list(FIGURE_FORMATS), "figure format", "in [evaluation]"
+        )
         if not self.steps or any(int(k) < 1 for k in self.steps):
             raise ValueError(f"[evaluation] steps must be integers >= 1, got {self.steps}.")
         for name in ("rtol", "atol"):
