@@ -30,6 +30,9 @@ Curves = Mapping[str, tuple[Any, Any]]
 #: the figure files every plot writes by default, and the formats it can write
 FORMATS = ("png", "svg")
 FIGURE_FORMATS = ("png", "svg", "pdf")
+#: the resolution figures are laid out and saved at: one dpi for both, so that matplotlib
+#: lays out each mathtext label (log-axis ticks, formulas) once, not once per dpi
+DPI = 150
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -66,7 +69,7 @@ def save_figure(
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt)
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt)
         written.append(path)
     plt.close(fig)
     written.append(write_csv(stem.with_suffix(".csv"), header, rows))
@@ -146,7 +149,7 @@ def line_figure(
             )
     positive = [float(ys[ys > 0].max()) for _, ys in data.values() if (ys > 0).any()]
     floor = log_floor * max(positive) if logy and log_floor is not None and positive else None
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=DPI)
     styles = line_styles(list(curves), rectified_labels)
     rows = []
     for label, (xs, ys) in data.items():

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .figures import FORMATS, save_figure  # noqa: E402
+from .figures import DPI, FORMATS, save_figure  # noqa: E402
 
 __all__ = ["image_grid", "plot_samples"]
 
@@ -74,7 +74,9 @@ def plot_samples(
             f"plot_samples draws (N, 2) points or (N, C, H, W) images with C in (1, 3); got "
             f"items of shape {shape}."
         )
-    fig, axes = plt.subplots(1, len(arrays), figsize=(4.2 * len(arrays), 4.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(arrays), figsize=(4.2 * len(arrays), 4.4), squeeze=False, dpi=DPI
+    )
     rows: list[list[Any]] = []
     if is_points:
         everything = np.concatenate([a[:max_points] for a in arrays.values()])

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..forms import Form  # noqa: E402
-from .figures import FORMATS, Curves, line_figure, numbers, save_figure, write_csv  # noqa: E402
+from .figures import DPI, FORMATS, Curves, line_figure, numbers, save_figure, write_csv  # noqa: E402
 
 __all__ = ["plot_schedules", "plot_implied_weighting"]
 
@@ -27,7 +27,7 @@ def plot_schedules(
     Each curve is drawn over the form's safe range ``[t_min, t_max]`` (logsnr is infinite at
     the ends of some forms).
     """
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=DPI)
     rows = []
     for label, form in forms.items():
         t = torch.linspace(form.t_min, form.t_max, points, dtype=torch.float64)

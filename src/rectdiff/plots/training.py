@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..training.loss_log import COLUMNS, read_loss_log
-from .figures import plt, save_figure
+from .figures import DPI, plt, save_figure
 
 __all__ = ["plot_loss_logs"]
 
@@ -51,7 +51,7 @@ def plot_loss_logs(
             raise DataError(f"loss log {str(path)!r} holds no complete row yet.")
         logs[_label(path, files)] = log
     panels = [p for p in _PANELS if any(not all(map(math.isnan, g[p[0]])) for g in logs.values())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False, dpi=DPI)
     for ax, (column, title, log_scale) in zip(axes[0], panels, strict=True):
         for label, log in logs.items():
             ax.plot(log["step"], log[column], label=label)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .figures import FORMATS, T_LABEL, Curves, line_figure, save_figure  # noqa: E402
+from .figures import DPI, FORMATS, T_LABEL, Curves, line_figure, save_figure  # noqa: E402
 
 __all__ = ["plot_curvature", "plot_x0_drift", "plot_quality_vs_nfe", "plot_trajectories_xy"]
 
@@ -176,7 +176,7 @@ def plot_trajectories_xy(
     """
     from ..diagnostics import straightness
 
-    fig, axes = plt.subplots(len(trajs), 2, figsize=(9.5, 4.3 * len(trajs)), squeeze=False)
+    fig, axes = plt.subplots(len(trajs), 2, figsize=(9.5, 4.3 * len(trajs)), squeeze=False, dpi=DPI)
     palette = plt.get_cmap("tab10").colors
     rows = []
     for r, (label, traj) in enumerate(trajs.items()):
