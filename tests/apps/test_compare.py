@@ -430,9 +430,24 @@ def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
     diag_noise = standard_noise((2,), config.evaluation.n_diagnostic, config.seed, "diagnostics")
     traj = samplers.sample(model, diag_noise, form=form, prediction=prediction, solver="ddim",
                            t_grid=window_grid(form, edges, 8), return_trajectory=True)  # fmt: skip
-    direct = float(diagnostics.window_first_order_deviation(traj, edges).mean())
-    assert cell["diagnostics"]["phased"]["window_first_order_deviation"] == direct
+    per_window = diagnostics.window_first_order_deviation(traj, edges)
+    assert cell["diagnostics"]["phased"]["window_first_order_deviation"] == float(per_window.mean())
+    assert cell["diagnostics"]["phased"]["window_first_order_deviation_per_window"] == (
+        per_window.tolist()
+    )
+    phased = cell["diagnostics"]["phased"]
+    teacher_windows = phased["teacher_window_first_order_deviation_per_window"]
     report = (tmp_path / "report.md").read_text()
+    # the report's row: each window's student / teacher deviation, then the ratio of the means
+    row = next(
+        line for line in report.splitlines() if line.startswith("| fm | v | ") and "x) |" in line
+    )
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 2 + 2 + 1
+    for text, a, b in zip(cells[2:4], per_window.tolist(), teacher_windows, strict=True):
+        assert text == f"{a:.3g} / {b:.3g} ({b / a:.2g}x)"
+    ratio = phased["teacher_window_first_order_deviation"] / phased["window_first_order_deviation"]
+    assert float(cells[4]) == pytest.approx(ratio, rel=1e-3)
     assert "### Few-step methods: sliced_w2" in report
     # equalized (logsnr) training keeps nearly every sample; the phased loss is unweighted
     assert set(cell["ess"]) == {"teacher", "rectified", "distilled"}

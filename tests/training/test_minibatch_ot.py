@@ -21,7 +21,6 @@ from rectdiff.training import (
     TrainConfig,
     Trainer,
     diffusion_loss,
-    minibatch_ot,
     ot_assignment,
     ot_coupled_noise,
     train,
@@ -94,7 +93,9 @@ def test_falls_back_to_scipy_when_pot_stops_early(monkeypatch):
     def stopped(a, b, cost, **kwargs):
         return np.full(cost.shape, 1.0 / cost.size), {"warning": "numItermax reached"}
 
-    monkeypatch.setattr(minibatch_ot.ot, "emd", stopped)
+    import ot  # minibatch_ot imports POT where it solves, so the module is what to patch
+
+    monkeypatch.setattr(ot, "emd", stopped)
     gen = torch.Generator().manual_seed(6)
     x0, eps = torch.randn(6, 2, generator=gen), torch.randn(6, 2, generator=gen)
     best = min(itertools.permutations(range(6)), key=lambda p: pairing_cost(x0, eps, list(p)))

@@ -412,6 +412,7 @@ def _phased_stage(
                                t_grid=fine, return_trajectory=True)  # fmt: skip
         deviation = diagnostics.window_first_order_deviation(traj, edges)
         result.diagnostics["phased"][name] = float(deviation.mean())
+        result.diagnostics["phased"][f"{name}_per_window"] = deviation.tolist()
 
 
 def _json_grid(grid: str | Tensor) -> str | list[float]:
