@@ -577,3 +577,17 @@ def test_every_saved_model_records_its_full_training_settings(tiny_run):
         assert info["training"] == json.loads(json.dumps(want)), stage
     assert read_model_info(folder / "teacher")["info"]["training"]["steps"] == 60
     assert read_model_info(folder / "rectified")["info"]["training"]["steps"] == 30
+
+
+def test_the_compare_app_imports_no_diffusers_pot_or_sklearn():
+    """Every compare worker imports the app first: diffusers (3-8 s on a slow CPU), POT (2 s)
+    and sklearn (2 s) are imported where they are used, not with the modules; an MLP
+    grid's main process never needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rectdiff.apps.compare.run, rectdiff.training, rectdiff.models\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'ot', 'sklearn'}))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)  # fmt: skip
+    assert done.stdout.strip() == "[]", done.stdout
