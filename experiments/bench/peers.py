@@ -78,6 +78,11 @@ def stub_torchvision() -> None:
     """
     if "torchvision" in sys.modules:
         return
+    # diffusers (which rectdiff imports on first use) asks importlib whether torchvision is
+    # installed, which a stand-in without a spec breaks: import it with the real answer first
+    import diffusers.optimization  # noqa: F401
+    import diffusers.training_utils  # noqa: F401
+
     root = types.ModuleType("torchvision")
     utils, tv_models, transforms = (
         types.ModuleType(f"torchvision.{n}") for n in ("utils", "models", "transforms")

@@ -24,11 +24,12 @@ def test_coefficients_equal_the_public_methods(name, prediction, dtype):
     form = NAMED_FORMS[name]
     t = form.t_min + torch.rand(257, dtype=torch.float64) * (form.t_max - form.t_min)
     like = torch.zeros(257, 3, 2, dtype=dtype)
-    got = DiffusionLoss(form, prediction).coefficients(t, like)
+    loss = DiffusionLoss(form, prediction)
+    got = loss.coefficients(t, like)
     want = [form.model_time(t), form.alpha(t), form.sigma(t)]
     if prediction == "v":
         want += [form.alpha(t), form.sigma(t)]
-    elif prediction == "flow":
+    elif prediction == "flow" and not loss._unit_flow:  # the straight path's: next test
         want += [form.d_alpha(t), form.d_sigma(t)]
     assert len(got) == len(want)
     assert got[0].shape == (257,)
@@ -36,6 +37,30 @@ def test_coefficients_equal_the_public_methods(name, prediction, dtype):
         assert row.dtype == dtype
         assert torch.equal(row.reshape(-1), ref.to(dtype))
     assert all(row.shape == (257, 1, 1) for row in got[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", [FlowMatching(), FlowMatching(time_scale=1000.0),
+                                  FlowMatching(shift=3.0), FlowMatching(sigma_min=1e-4)],
+                         ids=["straight", "time-scale", "shift", "sigma-min"])  # fmt: skip
+def test_flow_loss_is_the_general_formula_bit_for_bit(form, dtype):
+    """On flow matching's straight path the loss writes the flow target as eps - x0; it is
+    alpha' x0 + sigma' eps with alpha' = -1, sigma' = 1 to the bit (and every other flow
+    matching form takes the general formula)."""
+    gen = torch.Generator().manual_seed(3)
+    x0, eps = (torch.randn(300, 3, generator=gen, dtype=dtype) for _ in range(2))
+    t = form.t_min + torch.rand(300, generator=gen, dtype=torch.float64) * (form.t_max - form.t_min)
+    net = nn.Linear(3, 3).to(dtype)
+
+    def model(x_t, model_time):
+        return net(x_t) * model_time[:, None]
+
+    loss, per_sample = DiffusionLoss(form, "flow")(model, x0, eps=eps, t=t)
+    alpha, sigma, d_alpha, d_sigma = (c.to(dtype)[:, None] for c in form.coefficients(t))
+    out = model(alpha * x0 + sigma * eps, form.model_time(t).to(dtype))
+    want = (out - (d_alpha * x0 + d_sigma * eps)).square().mean(dim=1)
+    assert torch.equal(per_sample, want) and torch.equal(loss, want.mean())
+    assert DiffusionLoss(form, "flow")._unit_flow == (form.shift == 1 and form.sigma_min == 0)
 
 
 def test_kernels_refuse_an_unknown_name():

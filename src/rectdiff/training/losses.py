@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..forms import Form, as_time
+from ..forms import FlowMatching, Form, as_time
 from ..predictions import check_prediction, check_time_range
 from .minibatch_ot import check_coupling, ot_coupled_noise
 from .time_samplers import TimeSampler, time_sampler
@@ -91,7 +91,13 @@ class DiffusionLoss:
         self.weighting = loss_weighting(weighting)
         names = ("model_time", "alpha", "sigma")
         flow = self.prediction == "flow"
-        self._kernels = form.kernels(*names, *(("d_alpha", "d_sigma") if flow else ()))
+        # flow matching's straight path (shift 1, sigma_min 0) has alpha' = -1, sigma' = 1:
+        # its flow target alpha' x0 + sigma' eps is eps - x0 to the bit, with no rows for them
+        self._unit_flow = (
+            flow and isinstance(form, FlowMatching) and (form.shift, form.sigma_min) == (1.0, 0.0)
+        )
+        derivatives = ("d_alpha", "d_sigma") if flow and not self._unit_flow else ()
+        self._kernels = form.kernels(*names, *derivatives)
         #: set ``track_ess`` to keep the effective sample size of each batch's loss weights
         #: (``weightings.effective_sample_size``) in ``last_ess`` (a 0-d tensor; stays None
         #: for an unweighted loss, whose ESS is 1)
@@ -101,7 +107,8 @@ class DiffusionLoss:
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, ...]:
         """``(model_time, alpha, sigma[, a, b])`` at float64 ``t`` in ``like``'s dtype: the model
         time of shape ``(B,)``, the rest shaped to broadcast over ``like``; ``a, b`` are the
-        target's coefficients (``alpha, sigma`` for v, ``alpha', sigma'`` for flow).
+        target's coefficients (``alpha, sigma`` for v, ``alpha', sigma'`` for flow, except on
+        flow matching's straight path, whose target is ``eps - x0``).
 
         The form's float64 kernels (resolved at construction) are stacked and cast in one
         call: the numbers of ``form.alpha(t).to(dtype)`` etc., in a few tensor operations."""
@@ -157,6 +164,8 @@ class DiffusionLoss:
             diff = out - x0
         elif self.prediction == "v":  # v = alpha eps - sigma x0
             diff = out - (ab[0] * eps - ab[1] * x0)
+        elif self._unit_flow:  # u = -x0 + eps
+            diff = out - (eps - x0)
         else:  # flow u = alpha' x0 + sigma' eps
             diff = out - (ab[0] * x0 + ab[1] * eps)
         per_sample = distance(diff, self.loss, self.huber_c)
