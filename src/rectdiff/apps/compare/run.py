@@ -367,7 +367,7 @@ def run_compare(
         CellTask(i, label, form, prediction, config, x_train, reference, out, progress)
         for i, (label, form, prediction) in enumerate(config.cells())
     ]
-    pool = _new_pool(config.workers)
+    pool = _new_pool(config.workers if len(tasks) > 1 else 1)  # one cell: no processes to start
     try:
         cells = _run_tasks(tasks, pool, progress)
         torch.set_num_threads(threads)  # a cell run in this process set its own
