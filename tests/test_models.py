@@ -283,3 +283,28 @@ def test_forward_is_the_public_scales_composed_bit_for_bit(scaling, prediction, 
             want = wrapper.c_skip(t_back)[:, None] * x + want
         assert torch.equal(out, want), name
         assert torch.equal(recorder.model_time, time), name
+
+
+@pytest.mark.parametrize("scaling", ["edm", "fm", "velocity"])
+@pytest.mark.parametrize("time_input", ["model", "t", "fm"])
+def test_one_time_for_the_batch_gives_the_per_sample_result_bit_for_bit(scaling, time_input):
+    """A sampler passes one time expanded over the batch (stride 0): the wrapper's scales and
+    the MLP's embedding are then computed once and expanded, which must equal computing them
+    for every sample (the same time given as a contiguous copy) to the bit, in float32."""
+    for name, form in FORMS.items():
+        prediction = "v"
+        torch.manual_seed(0)
+        net = MLP(dim=2, hidden=16, depth=2, time_scale=1.0 if name == "sd15" else 1000.0)
+        wrapper = Preconditioned(net, form, sigma_data=0.7, output_prediction=prediction,
+                                 time_input=time_input, scaling=scaling)  # fmt: skip
+        x = torch.randn(33, 2, generator=torch.Generator().manual_seed(3))
+        for t in (form.t_min, 0.37 * form.t_max, form.t_max):
+            shared = form.model_time(torch.tensor(t, dtype=F64)).float().expand(33)
+            assert shared.stride(0) == 0
+            with torch.no_grad():
+                out = wrapper(x, shared)
+                per_sample = wrapper(x, shared.clone())
+                plain = net(x, shared)
+                plain_per_sample = net(x, shared.clone())
+            assert torch.equal(out, per_sample), (name, t)
+            assert torch.equal(plain, plain_per_sample), (name, t)

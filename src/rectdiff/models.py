@@ -62,6 +62,18 @@ def _time_vector(model_time: Any, x: Tensor) -> Tensor:
     return time.expand(x.shape[0]) if time.ndim == 0 else time
 
 
+def one_time(model_time: Any) -> Tensor | None:
+    """The single time of a batch that shares one (a ``(B,)`` tensor expanded from one value,
+    stride 0, as the samplers pass it) as a 0-d tensor; None for anything else.
+
+    Per-sample functions of it computed once and expanded are the per-sample results to the
+    bit (the same operations on the same number), at a B-th of the cost."""
+    if isinstance(model_time, Tensor) and model_time.ndim == 1 and model_time.shape[0] > 1:
+        if model_time.stride(0) == 0:
+            return model_time[0]
+    return None
+
+
 class MLP(nn.Module):
     """A time-conditioned MLP for vectors (flattens any trailing shape).
 
@@ -115,7 +127,13 @@ class MLP(nn.Module):
                 f"MLP was built for {self.dim} features per sample, got input of shape "
                 f"{tuple(x.shape)}; build it with dim={flat.shape[1]}."
             )
-        emb = sinusoidal_embedding(_time_vector(model_time, x) * self.time_scale, self.freqs)
+        time = _time_vector(model_time, x)
+        shared = one_time(time)
+        if shared is not None:  # a sampler's step: one embedding row for the whole batch
+            emb = sinusoidal_embedding(shared[None] * self.time_scale, self.freqs)
+            emb = emb.expand(x.shape[0], -1)
+        else:
+            emb = sinusoidal_embedding(time * self.time_scale, self.freqs)
         h = self.inp(torch.cat([flat, emb], dim=1))
         if self.class_embed is not None:
             if class_labels is None:
@@ -377,6 +395,9 @@ class Preconditioned(nn.Module):
         plain_time = self.time_input == "model"
         if not self.scale_input and self.output_prediction is None and plain_time:
             return self.net(x_t, model_time, **cond)
+        shared = one_time(model_time)  # a sampler's step: every scale once, not per sample
+        if shared is not None:
+            model_time = shared
         # alpha_t and sigma_t once, for every scale below
         t, alpha, sigma = self._alpha_sigma(self.form.t_from_model_time(
             as_time(model_time).to(x_t.device)))  # fmt: skip
@@ -388,6 +409,8 @@ class Preconditioned(nn.Module):
         if not plain_time:
             dtype = model_time.dtype if isinstance(model_time, Tensor) else x_t.dtype
             model_time = (self._fm_time(alpha, sigma) if self.time_input == "fm" else t).to(dtype)
+        if shared is not None:
+            model_time = model_time.expand(x_t.shape[0])
         out = self.net(x_t, model_time, **cond)
         if self.output_prediction is not None:
             out = broadcast(self._c_out(t, alpha, sigma), out) * out

@@ -184,6 +184,28 @@ def test_energy_distance_is_scipys_squared_in_one_dimension():
     assert energy_distance(u, v) == pytest.approx(scipy.stats.energy_distance(u, v) ** 2, rel=1e-10)
 
 
+def test_energy_distance_equals_the_all_pairs_formula_and_reuses_the_reference_term():
+    # the self terms come from pdist's distinct pairs (and the reference's from a cache);
+    # every pair distance written out with numpy broadcasting must give the same number
+    rng = np.random.default_rng(5)
+    reference = rng.standard_normal((300, 2))
+
+    def by_hand(x, y):
+        def mean_dist(a, b):
+            return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).mean()
+
+        return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+
+    for shift in (0.0, 0.3, 2.0):  # one reference set, three samples: two calls hit the cache
+        x = shift + rng.standard_normal((257, 2))
+        assert energy_distance(x, reference) == pytest.approx(by_hand(x, reference), rel=1e-12)
+    moved = reference.copy()
+    moved[0, 0] += 1.0  # same shape, other bytes: not the cached set's term
+    x = rng.standard_normal((40, 2))
+    assert energy_distance(x, moved) == pytest.approx(by_hand(x, moved), rel=1e-12)
+    assert energy_distance(x, reference[:1]) == pytest.approx(by_hand(x, reference[:1]), rel=1e-12)
+
+
 # --- Frechet ------------------------------------------------------------------------------
 
 

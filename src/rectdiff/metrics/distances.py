@@ -12,6 +12,7 @@ Inception), and its softmax confidence and class-coverage scores for generated d
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -206,7 +207,24 @@ def energy_distance(x: ArrayLike, y: ArrayLike) -> float:
     the square of what ``scipy.stats.energy_distance`` returns for 1-D samples.
     """
     x, y = _as_pair(x, y)
-    return float(2.0 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
+    return float(2.0 * cdist(x, y).mean() - _mean_self_distance(x) - _cached_self_distance(y))
+
+
+def _mean_self_distance(points: np.ndarray) -> float:
+    """``mean_ij ||p_i - p_j||`` over all n^2 ordered pairs (i = j included), from the
+    n (n - 1) / 2 distinct pairs: twice their sum over n^2, half the work of ``cdist``."""
+    return 2.0 * float(pdist(points).sum()) / len(points) ** 2 if len(points) > 1 else 0.0
+
+
+def _cached_self_distance(points: np.ndarray) -> float:
+    """:func:`_mean_self_distance` of a set seen before (the held-out data every model of a
+    comparison is scored against) from a small cache keyed by the set's bytes."""
+    return _self_distance_by_bytes(points.tobytes(), points.shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _self_distance_by_bytes(data: bytes, shape: tuple[int, ...]) -> float:
+    return _mean_self_distance(np.frombuffer(data, dtype=np.float64).reshape(shape))
 
 
 def frechet_distance_gaussian(
