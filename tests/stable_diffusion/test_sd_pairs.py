@@ -36,6 +36,34 @@ def folder_digest(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize("spacing", [None, "linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 4, 16, 25, 333])
+def test_the_pair_grid_starts_at_the_last_training_timestep_for_every_spacing(spacing, steps):
+    """Pairs start where the student's DDIM-trailing sampling starts (timestep 999, t = 1):
+    a leading-spaced config (SDXL base's Euler, steps_offset 1), whose stock DPM-Solver
+    would start 25 steps at timestep 951, is solved on DPM-Solver's trailing timesteps; the
+    other spacings keep their own (each already starts at 999)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from rectdiff import forms
+
+    extra = {} if spacing is None else {"timestep_spacing": spacing}
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  steps_offset=1, **extra)  # fmt: skip
+    scheduler = EulerDiscreteScheduler(**config)
+    form = forms.from_diffusers(scheduler)[0]
+    grid = sd_time_grid(scheduler, steps, form)
+    want_spacing = "trailing" if spacing == "leading" else (spacing or "linspace")
+    stock = DPMSolverMultistepScheduler.from_config(scheduler.config, timestep_spacing=want_spacing)
+    stock.set_timesteps(steps)
+    assert grid[:-1] == [(int(n) + 1) / 1000 for n in stock.timesteps]
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and len(grid) == steps + 1
+    if spacing == "leading" and steps == 25:
+        as_configured = DPMSolverMultistepScheduler.from_config(scheduler.config)
+        as_configured.set_timesteps(steps)
+        assert int(as_configured.timesteps[0]) == 951  # what the fix avoids
+
+
 def test_stored_pairs_are_the_pipelines_own_dpm_solver_latents(flow):
     """x0 of pair i = StableDiffusionPipeline with DPMSolverMultistepScheduler from
     latents = sigma(t_0) eps_i, its prompt, 25 steps, guidance 5 (diffusers' own loop)."""

@@ -141,17 +141,24 @@ def test_denoiser_encodes_prompts_as_the_pipelines_encode_prompt(xl):
 
 
 def test_stored_pairs_are_the_stock_pipelines_dpm_solver_latents(xl):
-    """x0 of pair i = StableDiffusionXLPipeline with DPMSolverMultistepScheduler (SDXL's
-    Euler config: leading spacing, so 16 steps start at timestep 929, t_0 = 0.93) from
-    latents = sigma(t_0) eps_i, its prompt, guidance 5 with zero negative embeddings.
-    Measured: max |diff| 1.1e-5."""
+    """x0 of pair i = StableDiffusionXLPipeline with DPMSolverMultistepScheduler on trailing
+    spacing (SDXL's Euler config has leading spacing, whose 16 steps would start at timestep
+    929, t_0 = 0.93, below where the student's DDIM-trailing sampling starts; the pairs start
+    at timestep 999, t_0 = 1) from latents = sigma(t_0) eps_i, its prompt, guidance 5 with
+    zero negative embeddings. Measured: max |diff| 1.1e-5."""
     store = PairDataset(xl.pairs)
     rows = [store[i] for i in (0, 1, 45, 95)]
     pipe = stock(xl.teacher)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+    leading = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    leading.set_timesteps(PAIR_STEPS)
+    assert int(leading.timesteps[0]) == 929  # what stock sampling with this config would start at
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing"
+    )
     form, _ = pipeline_form(pipe)
     grid = sd_time_grid(pipe.scheduler, PAIR_STEPS, form)
-    assert grid[0] == pytest.approx(0.93) and grid[-1] == 0.0
+    assert grid[0] == 1.0 and grid[-1] == 0.0
     eps = torch.stack([row["eps"] for row in rows])
     prompts = [row["prompt"] for row in rows]
     assert prompts == [tiny_prompts("train")[i % 32] for i in (0, 1, 45, 95)]
@@ -169,11 +176,16 @@ def test_stored_pairs_are_the_stock_pipelines_dpm_solver_latents(xl):
                                             "tokenizer", "tokenizer_2", "scheduler"}  # fmt: skip
 
 
-def test_eval_cli_student_beats_the_teacher_at_one_two_and_four_steps(xl, tmp_path, capsys):
+def test_eval_cli_student_beats_the_teacher_at_one_and_two_steps(xl, tmp_path, capsys):
     """``sd eval`` on held-out noise (seed 1234) and held-out prompts: latent MSE to the
-    teacher's 16-step latents. Measured: student 3.49 / 1.31 / 0.68, teacher 11.2 / 4.25 /
-    2.15 at 1 / 2 / 4 steps: ratios 0.31 / 0.31 / 0.32 (bounds 0.5 / 0.6 / 1.0). The fitted
-    tiny teacher draws latents of order one (reference variance 5.8, standard deviation 2.4)."""
+    teacher's 16-step latents, which start at timestep 999 like the few-step runs. Measured:
+    student 2.75 / 0.93 / 0.40, teacher 8.78 / 1.90 / 0.29 at 1 / 2 / 4 steps: ratios 0.31 /
+    0.49 / 1.39 (bounds 0.5 / 0.6 / 1.6). At 4 steps this plain student (96 pairs, 80 steps;
+    240 and 480 steps gave 1.22 and 1.16) does not beat the teacher's own DDIM-trailing steps;
+    that is the phased student's job. (Until the pair grid started at timestep 999, pairs and
+    reference started at 929 and the teacher's 4 steps, from 999, scored 2.15 against them: the
+    0.32 measured then was the mismatch, not the student.) The fitted tiny teacher draws
+    latents of order one (reference variance 12.4, standard deviation 3.5)."""
     (tmp_path / "held_out.txt").write_text("\n".join(tiny_prompts("held_out")) + "\n")
     out = tmp_path / "eval"
     _run(["sd", "eval", "--pipeline", str(xl.student), "--teacher", str(xl.teacher),
@@ -183,9 +195,9 @@ def test_eval_cli_student_beats_the_teacher_at_one_two_and_four_steps(xl, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     mse, ratio = metrics["latent_mse"], metrics["ratio"]
     print(f"\nSDXL latent MSE {mse}, ratios {ratio}")
-    assert 0.5 < metrics["reference_variance"] < 10.0
+    assert 0.5 < metrics["reference_variance"] < 25.0
     assert mse["teacher"]["1"] > 4.0
-    assert ratio["1"] <= 0.5 and ratio["2"] <= 0.6 and ratio["4"] <= 1.0
+    assert ratio["1"] <= 0.5 and ratio["2"] <= 0.6 and ratio["4"] <= 1.6
     assert mse["student"]["1"] > mse["student"]["2"] > mse["student"]["4"]
 
 

@@ -31,6 +31,16 @@ def dpm_solver_grid(scheduler: Any, steps: int, form: forms.Form) -> list[float]
     ``DPMSolverMultistepScheduler.from_config(scheduler.config).set_timesteps(steps)`` gives
     the integer timesteps n (999, 959, ..., 40 for SD 1.5 at 25 steps); each maps to
     ``t = form.t_from_model_time(n) = (n + 1) / N``, and the solve ends at t = 0.
+
+    The grid always starts at the last training timestep (t = 1), where the student's
+    sampling starts (DDIM trailing, timestep 999): a ``"leading"``-spaced config (SDXL base's
+    Euler config, ``steps_offset`` 1) would start 25 steps at timestep 951 (t = 0.952) and
+    fewer steps lower still (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", sec. 3.3), and pairs, phased windows and the evaluation reference
+    would then follow another flow than the one the student samples. Such a config is solved
+    with ``timestep_spacing="trailing"`` (999, 959, ..., 39 at 25 steps); the other spacings
+    already start at 999 (a config without the key, SD 1.5's and SD 2.x's, takes
+    DPM-Solver's default ``"linspace"``: 999, 959, ..., 40).
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -43,6 +53,8 @@ def dpm_solver_grid(scheduler: Any, steps: int, form: forms.Form) -> list[float]
             f"which the DPM-Solver grid picks its steps; allowed: 1 to {limit}."
         )
     dpm = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    if dpm.config.timestep_spacing == "leading":  # set in the file (a default is not passed on)
+        dpm = DPMSolverMultistepScheduler.from_config(scheduler.config, timestep_spacing="trailing")
     dpm.set_timesteps(steps)
     times = form.t_from_model_time(dpm.timesteps.to(torch.float64))
     return [float(t) for t in times] + [0.0]

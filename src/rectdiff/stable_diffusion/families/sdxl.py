@@ -30,8 +30,10 @@ flag the unconditional is the encoding of ``""``, as the pipeline's.
 
 The form and prediction come from the checkpoint's scheduler (SDXL base: an
 ``EulerDiscreteScheduler`` config, ``scaled_linear`` 0.00085..0.012, eps-prediction,
-``leading`` spacing with ``steps_offset`` 1, so that 25 DPM-Solver steps start at timestep
-961); the student is saved with the base class's DDIM-trailing scheduler.
+``leading`` spacing with ``steps_offset`` 1, so that stock 25 DPM-Solver steps would start
+at timestep 951, t = 0.952). Pairs, phased windows and the evaluation reference are solved on
+the trailing DPM-Solver grid instead (:func:`.base.dpm_solver_grid`), from timestep 999, where
+the student saved with the base class's DDIM-trailing scheduler starts sampling.
 """
 
 from __future__ import annotations
