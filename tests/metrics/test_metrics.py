@@ -185,8 +185,9 @@ def test_energy_distance_is_scipys_squared_in_one_dimension():
 
 
 def test_energy_distance_equals_the_all_pairs_formula_and_reuses_the_reference_term():
-    # the self terms come from pdist's distinct pairs (and the reference's from a cache);
-    # every pair distance written out with numpy broadcasting must give the same number
+    # the distances are summed in blocks of BLOCK_ROWS = 256 rows, the self terms from the
+    # distinct pairs (and the reference's from a cache); every pair distance written out with
+    # numpy broadcasting must give the same number, for sizes across the block boundaries
     rng = np.random.default_rng(5)
     reference = rng.standard_normal((300, 2))
 
@@ -196,8 +197,9 @@ def test_energy_distance_equals_the_all_pairs_formula_and_reuses_the_reference_t
 
         return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
 
-    for shift in (0.0, 0.3, 2.0):  # one reference set, three samples: two calls hit the cache
-        x = shift + rng.standard_normal((257, 2))
+    # one reference set (two blocks), three samples: two calls hit the cache
+    for shift, n in ((0.0, 257), (0.3, 512), (2.0, 700)):
+        x = shift + rng.standard_normal((n, 2))
         assert energy_distance(x, reference) == pytest.approx(by_hand(x, reference), rel=1e-12)
     moved = reference.copy()
     moved[0, 0] += 1.0  # same shape, other bytes: not the cached set's term

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,15 +205,36 @@ def energy_distance(x: ArrayLike, y: ArrayLike) -> float:
 
     (all pairs, i = j included), which is >= 0 and exactly 0 for identical sets. This is
     the square of what ``scipy.stats.energy_distance`` returns for 1-D samples.
+
+    The distances are summed a block of :data:`BLOCK_ROWS` rows at a time, so memory stays
+    at ``BLOCK_ROWS x M`` distances (5000 points against 5000: 10 MB, not 200 MB for the whole
+    matrix; 20 000 points would need 3.2 GB).
     """
     x, y = _as_pair(x, y)
-    return float(2.0 * cdist(x, y).mean() - _mean_self_distance(x) - _cached_self_distance(y))
+    cross = sum(float(cdist(block, y).sum()) for block in _blocks(x)) / (len(x) * len(y))
+    return float(2.0 * cross - _mean_self_distance(x) - _cached_self_distance(y))
+
+
+#: rows of a distance block (see :func:`energy_distance`)
+BLOCK_ROWS = 256
+
+
+def _blocks(points: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, len(points), BLOCK_ROWS):
+        yield points[start : start + BLOCK_ROWS]
 
 
 def _mean_self_distance(points: np.ndarray) -> float:
     """``mean_ij ||p_i - p_j||`` over all n^2 ordered pairs (i = j included), from the
-    n (n - 1) / 2 distinct pairs: twice their sum over n^2, half the work of ``cdist``."""
-    return 2.0 * float(pdist(points).sum()) / len(points) ** 2 if len(points) > 1 else 0.0
+    n (n - 1) / 2 distinct pairs, block by block (the pairs inside a block from ``pdist``,
+    those with every later point from ``cdist``): twice their sum over n^2."""
+    n = len(points)
+    total = 0.0
+    for start in range(0, n, BLOCK_ROWS):
+        block, later = points[start : start + BLOCK_ROWS], points[start + BLOCK_ROWS :]
+        total += float(pdist(block).sum()) if len(block) > 1 else 0.0
+        total += float(cdist(block, later).sum()) if len(later) else 0.0
+    return 2.0 * total / n**2
 
 
 def _cached_self_distance(points: np.ndarray) -> float:
