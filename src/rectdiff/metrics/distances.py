@@ -197,6 +197,10 @@ def mmd(
     return float(within_x + within_y - 2.0 * k_xy.mean())
 
 
+#: rows of a distance block (see :func:`energy_distance`)
+BLOCK_ROWS = 256
+
+
 def energy_distance(x: ArrayLike, y: ArrayLike) -> float:
     """Energy distance D^2 (Szekely & Rizzo 2013, "Energy statistics: a class of statistics
     based on distances", J. Stat. Plan. Inference 143), as the V-statistic
@@ -215,10 +219,6 @@ def energy_distance(x: ArrayLike, y: ArrayLike) -> float:
     return float(2.0 * cross - _mean_self_distance(x) - _cached_self_distance(y))
 
 
-#: rows of a distance block (see :func:`energy_distance`)
-BLOCK_ROWS = 256
-
-
 def _blocks(points: np.ndarray) -> Iterator[np.ndarray]:
     for start in range(0, len(points), BLOCK_ROWS):
         yield points[start : start + BLOCK_ROWS]
@@ -229,10 +229,12 @@ def _mean_self_distance(points: np.ndarray) -> float:
     n (n - 1) / 2 distinct pairs, block by block (the pairs inside a block from ``pdist``,
     those with every later point from ``cdist``): twice their sum over n^2."""
     n = len(points)
+    if n < 2:
+        return 0.0
     total = 0.0
     for start in range(0, n, BLOCK_ROWS):
         block, later = points[start : start + BLOCK_ROWS], points[start + BLOCK_ROWS :]
-        total += float(pdist(block).sum()) if len(block) > 1 else 0.0
+        total += float(pdist(block).sum())
         total += float(cdist(block, later).sum()) if len(later) else 0.0
     return 2.0 * total / n**2
 
