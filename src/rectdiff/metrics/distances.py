@@ -215,13 +215,14 @@ def energy_distance(x: ArrayLike, y: ArrayLike) -> float:
     matrix; 20 000 points would need 3.2 GB).
     """
     x, y = _as_pair(x, y)
-    cross = sum(float(cdist(block, y).sum()) for block in _blocks(x)) / (len(x) * len(y))
+    cross = sum(float(cdist(block, y).sum()) for block, _ in _blocks(x)) / (len(x) * len(y))
     return float(2.0 * cross - _mean_self_distance(x) - _cached_self_distance(y))
 
 
-def _blocks(points: np.ndarray) -> Iterator[np.ndarray]:
+def _blocks(points: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(block, later)``: :data:`BLOCK_ROWS` consecutive points and every point after them."""
     for start in range(0, len(points), BLOCK_ROWS):
-        yield points[start : start + BLOCK_ROWS]
+        yield points[start : start + BLOCK_ROWS], points[start + BLOCK_ROWS :]
 
 
 def _mean_self_distance(points: np.ndarray) -> float:
@@ -232,10 +233,9 @@ def _mean_self_distance(points: np.ndarray) -> float:
     if n < 2:
         return 0.0
     total = 0.0
-    for start in range(0, n, BLOCK_ROWS):
-        block, later = points[start : start + BLOCK_ROWS], points[start + BLOCK_ROWS :]
+    for block, later in _blocks(points):
         total += float(pdist(block).sum())
-        total += float(cdist(block, later).sum()) if len(later) else 0.0
+        total += float(cdist(block, later).sum())
     return 2.0 * total / n**2
 
 
