@@ -252,6 +252,14 @@ def test_recorded_numbers_are_the_library_functions_results(tiny_run):
     one = {(r["stage"]): r["energy"] for r in results["records"] if (r["form"], r["prediction"],
            r["solver"], r["steps"]) == ("fm", "v", "ddim", 1)}  # fmt: skip
     assert row["ratio_1step"] == one["rectified"] / one["teacher"]
+    # the data floor: the same metrics on 4 disjoint sets of n_eval training points
+    x_train = load_data("8gaussians", config.data.n_train, config.seed)
+    floor = metrics.data_floor(["sliced_w2", "energy"], x_train, reference, config.data.n_eval,
+                               seed=config.seed, sliced_w2={"n_projections": 32})  # fmt: skip
+    assert results["data_floor"] == floor and floor["sets"] == 4
+    energy = floor["metrics"]["energy"]
+    assert (f"### energy to held-out data (lower is better; data floor {energy['mean']:.4g} "
+            f"± {energy['std']:.4g})") in (out / "report.md").read_text()  # fmt: skip
 
 
 def test_evaluate_model_scores_the_solver_it_names():
@@ -321,6 +329,7 @@ def test_numbers_do_not_depend_on_the_number_of_worker_processes(tiny_run, tmp_p
     config = tiny(workers=2)
     parallel = run_compare(config, tmp_path, progress=False)
     assert parallel["records"] == serial["records"]
+    assert parallel["data_floor"] == serial["data_floor"]  # computed in a worker here
 
 
 def test_every_cell_network_sees_time_on_one_scale():

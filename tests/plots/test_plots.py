@@ -89,6 +89,29 @@ def test_quality_vs_nfe_and_implied_weighting(tmp_path: Path) -> None:
     np.testing.assert_allclose([float(r[3]) for r in rows], weight.numpy(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("logy", [False, True])
+def test_a_data_floor_is_a_line_with_its_band(logy: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    from rectdiff.plots.figures import _draw_band
+
+    fig, ax = plt.subplots()
+    ax.set_yscale("log" if logy else "linear")
+    _draw_band(ax, "data floor", 0.3, 0.05)
+    _draw_band(ax, "floor without spread", 0.2, None)
+    _draw_band(ax, "wide", 0.1, 0.4)  # 0.1 - 0.4 < 0: the band starts at 1e-4 instead
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    assert lines == {"data floor (± 1 std)": [0.3, 0.3], "floor without spread": [0.2, 0.2],
+                     "wide (± 1 std)": [0.1, 0.1]}  # fmt: skip
+    spans = sorted(
+        (round(float(y0), 12), round(float(y1), 12))
+        for y0, y1 in (ax.transData.inverted().transform(p.get_window_extent())[:, 1]
+                       for p in ax.patches)
+    )  # fmt: skip
+    assert spans == pytest.approx([(1e-4, 0.5), (0.25, 0.35)], rel=1e-6)
+    plt.close(fig)
+
+
 def test_trajectories_xy_csv_has_x_and_y_over_alpha(tmp_path: Path) -> None:
     form = forms.VP()
     oracle = CouplingOracle(

@@ -135,11 +135,14 @@ def line_figure(
     logy: bool = False,
     log_floor: float | None = None,
     markers: bool = False,
+    band: tuple[str, float, float | None] | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """One panel of labelled curves. On a log axis, values <= 0 are not drawn, or, with
     ``log_floor``, values below ``log_floor * max`` are drawn at that floor (so exact zeros,
-    up to rounding, show as a flat line at the bottom)."""
+    up to rounding, show as a flat line at the bottom). ``band = (label, centre, half_width)``
+    draws a grey horizontal line at ``centre`` and, with a half width, the band around it
+    (e.g. a metric's data floor, mean ± one standard deviation)."""
     data = {label: (numbers(xs), numbers(ys)) for label, (xs, ys) in curves.items()}
     for label, (xs, ys) in data.items():
         if xs.shape != ys.shape:
@@ -172,6 +175,8 @@ def line_figure(
             [label, label in set(rectified_labels), f"{x:.10g}", f"{y:.10g}"]
             for x, y in zip(xs, ys, strict=True)
         ]
+    if band is not None:
+        _draw_band(ax, *band)
     if logx:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -198,3 +203,12 @@ def line_figure(
     ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1, handlelength=4)
     fig.tight_layout()
     return save_figure(fig, stem, ["label", "rectified", *header], rows, formats)
+
+
+def _draw_band(ax: Any, label: str, centre: float, half_width: float | None) -> None:
+    if half_width:
+        lower = centre - half_width
+        lower = lower if lower > 0 else 1e-3 * centre  # a log axis shows no values <= 0
+        ax.axhspan(lower, centre + half_width, color="0.5", alpha=0.15, linewidth=0)
+        label = f"{label} (± 1 std)"
+    ax.axhline(centre, color="0.35", linestyle=":", linewidth=1.4, label=label)

@@ -107,6 +107,7 @@ def plot_quality_vs_nfe(
     rectified_labels: Mapping[str, str] | Collection[str] = (),
     *,
     logy: bool = False,
+    floor: tuple[float, float | None] | None = None,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """Sample quality against the number of function evaluations (log2 NFE axis).
@@ -117,6 +118,8 @@ def plot_quality_vs_nfe(
         metric_name: the metric's name, for the y axis (e.g. "sliced W2 (lower is better)").
         rectified_labels: see :func:`line_styles`.
         logy: logarithmic y axis.
+        floor: ``(mean, std)`` of the metric's data floor (``metrics.data_floor``: the data
+            itself scored like a model), drawn as a grey line with a ± std band.
         formats: the figure files written (default ``FORMATS``, PNG and SVG; or ``"pdf"``).
     """
     return line_figure(
@@ -130,6 +133,7 @@ def plot_quality_vs_nfe(
         logx=True,
         logy=logy,
         markers=True,
+        band=None if floor is None else ("data floor", *floor),
         formats=formats,
     )
 

@@ -83,7 +83,7 @@ def _result_jobs(results: dict[str, Any], out: Path) -> list[Job]:
             jobs.append((plots.plot_quality_vs_nfe, (
                 curves, out / f"quality_vs_nfe_{prediction}", f"{metric} to held-out data "
                 f"({solver}, {prediction}-prediction)", _rectified_map(list(curves))),
-                {"logy": True, "formats": formats}))  # fmt: skip
+                {"logy": True, "floor": _floor(results, metric), "formats": formats}))  # fmt: skip
         for name in ("curvature_y", "curvature_t", "x0_drift"):
             source = results["curves"].get(name, {})
             curves = {
@@ -140,8 +140,15 @@ def _method_jobs(
             jobs.append((plots.plot_quality_vs_nfe, (
                 curves, out / f"quality_vs_nfe_{slug}_{prediction}",
                 f"{metric} to held-out data ({name}, {solver}, {prediction}-prediction)",
-                _rectified_map(list(curves))), {"logy": True, "formats": formats}))  # fmt: skip
+                _rectified_map(list(curves))),
+                {"logy": True, "floor": _floor(results, metric), "formats": formats}))  # fmt: skip
     return jobs
+
+
+def _floor(results: dict[str, Any], metric: str) -> tuple[float, float | None] | None:
+    """``(mean, std)`` of the metric's data floor in results.json, if it has one."""
+    entry = (results.get("data_floor") or {}).get("metrics", {}).get(metric)
+    return None if entry is None else (entry["mean"], entry["std"])
 
 
 def draw_cell_samples(

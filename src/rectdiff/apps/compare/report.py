@@ -191,17 +191,33 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
                                 stage=stage, solver=solver, steps=steps)  # fmt: skip
                     row.append(None if rec is None else rec[key])
                 rows.append(row)
-        lines += [
-            f"### {key} to held-out data (lower is better"
-            + (
-                ")"
-                if not key.startswith("classifier")
-                else "; classifier scores: higher is better)"
-            ),
-            "",
-        ]
+        better = "lower" if not key.startswith("classifier") else "classifier scores: higher"
+        lines += [f"### {key} to held-out data ({better} is better{_floor_note(results, key)})", ""]
         lines += _table(header, rows, "lll" + "r" * len(solves)) + [""]
-    return lines
+    return lines + _floor_paragraph(results)
+
+
+def _floor_note(results: dict[str, Any], key: str) -> str:
+    """``"; data floor 0.102 ± 0.018"`` for a metric with a data floor, else ``""``."""
+    entry = (results.get("data_floor") or {}).get("metrics", {}).get(key)
+    if entry is None:
+        return ""
+    spread = "" if entry["std"] is None else f" ± {_fmt(entry['std'])}"
+    return f"; data floor {_fmt(entry['mean'])}{spread}"
+
+
+def _floor_paragraph(results: dict[str, Any]) -> list[str]:
+    floor = results.get("data_floor")
+    if not floor:
+        return []
+    return [
+        f"The data floor is each metric between {floor['sets']} disjoint sets of {floor['n']} "
+        "training points and the held-out set (mean ± standard deviation over the sets): "
+        "what a model that sampled the data distribution itself would score. A model at the "
+        "floor is indistinguishable from the data by that metric at this number of samples, "
+        "and two numbers less than about one spread apart are not resolved by it.",
+        "",
+    ]
 
 
 #: the few-step methods' stages in the order they run (each may carry a round, ``_k``)
