@@ -247,6 +247,13 @@ def test_recorded_numbers_are_the_library_functions_results(tiny_run):
     record = next(r for r in results["records"] if (r["form"], r["prediction"], r["stage"],
                   r["solver"], r["steps"]) == ("fm", "v", "rectified", "ddim", 2))  # fmt: skip
     assert record["sliced_w2"] == direct["sliced_w2"] and record["energy"] == direct["energy"]
+    # mse_to_teacher: to the fm v teacher's dopri5 solve of the same noise
+    teacher, _, _ = load_model_dir(out / "models" / "fm_v" / "teacher")
+    target = samplers.sample(teacher, noise, form=form, prediction=prediction, solver="dopri5",
+                             rtol=config.evaluation.rtol, atol=config.evaluation.atol)  # fmt: skip
+    assert record["mse_to_teacher"] == pytest.approx(
+        float((sample.double() - target.double()).square().mean()), rel=1e-12
+    )
     row = next(r for r in results["summary"] if (r["form"], r["prediction"], r["metric"])
                == ("fm", "v", "energy"))  # fmt: skip
     one = {(r["stage"]): r["energy"] for r in results["records"] if (r["form"], r["prediction"],
@@ -273,13 +280,25 @@ def test_evaluate_model_scores_the_solver_it_names():
     noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
     reference = torch.full((300, 2), 0.5)
     config = tiny(**{"evaluation.metrics": ["energy"], "evaluation.metric_options": {}})
-    records, kept = evaluate_model(
+    records, kept, own = evaluate_model(
         Mean(), form=form, prediction="x0", noise=noise, reference_data=reference,
         evaluation=config.evaluation, grid=lambda f, k: "uniform",
     )  # fmt: skip
     one_step = next(r for r in records if r["steps"] == 1)
     assert one_step["nfe"] == 1 and one_step["energy"] == pytest.approx(0.0, abs=1e-12)
     assert torch.allclose(kept["ddim@1"], reference)
+    # a teacher's mse_to_teacher is to its own dopri5 solve (0 for that solve itself)
+    adaptive = next(r for r in records if r["steps"] is None)
+    assert adaptive["mse_to_teacher"] == 0.0 and own.shape == (300, 2)
+    assert one_step["mse_to_teacher"] == pytest.approx(float((own - 0.5).square().mean()), rel=1e-9)
+    # a student's is to the target it is given: (0.5 - 0.25)^2 per coordinate
+    records, _, _ = evaluate_model(
+        Mean(), form=form, prediction="x0", noise=noise, reference_data=reference,
+        evaluation=config.evaluation, grid=lambda f, k: "uniform", target=torch.full((300, 2), 0.25),
+    )  # fmt: skip
+    assert next(r for r in records if r["steps"] == 1)["mse_to_teacher"] == pytest.approx(
+        0.0625, rel=1e-12
+    )
 
 
 def test_same_config_and_seed_give_the_same_numbers_also_when_interrupted_and_resumed(

@@ -127,14 +127,18 @@ def _measure(
     task: CellTask,
     grid: Any,
     coupling: tuple[Tensor, Tensor],
-) -> None:
+    target: Tensor | None = None,
+) -> Tensor | None:
+    """Evaluate ``model`` as ``stage`` (``evaluate_model``: ``target`` is its teacher's
+    adaptive solve, None for a teacher) and diagnose it; returns its own adaptive solve."""
     config, ev = task.config, task.config.evaluation
     _note(task, f"{stage}: evaluating ({len(ev.steps)} step counts, diagnostics)")
     shape = tuple(task.x_train.shape[1:])
     noise = standard_noise(shape, config.data.n_eval, config.seed, "evaluation")
-    records, kept = evaluate_model(
+    records, kept, reference = evaluate_model(
         model, form=task.form, prediction=task.prediction, noise=noise,
         reference_data=task.reference_data, evaluation=ev, grid=grid, seed=config.seed,
+        target=target,
     )  # fmt: skip
     diag_noise = standard_noise(shape, ev.n_diagnostic, config.seed, "diagnostics")
     diagnosis = diagnose_model(
@@ -157,6 +161,7 @@ def _measure(
     result.curves[stage] = diagnosis.curves
     result.samples[stage] = kept
     result.trajectories[stage] = diagnosis.trajectory
+    return reference
 
 
 def _record_ess(result: CellResult, stage: str, ess: list[float]) -> None:
@@ -197,22 +202,24 @@ def run_cell(task: CellTask) -> CellResult:
         return sampling_grid(f, steps, config)
 
     net_config = network_config(config, task.x_train, prediction)
-    teacher = _teacher_stage(result, task, net_config, models_dir, grid, "teacher")
+    teacher, target = _teacher_stage(result, task, net_config, models_dir, grid, "teacher")
 
     stage_cfg = config.rectify
     if stage_cfg.enabled:
         methods = stage_cfg.methods
         if "reflow" in methods or "reflow+distill" in methods:
-            last, last_name = _reflow_stages(result, task, teacher, net_config, models_dir, grid)
+            last, last_name = _reflow_stages(result, task, teacher, net_config, models_dir, grid,
+                                             target)  # fmt: skip
             if "reflow+distill" in methods:
-                _distill_stage(result, task, last, last_name, net_config, models_dir, grid)
+                _distill_stage(result, task, last, last_name, net_config, models_dir, grid,
+                               target)  # fmt: skip
         if "phased" in methods:
-            _phased_stage(result, task, teacher, net_config, models_dir, grid)
+            _phased_stage(result, task, teacher, net_config, models_dir, grid, target)
         if "ot" in methods or "ot+reflow" in methods:
-            ot_teacher = _ot_stage(result, task, net_config, models_dir, grid)
+            ot_teacher, ot_target = _ot_stage(result, task, net_config, models_dir, grid)
             if "ot+reflow" in methods:
                 _reflow_stages(result, task, ot_teacher, net_config, models_dir, grid,
-                               prefix="ot_rectified", base="ot")  # fmt: skip
+                               ot_target, prefix="ot_rectified", base="ot")  # fmt: skip
     if config.evaluation.figures:  # in this worker, alongside the other cells
         drawn = draw_cell_samples(result, task.out / "figures", task.reference_data,
                                   config.evaluation.figure_formats)  # fmt: skip
@@ -243,7 +250,8 @@ def _pairs(
 
 def _reflow_stages(
     result: CellResult, task: CellTask, teacher: nn.Module, net_config: dict[str, Any],
-    models_dir: Path, grid: Any, prefix: str = "rectified", base: str = "teacher",
+    models_dir: Path, grid: Any, target: Tensor | None, prefix: str = "rectified",
+    base: str = "teacher",
 ) -> tuple[nn.Module, str]:  # fmt: skip
     """``rounds`` reflow rounds (stages ``rectified``, ``rectified_2``, ...; with another
     ``prefix``, from the model of stage ``base``), each retrained on the previous model's
@@ -277,7 +285,7 @@ def _reflow_stages(
             info=_model_info(task, stage, fitted.losses, train_config,
                              {"pairs": where, "distill": rc.distill}),
         )  # fmt: skip
-        _measure(result, stage, student, task, grid, load_pairs(pairs))
+        _measure(result, stage, student, task, grid, load_pairs(pairs), target)
         result.budgets[stage] = result.budgets.get(base, 0) + k * rc.num_pairs * rc.steps
         result.student_steps[stage] = result.student_steps.get(base, 0) + k * rc.train.steps
         current, current_name = student, stage
@@ -287,10 +295,11 @@ def _reflow_stages(
 def _teacher_stage(
     result: CellResult, task: CellTask, net_config: dict[str, Any], models_dir: Path,
     grid: Any, stage: str, coupling: str | None = None,
-) -> nn.Module:  # fmt: skip
+) -> tuple[nn.Module, Tensor | None]:  # fmt: skip
     """A teacher trained from the cell's seeded initial weights with the shared
     hyperparameters (``coupling`` overriding the training's), saved and measured as
-    ``stage``. Its diagnostics' training coupling is noise and data drawn independently."""
+    ``stage``; returns it and its adaptive solve of the evaluation noise (its students'
+    target). Its diagnostics' training coupling is noise and data drawn independently."""
     config, form, prediction = task.config, task.form, task.prediction
     torch.manual_seed(config.seed)
     model = build_model(net_config, form)
@@ -307,28 +316,28 @@ def _teacher_stage(
                    net_config=net_config, info=_model_info(task, stage, trained.losses, train_config, {}))  # fmt: skip
     shape, n = tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic
     independent = (standard_noise(shape, n, config.seed, "diagnostics"), task.x_train)
-    _measure(result, stage, model, task, grid, independent)
-    return model
+    reference = _measure(result, stage, model, task, grid, independent)
+    return model, reference
 
 
 def _ot_stage(
     result: CellResult, task: CellTask, net_config: dict[str, Any], models_dir: Path,
     grid: Any,
-) -> nn.Module:  # fmt: skip
+) -> tuple[nn.Module, Tensor | None]:  # fmt: skip
     """``ot`` (stage ``ot``): a second teacher from the same initial weights, data and
     hyperparameters, trained with minibatch optimal-transport couplings
     (``TrainConfig.coupling = "ot"``: each batch's noise re-paired with its data by the exact
     assignment; Tong et al. 2023, Pooladian et al. 2023), in the cell's own form and
     prediction. It spends no couplings; its student steps are the teacher's."""
-    model = _teacher_stage(result, task, net_config, models_dir, grid, "ot", coupling="ot")
+    model, reference = _teacher_stage(result, task, net_config, models_dir, grid, "ot", "ot")
     result.budgets["ot"] = 0
     result.student_steps["ot"] = task.config.train.steps
-    return model
+    return model, reference
 
 
 def _distill_stage(
     result: CellResult, task: CellTask, reflowed: nn.Module, reflowed_name: str,
-    net_config: dict[str, Any], models_dir: Path, grid: Any,
+    net_config: dict[str, Any], models_dir: Path, grid: Any, target: Tensor | None,
 ) -> None:  # fmt: skip
     """``reflow+distill`` (stage ``distilled``): the last reflow student, fine-tuned only at
     ``t = t_max`` on its own pairs so that one step maps noise to its sample (Liu, Gong & Liu
@@ -353,14 +362,14 @@ def _distill_stage(
         info=_model_info(task, "distilled", fitted.losses, train_config,
                          {"pairs": where, "from": reflowed_name, "distill": True}),
     )  # fmt: skip
-    _measure(result, "distilled", student, task, grid, load_pairs(pairs))
+    _measure(result, "distilled", student, task, grid, load_pairs(pairs), target)
     result.budgets["distilled"] = result.budgets[reflowed_name] + rc.num_pairs * rc.steps
     result.student_steps["distilled"] = result.student_steps[reflowed_name] + rc.train.steps
 
 
 def _phased_stage(
     result: CellResult, task: CellTask, teacher: nn.Module, net_config: dict[str, Any],
-    models_dir: Path, grid: Any,
+    models_dir: Path, grid: Any, target: Tensor | None,
 ) -> None:  # fmt: skip
     """The phased student (``rectify.rectify_phased``, stage ``"phased"``) at one reflow
     round's budget: its K windows are the K-step evaluation grid (so the K-step solve steps on
@@ -402,7 +411,7 @@ def _phased_stage(
                          {"phases": phases, "edges": [float(t) for t in edges]}),
     )  # fmt: skip
     couplings = fitted.couplings
-    _measure(result, "phased", student, task, grid, (couplings.eps, couplings.x0))
+    _measure(result, "phased", student, task, grid, (couplings.eps, couplings.x0), target)
     noise = standard_noise(tuple(task.x_train.shape[1:]), config.evaluation.n_diagnostic,
                            config.seed, "diagnostics")  # fmt: skip
     fine = window_grid(form, edges, 8)

@@ -171,6 +171,8 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
     keys = [
         k for k in (records[0] if records else {}) if any(k.startswith(m) for m in metric_names)
     ]
+    if records and "mse_to_teacher" in records[0]:
+        keys.append("mse_to_teacher")
     solves = _solves(results)
     for key in keys:
         header = ["form", "prediction", "stage"]
@@ -191,8 +193,16 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
                                 stage=stage, solver=solver, steps=steps)  # fmt: skip
                     row.append(None if rec is None else rec[key])
                 rows.append(row)
-        better = "lower" if not key.startswith("classifier") else "classifier scores: higher"
-        lines += [f"### {key} to held-out data ({better} is better{_floor_note(results, key)})", ""]
+        if key == "mse_to_teacher":
+            lines += [
+                "### mse_to_teacher: mean squared difference to the teacher's adaptive solve "
+                "from the same noise (per coordinate, lower is better; a teacher's to its own)",
+                "",
+            ]
+        else:
+            better = "lower" if not key.startswith("classifier") else "classifier scores: higher"
+            floor = _floor_note(results, key)
+            lines += [f"### {key} to held-out data ({better} is better{floor})", ""]
         lines += _table(header, rows, "lll" + "r" * len(solves)) + [""]
     return lines + _floor_paragraph(results)
 
