@@ -17,7 +17,8 @@ from typing import Any
 from torch import Tensor
 
 from ... import plots
-from .report import distance_metrics, method_name, method_stages
+from .report import method_name, method_stages
+from .summary import distance_metrics
 
 __all__ = ["draw_result_figures", "draw_figures", "draw_job"]
 

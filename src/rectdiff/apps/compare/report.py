@@ -1,16 +1,5 @@
-"""What ``rectdiff compare`` reports: results.json's contents and report.md.
-
-:func:`summarize` turns the cells' records into the results dictionary (records, a
-one-step summary per cell and metric, curves); :func:`write_report` renders it as Markdown
-(every shared hyperparameter first, then the tables); :mod:`.figures` draws from it.
-
-The one-step summary (issue 4's criterion): for each cell and distance metric,
-``teacher_1step`` and ``rectified_1step`` are the distances to held-out data after one step
-of the first configured solver, ``ratio_1step = rectified_1step / teacher_1step`` (halved
-when < 0.5), ``teacher_adaptive`` the distance of the teacher's adaptive reference solve,
-and ``ratio_vs_adaptive = rectified_1step / teacher_adaptive`` (1 = one step of the
-rectified model is as good as the teacher's converged ODE solve).
-"""
+"""What ``rectdiff compare`` reports: report.md, rendered from results.json's contents
+(:mod:`.summary`): every shared hyperparameter first, then the tables."""
 
 from __future__ import annotations
 
@@ -20,106 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from ...io.files import write_text_atomic
-from ...metrics import METRICS
+from .summary import DIAGNOSTIC_COLUMNS, LOWERED, distance_metrics, find_record
 
-__all__ = ["DIAGNOSTIC_COLUMNS", "DIAGNOSE_COLUMNS", "WINDOW_KEYS", "distance_metrics", "summarize",
-           "one_step_summary", "diagnostic_changes", "write_report", "summary_markdown",
-           "diagnose_markdown"]  # fmt: skip
+__all__ = ["DIAGNOSE_COLUMNS", "WINDOW_KEYS", "write_report", "summary_markdown",
+           "diagnose_markdown", "method_name", "method_stages"]  # fmt: skip
 
-#: diagnostics in report order, with whether rectification should lower them
-DIAGNOSTIC_COLUMNS = ("straightness_y", "straightness_t", "first_order_deviation", "crossing_rate",
-                      "train_coupling_crossing_rate", "one_step_gap", "transport_cost",
-                      "relative_transport_cost")  # fmt: skip
-_LOWERED = ("straightness_y", "first_order_deviation", "crossing_rate",
-            "train_coupling_crossing_rate", "one_step_gap")  # fmt: skip
 #: the phased stage's per-window first-order deviations (student, teacher) in its diagnostics
 WINDOW_KEYS = ("window_first_order_deviation_per_window",
                "teacher_window_first_order_deviation_per_window")  # fmt: skip
-
-
-def distance_metrics(config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """The configured metrics that are distances (lower is better) and were recorded."""
-    names = [m for m in config["evaluation"]["metrics"] if METRICS[m].kind == "distance"]
-    return [m for m in names if records and m in records[0]]
-
-
-def _find(records: list[dict], **match: Any) -> dict | None:
-    for record in records:
-        if all(record.get(k) == v for k, v in match.items()):
-            return record
-    return None
-
-
-def one_step_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per cell and distance metric: teacher/rectified one-step distances and their ratios."""
-    config, records = results["config"], results["records"]
-    ev = config["evaluation"]
-    one_step = next((s for s in ev["solvers"] if 1 in ev["steps"]), None)
-    reference = ev["reference_solver"] or None
-    rows = []
-    if one_step is None or not config["rectify"]["enabled"]:
-        return rows
-    for cell in results["cells"]:
-        key = {"form": cell["form"], "prediction": cell["prediction"]}
-        t1 = _find(records, **key, stage="teacher", solver=one_step, steps=1)
-        r1 = _find(records, **key, stage="rectified", solver=one_step, steps=1)
-        t_ad = _find(records, **key, stage="teacher", solver=reference) if reference else None
-        r_ad = _find(records, **key, stage="rectified", solver=reference) if reference else None
-        if t1 is None or r1 is None:
-            continue
-        for metric in distance_metrics(config, records):
-            row = {**key, "metric": metric, "solver": one_step,
-                   "teacher_1step": t1[metric], "rectified_1step": r1[metric],
-                   "ratio_1step": r1[metric] / t1[metric] if t1[metric] else float("inf")}  # fmt: skip
-            row["halved"] = bool(row["ratio_1step"] < 0.5)
-            if t_ad is not None:
-                row |= {"teacher_adaptive": t_ad[metric], "teacher_adaptive_nfe": t_ad["nfe"],
-                        "rectified_adaptive": r_ad[metric] if r_ad else None,
-                        "ratio_vs_adaptive": r1[metric] / t_ad[metric] if t_ad[metric] else float("inf")}  # fmt: skip
-            rows.append(row)
-    return rows
-
-
-def diagnostic_changes(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per cell: each diagnostic before and after rectification, and whether it dropped."""
-    rows = []
-    for cell in results["cells"]:
-        stages = cell["diagnostics"]
-        if "teacher" not in stages or "rectified" not in stages:
-            continue
-        row = {"form": cell["form"], "prediction": cell["prediction"]}
-        for name in DIAGNOSTIC_COLUMNS:
-            if name in stages["teacher"]:
-                before, after = stages["teacher"][name], stages["rectified"][name]
-                row[name] = {"teacher": before, "rectified": after, "lowered": after < before}
-        rows.append(row)
-    return rows
-
-
-def summarize(config: Any, cells: Sequence[Any], version: str) -> dict[str, Any]:
-    """The results dictionary (results.json) of a comparison's cells."""
-    results: dict[str, Any] = {
-        "rectdiff_version": version,
-        "config": config.to_dict(),
-        "cells": [],
-        "records": [],
-        "curves": {"curvature_t": {}, "curvature_y": {}, "x0_drift": {}},
-    }
-    for cell in cells:
-        results["cells"].append(
-            {"form": cell.label, "prediction": cell.prediction, "form_config": cell.form.config(),
-             "final_loss": cell.losses, "diagnostics": cell.diagnostics,
-             "budgets": getattr(cell, "budgets", {}),
-             "student_steps": getattr(cell, "student_steps", {}),
-             "ess": getattr(cell, "ess", {})}
-        )  # fmt: skip
-        results["records"] += cell.records
-        for stage, curves in cell.curves.items():
-            for name, (t, value) in curves.items():
-                results["curves"][name][f"{cell.label} {cell.prediction} {stage}"] = [t, value]
-    results["summary"] = one_step_summary(results)
-    results["diagnostic_changes"] = diagnostic_changes(results)
-    return results
 
 
 # --- report.md ------------------------------------------------------------------------------
@@ -189,7 +86,7 @@ def _quality_tables(results: dict[str, Any]) -> list[str]:
             for stage in stages:
                 row: list[Any] = [cell["form"], cell["prediction"], stage]
                 for solver, steps in solves:
-                    rec = _find(records, form=cell["form"], prediction=cell["prediction"],
+                    rec = find_record(records, form=cell["form"], prediction=cell["prediction"],
                                 stage=stage, solver=solver, steps=steps)  # fmt: skip
                     row.append(None if rec is None else rec[key])
                 rows.append(row)
@@ -266,9 +163,13 @@ def _methods_table(results: dict[str, Any]) -> list[str]:
             key = {"form": cell["form"], "prediction": cell["prediction"]}
             row: list[Any] = [method_name(method), cell["form"], cell["prediction"]]
             for k in ev["steps"]:
-                rec = _find(records, **key, stage=method, solver=solver, steps=k)
+                rec = find_record(records, **key, stage=method, solver=solver, steps=k)
                 row.append(None if rec is None else rec[metric])
-            ref = _find(records, **key, stage="teacher", solver=reference) if reference else None
+            ref = (
+                find_record(records, **key, stage="teacher", solver=reference)
+                if reference
+                else None
+            )
             row += [None if ref is None else ref[metric], cell.get("budgets", {}).get(method),
                     cell.get("student_steps", {}).get(method)]  # fmt: skip
             rows.append(row)
@@ -364,7 +265,7 @@ def _diagnostic_table(results: dict[str, Any]) -> list[str]:
             )
     lines = _table(["form", "prediction", "stage", *present], rows, "lll" + "r" * len(present))
     changes = results["diagnostic_changes"]
-    checked = [c for c in _LOWERED if c in present]
+    checked = [c for c in LOWERED if c in present]
     if changes and checked:
         lines += ["", "Lowered by rectification:", ""]
         body = [

@@ -60,9 +60,10 @@ from .cells import CellResult, CellTask, run_cell
 from .config import CompareConfig, quick_config
 from .figures import draw_figures
 from .hyperparameters import implied_weightings, network_config
-from .report import summarize, write_report
+from .report import write_report
+from .summary import summarize
 
-__all__ = ["data_floor", "run_compare"]
+__all__ = ["run_compare"]
 
 
 def _load_datasets(config: CompareConfig) -> tuple[Tensor, Tensor]:
@@ -321,7 +322,7 @@ def _run_tasks(
     return [r for r in results if r is not None]
 
 
-def data_floor(config: CompareConfig, x_train: Tensor, reference: Tensor) -> dict[str, Any] | None:
+def _data_floor(config: CompareConfig, x_train: Tensor, reference: Tensor) -> dict[str, Any] | None:
     """The evaluation's metrics between up to four disjoint sets of ``n_eval`` training points
     and the held-out set (:func:`rectdiff.metrics.data_floor`): what a model that sampled the
     data itself would score, and how far that moves from one draw to the next. None without
@@ -383,12 +384,12 @@ def run_compare(
     pool = _new_pool(config.workers if len(tasks) > 1 else 1)  # one cell: no processes to start
     try:
         # the data floor runs in the first free worker, which imports POT for its cells anyway
-        floor = None if pool is None else pool.submit(data_floor, config, x_train, reference)
+        floor = None if pool is None else pool.submit(_data_floor, config, x_train, reference)
         cells = _run_tasks(tasks, pool, progress)
         torch.set_num_threads(threads)  # a cell run in this process set its own
         results = summarize(config, cells, __version__)
         results["data_floor"] = (
-            data_floor(config, x_train, reference) if floor is None else floor.result()
+            _data_floor(config, x_train, reference) if floor is None else floor.result()
         )
         results["curves"]["implied_weighting"] = implied_weightings(config)
         if config.evaluation.figures:
