@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ from rectdiff.data import TOYS, load_data
 from rectdiff.io.model_dir import load_model_dir
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="a finished `rectdiff compare` folder")
     parser.add_argument("--config", default="experiments/compare_forms.toml",
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--references", type=int, default=5, help="held-out sets")
     parser.add_argument("--limit", type=float, default=1.2,
                         help="the ratio to the teacher's dopri5 counted as met")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.streams < 1 or args.references < 1 or args.steps < 1:
         parser.error(
             f"--streams, --references and --steps must be >= 1; got {args.streams}, "
@@ -57,38 +58,54 @@ def main() -> None:
     torch.set_num_threads(1)
     config = load_config(args.config)
     if config.data.name not in TOYS:
-        sys.exit(
-            f"{config.data.name!r} is not a toy: there is only one held-out set to score against."
+        parser.error(
+            f"{config.data.name!r} is not a toy: it has one held-out set to score against."
         )
+    scores = score(config, Path(args.out), args.stages, args.steps, args.metric, args.streams,
+                   args.references)  # fmt: skip
+    report(scores, [f"{label}_{p}" for label, _, p in config.cells()], args)
+    return scores
+
+
+def score(
+    config: Any, out: Path, stages: list[str], steps: int, metric: str, streams: int,
+    references: int,
+) -> dict[tuple[str, int, int], tuple[float, float, float]]:  # fmt: skip
+    """``(cell, stream, set) -> (teacher dopri5, stage 1, stage 2)``: the metric of the teacher's
+    adaptive solve and of each student's ``steps`` DDIM steps from noise stream ``stream``
+    against held-out set ``set`` (stream 0 and set 0 are the report's own)."""
     ev, n = config.evaluation, config.data.n_eval
-    options = {args.metric: ev.metric_options.get(args.metric, {})}
-    references = [load_data(config.data.name, n, config.seed + 1 + j, **config.data.params)
-                  for j in range(args.references)]  # fmt: skip
-    shape = tuple(references[0].shape[1:])
-    scores: dict[tuple[str, int, int], tuple[float, ...]] = {}
-    cells = [f"{label}_{prediction}" for label, _, prediction in config.cells()]
+    options = {metric: ev.metric_options.get(metric, {})}
+    held_out = [load_data(config.data.name, n, config.seed + 1 + j, **config.data.params)
+                for j in range(references)]  # fmt: skip
+    shape = tuple(held_out[0].shape[1:])
+    scores = {}
     start = time.perf_counter()
-    for cell in cells:
-        folder = Path(args.out) / "models" / cell
-        teacher, form, prediction = load_model_dir(folder / "teacher")
-        students = [load_model_dir(folder / stage)[0].eval() for stage in args.stages]
-        grid = sampling_grid(form, args.steps, config)
-        for i in range(args.streams):
+    for label, form, prediction in config.cells():
+        cell = f"{label}_{prediction}"
+        folder = out / "models" / cell
+        teacher = load_model_dir(folder / "teacher")[0].eval()
+        students = [load_model_dir(folder / stage)[0].eval() for stage in stages]
+        grid = sampling_grid(form, steps, config)
+        span = sampling_grid(form, 1, config)  # the adaptive solve's ends, as compare passes them
+        for i in range(streams):
             noise = standard_noise(shape, n, config.seed + i, "evaluation")
             with torch.no_grad():
-                samples = [samplers.sample(teacher.eval(), noise, form=form, prediction=prediction,
-                                           solver="dopri5", rtol=ev.rtol, atol=ev.atol)]  # fmt: skip
-                samples += [samplers.sample(s, noise, form=form, prediction=prediction, solver="ddim",
-                                            steps=args.steps, t_grid=grid) for s in students]  # fmt: skip
-            for j, reference in enumerate(references):
-                scores[cell, i, j] = tuple(
-                    metrics.compute_metrics(
-                        [args.metric], s, reference, seed=config.seed, **options
-                    )[args.metric]  # fmt: skip
-                    for s in samples
-                )
+                samples = [samplers.sample(teacher, noise, form=form, prediction=prediction,
+                                           solver="dopri5", t_grid=span, rtol=ev.rtol,
+                                           atol=ev.atol)]  # fmt: skip
+                samples += [samplers.sample(s, noise, form=form, prediction=prediction,
+                                            solver="ddim", steps=steps, t_grid=grid)
+                            for s in students]  # fmt: skip
+            for j, reference in enumerate(held_out):
+                scores[cell, i, j] = tuple(_metric(metric, s, reference, config.seed, options)
+                                           for s in samples)  # fmt: skip
         print(f"# {cell} scored ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    report(scores, cells, args)
+    return scores
+
+
+def _metric(name: str, sample: Any, reference: Any, seed: int, options: dict) -> float:
+    return metrics.compute_metrics([name], sample, reference, seed=seed, **options)[name]
 
 
 def report(scores: dict, cells: list[str], args: argparse.Namespace) -> None:
