@@ -117,9 +117,14 @@ def _floor_paragraph(results: dict[str, Any]) -> list[str]:
     floor = results.get("data_floor")
     if not floor:
         return []
+    sets = (
+        f"{floor['sets']} disjoint sets of {floor['n']} training points and the held-out set "
+        "(mean ± standard deviation over the sets)"
+        if floor["sets"] > 1
+        else f"{floor['n']} training points and the held-out set (one set: no spread)"
+    )
     return [
-        f"The data floor is each metric between {floor['sets']} disjoint sets of {floor['n']} "
-        "training points and the held-out set (mean ± standard deviation over the sets): "
+        f"The data floor is each metric between {sets}: "
         "what a model that sampled the data distribution itself would score. A model at the "
         "floor is indistinguishable from the data by that metric at this number of samples, "
         "and two numbers less than about one spread apart are not resolved by it.",
