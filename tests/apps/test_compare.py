@@ -109,10 +109,13 @@ def tiny_run(tmp_path_factory):
          r"unknown figure format 'jpg' in \[evaluation\]; allowed: png, svg, pdf"),
         ({"evaluation": {"figure_formats": "png"}},
          r"figure_formats = 'png' in \[evaluation\] has type str; expected list\[str\]"),
+        ({"rectify": {"phased_space": "x0"}},
+         r"unknown \[rectify\] phased_space 'x0'; allowed: endpoint, prediction"),
     ],
     ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
          "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow",
-         "velocity-without-output", "unknown-scaling", "figure-format", "figure-format-string"],
+         "velocity-without-output", "unknown-scaling", "figure-format", "figure-format-string",
+         "phased-space"],
 )  # fmt: skip
 def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -485,6 +488,25 @@ def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
         assert f"| {method} | fm | v |" in report
     with pytest.raises(ValueError, match=r"\[rectify\] phases must be an integer >= 0.*-1"):
         tiny(**{"rectify.phases": -1})
+
+
+def test_phased_space_reaches_the_phased_student(tmp_path):
+    """``[rectify] phased_space = "prediction"`` trains the phased student on the prediction's
+    own target (``rectify_phased(space=)``): other weights than the endpoint loss's from the
+    same teacher and couplings, and the setting in the report."""
+    changes = {"rectify.phases": 2, "rectify.methods": ["phased"], "grid.forms": ["fm"],
+               "grid.predictions": ["v"]}  # fmt: skip
+    weights = {}
+    for space in ("endpoint", "prediction"):
+        out = tmp_path / space
+        run_compare(tiny(**changes, **{"rectify.phased_space": space}), out, progress=False)
+        teacher, _, _ = load_model_dir(out / "models" / "fm_v" / "teacher")
+        student, _, _ = load_model_dir(out / "models" / "fm_v" / "phased")
+        weights[space] = (teacher.state_dict(), student.state_dict())
+        assert f"rectify.phased_space | `{space}`" in (out / "report.md").read_text()
+    (teacher_a, student_a), (teacher_b, student_b) = weights.values()
+    assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+    assert not all(torch.equal(student_a[k], student_b[k]) for k in student_a)
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,14 @@ def test_phased_loss_vanishes_at_the_phased_oracle(name: str, source: str) -> No
         # the last window's solve ends with the sampler's first-order step from t_min to 0
         # (E[x0 | x_t_min]), the oracle with the exact flow to 0: they differ by O(t_min^2)
         assert float(per_sample[~inner].max()) < 1e-7, (prediction, float(per_sample.max()))
+        # in the prediction's own units (PeRFlow's loss): zero on every inner window too (in
+        # the last, the O(t_min^2) difference in x0 above is divided by sigma(t) -> t_min)
+        _, per_sample = phased_loss(
+            PhasedOracle(teacher, edges, prediction), x0, form=form, prediction=prediction,
+            eps=eps, cond=dict(zip(keys, cond, strict=True)), space="prediction",
+            generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+        assert float(per_sample[inner].max()) < 1e-14, (prediction, float(per_sample.max()))
     plain, _ = phased_loss(teacher, x0, form=form, prediction="eps", eps=eps,
                            cond=dict(zip(keys, cond, strict=True)))  # fmt: skip
     assert float(plain) > 1e-4
@@ -183,6 +191,15 @@ def _window_batch(form: forms.Form, n: int) -> tuple[torch.Tensor, ...]:
     window = torch.arange(n) % 4
     x0, eps = (torch.randn(n, 2, dtype=F64, generator=gen) for _ in range(2))
     return edges, x0, eps, {"window_start": edges[window], "window_end": edges[window + 1]}
+
+
+def test_an_unknown_loss_space_is_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown phased loss space 'x0'; allowed: endpoint, prediction"
+    ):
+        phased_loss(torch.nn.Identity(), torch.zeros(2, 2), form=forms.FlowMatching(), prediction="x0",
+                    eps=torch.zeros(2, 2), cond={"window_start": torch.ones(2), "window_end": torch.zeros(2)},
+                    space="x0")  # fmt: skip
 
 
 def test_start_mass_puts_that_fraction_of_times_on_the_window_start() -> None:

@@ -9,8 +9,10 @@ The student is trained so that one first-order (DDIM) step from any point of tha
 lands on the teacher's endpoint: at t drawn inside the window, ``x_t`` on the line, its
 prediction converted to ``(x0_pred, eps_pred)``, the loss is on
 ``alpha_e x0_pred + sigma_e eps_pred - x_e`` (:func:`phased_loss`): Rectified Diffusion's
-phased loss (Wang et al. 2024, sec. 3.3) written for any form and prediction; in flow
-matching with uniform windows it is PeRFlow's piecewise reflow (Yan et al. 2024). Sampling
+phased loss (Wang et al. 2024, sec. 3.3) written for any form and prediction. With
+``space="prediction"`` the student instead regresses its own prediction's target on the line,
+``target(x0*, eps*, t)`` (for flow matching's velocity, the line's constant ``eps* - x0*``:
+PeRFlow's piecewise reflow, Yan et al. 2024). Sampling
 is K DDIM steps on the edges (``samplers.sample(..., solver="ddim", t_grid=edges)``), and each
 window's trajectory is first-order (``diagnostics.window_first_order_deviation``).
 
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from .. import samplers
 from ..forms import DiscreteVP, Form, as_time, broadcast
 from ..io.configs import check_choice
-from ..predictions import to_x0_eps
+from ..predictions import target, to_x0_eps
 from ..training.losses import LOSSES, reduce_loss, sampler_for, take_rows
 from ..training.time_samplers import TimeSampler
 from ..training.trainer import TrainConfig, TrainResult, train
@@ -44,6 +46,7 @@ from .windows import WindowCouplings, window_couplings
 
 __all__ = [
     "SPACINGS",
+    "SPACES",
     "PhasedResult",
     "phase_edges",
     "window_grid",
@@ -53,6 +56,8 @@ __all__ = [
 
 #: how :func:`phase_edges` places the window edges
 SPACINGS = ("t", "logsnr", "timesteps")
+#: what :func:`phased_loss` compares: the DDIM step's endpoint, or the prediction itself
+SPACES = ("endpoint", "prediction")
 #: the conditioning keys that carry each coupling's window (popped before the model call)
 WINDOW_KEYS = ("window_start", "window_end")
 
@@ -127,6 +132,7 @@ def phased_loss(
     generator: torch.Generator | None = None,
     start_mass: float = 0.0,
     sigma_data: float | None = None,
+    space: str = "endpoint",
     rows: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The phased loss on window couplings ``(eps*, x0*)`` (signature of ``diffusion_loss``).
@@ -138,9 +144,13 @@ def phased_loss(
     network has to make the jump from the previous window's line to this one's. The loss
     compares the one DDIM step to the window end, ``alpha_e x0_pred + sigma_e eps_pred``, with
     the teacher's endpoint ``alpha_e x0* + sigma_e eps*`` (MSE over dimensions, or
-    pseudo-Huber), times the weighting at t.
+    pseudo-Huber), times the weighting at t. With ``space="prediction"`` it compares the
+    network's output with its own target on the line, ``predictions.target(x0*, eps*, t)``
+    (PeRFlow's loss in flow matching), in the prediction's units: a first-order student has
+    zero loss in either space, but the endpoint weighs an error at t by how much it moves
+    ``x_e`` (nothing at the window's end), the prediction space alike at every t.
 
-    ``sigma_data`` (None: off) measures each endpoint error in what it does to the final
+    ``sigma_data`` (None: off; endpoint space only) measures each endpoint error in what it does to the final
     sample: for data of std ``sigma_data`` per dimension the teacher's flow from ``t_e`` to 0
     is the linear map ``x -> x sigma_data / sqrt(alpha_e^2 sigma_data^2 + sigma_e^2)``, so the
     difference is scaled by that factor. Without it a VE form's early windows, whose endpoints
@@ -156,6 +166,7 @@ def phased_loss(
         raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}.")
     if not 0.0 <= start_mass < 1.0:
         raise ValueError(f"start_mass must be in [0, 1), got {start_mass!r}.")
+    check_choice(space, SPACES, "phased loss space")
     cond = dict(cond or {})
     start, end = (as_time(cond.pop(key)).to(x0.device) for key in WINDOW_KEYS)
     u = sampler_for(time_sampler, form).sample(x0.shape[0], generator, x0.device)
@@ -169,6 +180,10 @@ def phased_loss(
         x0, eps, t, end, cond = take_rows((x0, eps, t, end, cond), rows, len(frac))
     x_t = form.add_noise(x0, eps, t)
     out = model(x_t, form.model_time(t).to(x0.dtype), **cond)
+    if space == "prediction":
+        diff = out - target(x0, eps, t, prediction=prediction, form=form)
+        return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
+                           weighting=weighting)  # fmt: skip
     x0_pred, eps_pred = to_x0_eps(out, prediction, x_t, t, form)
     a_e, s_e = broadcast(form.alpha(end), x0), broadcast(form.sigma(end), x0)
     diff = a_e * (x0_pred - x0) + s_e * (eps_pred - eps)
@@ -208,6 +223,7 @@ def rectify_phased(
     config: TrainConfig | None = None,
     start_mass: float = 0.25,
     sigma_data: float | str | None = "auto",
+    space: str = "endpoint",
     starts: str = "trajectory",
     seed: int = 0,
     progress: bool = True,
@@ -233,7 +249,10 @@ def rectify_phased(
             where K-step sampling evaluates the student (:func:`phased_loss`).
         sigma_data: scale each endpoint error by what the teacher's flow does to it
             (:func:`phased_loss`): ``"auto"`` uses the std of the data (or of the pairs'
-            samples), a float that value, None turns it off.
+            samples), a float that value, None turns it off (endpoint space only).
+        space: ``"endpoint"`` (Rectified Diffusion's loss on the DDIM step's endpoint) or
+            ``"prediction"`` (the prediction's own target on the window's line; PeRFlow's
+            loss in flow matching); see :func:`phased_loss`.
         starts: with pairs, where each window starts (:func:`window_couplings`):
             ``"trajectory"``, the teacher's own path, or ``"line"``, the pair's own line.
         seed: seeds the couplings' noise.
@@ -262,7 +281,9 @@ def rectify_phased(
     student = copy.deepcopy(teacher) if student is None else student
     if sigma_data == "auto":
         sigma_data = float((source.x0 if isinstance(source, Couplings) else source).double().std())
-    loss_fn = functools.partial(phased_loss, start_mass=start_mass, sigma_data=sigma_data)
+    check_choice(space, SPACES, "phased loss space")
+    loss_fn = functools.partial(phased_loss, start_mass=start_mass, sigma_data=sigma_data,
+                                space=space)  # fmt: skip
     result = train(
         student.train(), data, form=form, prediction=prediction, config=config or TrainConfig(),
         pairs=True, cond_fn=lambda extra: dict(zip(keys, _as_tuple(extra), strict=True)),

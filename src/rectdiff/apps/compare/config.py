@@ -52,6 +52,7 @@ from ...forms import Form, from_config
 from ...io.configs import check_choice, from_mapping, read_toml, reject_unknown
 from ...io.resources import data_dir
 from ...models import check_scaling
+from ...rectify.phased import SPACES
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS, check_start
 from ...training.trainer import TrainConfig
@@ -166,6 +167,8 @@ class CompareConfig:
                 key: used.get(key, value) for key, value in rect.train_overrides.items()
             }
             out["rectify"] |= cfg | {"methods": list(rect.methods), "phases": rect.phases}
+            if "phased" in rect.methods:
+                out["rectify"]["phased_space"] = rect.phased_space
             if rect.reference is not None:
                 out["rectify"]["reference"] = dataclasses.asdict(rect.reference)
         return out
@@ -198,7 +201,7 @@ def restrict_form(form: Form, lo: float, hi: float) -> Form:
 # --- parsing ------------------------------------------------------------------------------
 _TOP_KEYS = ("seed", "equal", "workers", "threads", "data", "grid", "network", "train", "reference",
              "rectify", "evaluation")  # fmt: skip
-_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases", "methods")
+_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases", "methods", "phased_space")
 
 
 def _table(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -226,6 +229,7 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     reject_unknown(values, allowed + list(_RECTIFY_EXTRA), where="in [rectify]")
     enabled = bool(values.pop("enabled", True))
     methods, phases = _methods(values.pop("methods", None), values.pop("phases", None))
+    space = check_choice(values.pop("phased_space", "endpoint"), SPACES, "[rectify] phased_space")
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
     if overrides.get("coupling", "independent") != "independent":
@@ -246,7 +250,7 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
         if reference is None
         else from_mapping(ReferenceConfig, dict(reference), where="in [rectify.reference]")
     )
-    return RectifyStage(enabled, config, ref, overrides, phases, methods)
+    return RectifyStage(enabled, config, ref, overrides, phases, methods, space)
 
 
 def _methods(methods: Any, phases: Any) -> tuple[list[str], int]:

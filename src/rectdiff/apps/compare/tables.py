@@ -230,6 +230,9 @@ class RectifyStage:
             couplings from the same initial weights), ``"ot+reflow"`` (stages
             ``ot_rectified``, ...: reflow rounds from that OT teacher).
         phases: K, the windows of ``"phased"``.
+        phased_space: what the phased loss compares (``rectify.phased_loss``'s ``space``):
+            ``"endpoint"`` (Rectified Diffusion's, the default) or ``"prediction"``
+            (PeRFlow's, in the cell's prediction).
     """
 
     enabled: bool = True
@@ -238,6 +241,7 @@ class RectifyStage:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     phases: int = 0
     methods: list[str] = field(default_factory=lambda: ["reflow"])
+    phased_space: str = "endpoint"
 
 
 #: the few-step methods ``[rectify] methods`` can list
