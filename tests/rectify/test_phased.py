@@ -251,6 +251,37 @@ def test_sigma_data_scales_each_endpoint_error_by_the_flow_to_zero(name: str) ->
         rectify_phased(model, x0, form=form, prediction="eps", sigma_data=-1.0)
 
 
+@pytest.mark.parametrize("name", FOUR)
+def test_sigma_data_puts_the_prediction_space_target_in_unit_variance(name: str) -> None:
+    """In prediction space, sigma_data divides each sample's error by the std of its target
+    ``a_t x0 + b_t eps`` for data of std s, sqrt(a_t^2 s^2 + b_t^2): v, a = -sigma_t and
+    b = alpha_t (same time draws); eps (a = 0, b = 1) is unchanged."""
+    form = pick(name)[name]
+    edges, x0, eps, cond = _window_batch(form, 64)
+    s = 1.7
+    model = MLP(dim=2, hidden=16, depth=2).double()
+
+    def run(prediction, **extra):
+        return phased_loss(model, x0, form=form, prediction=prediction, eps=eps, cond=dict(cond),
+                           generator=torch.Generator().manual_seed(5), space="prediction",
+                           **extra)  # fmt: skip
+
+    start, end = cond["window_start"], cond["window_end"]
+    u = forms_uniform_draw(form, 64, 5)
+    t = end.clamp(min=form.t_min) + (start.clamp(max=form.t_max) - end.clamp(min=form.t_min)) * u
+    factor = 1 / (form.sigma(t) ** 2 * s**2 + form.alpha(t) ** 2)
+    torch.testing.assert_close(run("v", sigma_data=s)[1], run("v")[1] * factor, rtol=1e-10, atol=0)
+    torch.testing.assert_close(run("eps", sigma_data=s)[1], run("eps")[1], rtol=0, atol=0)
+
+
+def forms_uniform_draw(form, n: int, seed: int) -> torch.Tensor:
+    """The window fraction ``phased_loss`` draws with the uniform sampler from ``seed``."""
+    from rectdiff.training.time_samplers import time_sampler
+
+    u = time_sampler("uniform", form).sample(n, torch.Generator().manual_seed(seed))
+    return (u - form.t_min) / (form.t_max - form.t_min)
+
+
 def test_rectify_phased_trains_a_first_order_student() -> None:
     """An MLP phased-rectified from a Gaussian teacher on data: its 4 DDIM steps land at
     less than half the teacher's own 4-step error from the exact ODE solution (the ideal

@@ -150,11 +150,13 @@ def phased_loss(
     zero loss in either space, but the endpoint weighs an error at t by how much it moves
     ``x_e`` (nothing at the window's end), the prediction space alike at every t.
 
-    ``sigma_data`` (None: off; endpoint space only) measures each endpoint error in what it does to the final
+    ``sigma_data`` (None: off) measures each endpoint error in what it does to the final
     sample: for data of std ``sigma_data`` per dimension the teacher's flow from ``t_e`` to 0
     is the linear map ``x -> x sigma_data / sqrt(alpha_e^2 sigma_data^2 + sigma_e^2)``, so the
     difference is scaled by that factor. Without it a VE form's early windows, whose endpoints
-    are ``sigma_e`` times larger, outweigh the last window by ``sigma_e^2``.
+    are ``sigma_e`` times larger, outweigh the last window by ``sigma_e^2``. In prediction
+    space it divides each error by the std of the target ``a_t x0 + b_t eps`` for such data,
+    ``sqrt(a_t^2 sigma_data^2 + b_t^2)`` (EDM's c_out): a v target in VE grows with sigma_t.
 
     ``rows`` (multi-process training; see ``diffusion_loss``): t is drawn for the whole
     batch, then only these rows are computed.
@@ -182,6 +184,11 @@ def phased_loss(
     out = model(x_t, form.model_time(t).to(x0.dtype), **cond)
     if space == "prediction":
         diff = out - target(x0, eps, t, prediction=prediction, form=form)
+        if sigma_data is not None:  # the target a x0 + b eps has std sqrt(a^2 sd^2 + b^2)
+            one = broadcast(torch.ones_like(t), x0)
+            a, b = (target(u, v, t, prediction=prediction, form=form) for u, v in
+                    ((one, one * 0), (one * 0, one)))  # fmt: skip
+            diff = diff / (a**2 * sigma_data**2 + b**2).sqrt().to(diff.dtype)
         return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
                            weighting=weighting)  # fmt: skip
     x0_pred, eps_pred = to_x0_eps(out, prediction, x_t, t, form)
@@ -249,7 +256,8 @@ def rectify_phased(
             where K-step sampling evaluates the student (:func:`phased_loss`).
         sigma_data: scale each endpoint error by what the teacher's flow does to it
             (:func:`phased_loss`): ``"auto"`` uses the std of the data (or of the pairs'
-            samples), a float that value, None turns it off (endpoint space only).
+            samples), a float that value, None turns it off (in prediction space it divides
+            each error by its target's std for such data, :func:`phased_loss`).
         space: ``"endpoint"`` (Rectified Diffusion's loss on the DDIM step's endpoint) or
             ``"prediction"`` (the prediction's own target on the window's line; PeRFlow's
             loss in flow matching); see :func:`phased_loss`.
