@@ -200,6 +200,9 @@ def test_an_unknown_loss_space_is_named() -> None:
         phased_loss(torch.nn.Identity(), torch.zeros(2, 2), form=forms.FlowMatching(), prediction="x0",
                     eps=torch.zeros(2, 2), cond={"window_start": torch.ones(2), "window_end": torch.zeros(2)},
                     space="x0")  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown phased loss space 'x0'"):  # before any solve
+        rectify_phased(torch.nn.Identity(), torch.zeros(4, 2), form=forms.FlowMatching(),
+                       prediction="x0", space="x0")  # fmt: skip
 
 
 def test_start_mass_puts_that_fraction_of_times_on_the_window_start() -> None:

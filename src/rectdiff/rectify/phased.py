@@ -186,8 +186,8 @@ def phased_loss(
         diff = out - target(x0, eps, t, prediction=prediction, form=form)
         if sigma_data is not None:  # the target a x0 + b eps has std sqrt(a^2 sd^2 + b^2)
             one = broadcast(torch.ones_like(t), x0)
-            a, b = (target(u, v, t, prediction=prediction, form=form) for u, v in
-                    ((one, one * 0), (one * 0, one)))  # fmt: skip
+            a, b = (target(signal, noise, t, prediction=prediction, form=form)
+                    for signal, noise in ((one, one * 0), (one * 0, one)))  # fmt: skip
             diff = diff / (a**2 * sigma_data**2 + b**2).sqrt().to(diff.dtype)
         return reduce_loss(diff, t, form=form, prediction=prediction, loss=loss, huber_c=huber_c,
                            weighting=weighting)  # fmt: skip
@@ -279,6 +279,7 @@ def rectify_phased(
         )
     if not 0.0 <= start_mass < 1.0:
         raise ValueError(f"start_mass must be in [0, 1), got {start_mass!r}.")
+    check_choice(space, SPACES, "phased loss space")  # before the window solves, not after
     edges = phase_edges(form, phases, spacing) if edges is None else _check_edges(edges, form)
     source, cond = _source(data_or_pairs)
     couplings = window_couplings(
@@ -289,7 +290,6 @@ def rectify_phased(
     student = copy.deepcopy(teacher) if student is None else student
     if sigma_data == "auto":
         sigma_data = float((source.x0 if isinstance(source, Couplings) else source).double().std())
-    check_choice(space, SPACES, "phased loss space")
     loss_fn = functools.partial(phased_loss, start_mass=start_mass, sigma_data=sigma_data,
                                 space=space)  # fmt: skip
     result = train(
