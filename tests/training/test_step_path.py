@@ -63,6 +63,45 @@ def test_flow_loss_is_the_general_formula_bit_for_bit(form, dtype):
     assert DiffusionLoss(form, "flow")._unit_flow == (form.shift == 1 and form.sigma_min == 0)
 
 
+KERNELS = ("model_time", "alpha", "sigma", "d_alpha", "d_sigma")
+
+
+@pytest.mark.parametrize("time_scale", [1.0, 1000.0])
+def test_affine_table_is_the_kernels_bit_for_bit(time_scale):
+    """On flow matching's straight path the loss's coefficient table is one addcmul
+    c + s t; each row equals the form's own kernel, bit for bit (for FM at 1000 t, as SD3's
+    time input, too), with t at its extremes and in between."""
+    form = FlowMatching(time_scale=time_scale)
+    t = torch.cat([torch.tensor([form.t_min, form.t_max, 0.5], dtype=torch.float64),
+                   form.t_min + torch.rand(5000, dtype=torch.float64) * (form.t_max - form.t_min)])  # fmt: skip
+    c, s = form.affine_kernels(*KERNELS)
+    assert c.shape == s.shape == (len(KERNELS), 1)
+    table = torch.addcmul(c, s, t)
+    for row, kernel in zip(table, form.kernels(*KERNELS), strict=True):
+        assert torch.equal(row, kernel(t).expand_as(row))
+
+
+@pytest.mark.parametrize("form", [FlowMatching(shift=3.0), FlowMatching(sigma_min=1e-4),
+                                  *(NAMED_FORMS[n] for n in ("vp", "subvp", "ve", "sd15"))],
+                         ids=["fm-shift3", "fm-sigma-min", "vp", "subvp", "ve", "sd15"])  # fmt: skip
+def test_affine_table_only_where_it_is_exact(form):
+    """sigma_min + (1 - sigma_min) t would round twice without a fused multiply-add and once
+    with one; a shift or a VP/VE schedule is not affine: those keep the stacked kernels."""
+    assert form.affine_kernels("model_time", "alpha", "sigma") is None
+    assert FlowMatching().affine_kernels("alpha", "logsnr") is None  # logsnr is not affine
+
+
+def test_uniform_sample_is_its_inverse_cdf_of_the_same_draws():
+    """Uniform.sample scales its draws in place: the numbers of icdf(u) for the same u."""
+    from rectdiff.training import time_sampler
+
+    for form in (FlowMatching(), NAMED_FORMS["vp"], NAMED_FORMS["ve"]):
+        sampler = time_sampler("uniform", form)
+        got = sampler.sample(4096, torch.Generator().manual_seed(5))
+        u = torch.rand(4096, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        assert got.dtype == torch.float64 and torch.equal(got, sampler.icdf(u))
+
+
 def test_kernels_refuse_an_unknown_name():
     with pytest.raises(ValueError, match="unknown kernel 'beta'; allowed: model_time, alpha"):
         FlowMatching().kernels("alpha", "beta")

@@ -167,6 +167,14 @@ class Form:
             raise ValueError(f"unknown kernel {unknown[0]!r}; allowed: {', '.join(allowed)}.")
         return tuple(getattr(self, f"_{name}") for name in names)
 
+    def affine_kernels(self, *names: str) -> tuple[Tensor, Tensor] | None:
+        """``(c, s)``, float64 columns of shape ``(len(names), 1)``, when every named kernel
+        (see :meth:`kernels`) is ``c + s t`` with an exact product (``s`` in {0, 1, -1} or
+        ``c = 0``): then ``torch.addcmul(c, s, t)`` gives the kernels' own numbers, fused
+        multiply-add or not, in one operation. None where any of them is not (every form but
+        flow matching's straight path)."""
+        return None
+
     def t_from_model_time(self, model_t: Any) -> Tensor:
         """Inverse of :meth:`model_time`."""
         return self._apply(lambda s: s, model_t)

@@ -148,6 +148,19 @@ class FlowMatching(Form):
             return self._tau(t)
         return self._tau(t) * self.time_scale
 
+    def affine_kernels(self, *names: str) -> tuple[Tensor, Tensor] | None:
+        """On the straight path (shift 1, sigma_min 0): model time ``time_scale t``, alpha
+        ``1 - t``, sigma ``t``, alpha' = -1 and sigma' = 1 (see :meth:`Form.affine_kernels`)."""
+        if (self.shift, self.sigma_min) != (1.0, 0.0):
+            return None
+        lines = {"model_time": (0.0, self.time_scale), "alpha": (1.0, -1.0), "sigma": (0.0, 1.0),
+                 "d_alpha": (-1.0, 0.0), "d_sigma": (1.0, 0.0)}  # fmt: skip
+        if not set(names) <= set(lines):
+            return None
+        c, s = zip(*(lines[name] for name in names), strict=True)
+        return (torch.tensor(c, dtype=torch.float64)[:, None],
+                torch.tensor(s, dtype=torch.float64)[:, None])  # fmt: skip
+
     def t_from_model_time(self, model_t: Any) -> Tensor:
         def inverse(s: Tensor) -> Tensor:
             tau = s / self.time_scale

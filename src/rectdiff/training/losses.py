@@ -98,6 +98,8 @@ class DiffusionLoss:
         )
         derivatives = ("d_alpha", "d_sigma") if flow and not self._unit_flow else ()
         self._kernels = form.kernels(*names, *derivatives)
+        #: ``(c, s)`` when every kernel is ``c + s t`` exactly: one addcmul for the table
+        self._affine = form.affine_kernels(*names, *derivatives)
         #: set ``track_ess`` to keep the effective sample size of each batch's loss weights
         #: (``weightings.effective_sample_size``) in ``last_ess`` (a 0-d tensor; stays None
         #: for an unweighted loss, whose ESS is 1)
@@ -111,8 +113,17 @@ class DiffusionLoss:
         flow matching's straight path, whose target is ``eps - x0``).
 
         The form's float64 kernels (resolved at construction) are stacked and cast in one
-        call: the numbers of ``form.alpha(t).to(dtype)`` etc., in a few tensor operations."""
-        table = torch.stack([kernel(t) for kernel in self._kernels]).to(like.dtype)
+        call: the numbers of ``form.alpha(t).to(dtype)`` etc., in a few tensor operations; on
+        flow matching's straight path, where each is ``c + s t`` (``Form.affine_kernels``), in
+        one ``addcmul``."""
+        if self._affine is None:
+            table = torch.stack([kernel(t) for kernel in self._kernels])
+        else:
+            c, s = self._affine
+            if c.device != t.device:
+                self._affine = c, s = c.to(t.device), s.to(t.device)
+            table = torch.addcmul(c, s, t)
+        table = table.to(like.dtype)
         model_time, *rows = table.view(len(table), len(like), *([1] * (like.ndim - 1))).unbind(0)
         if self.prediction == "v":  # v = alpha eps - sigma x0
             rows += rows
