@@ -111,11 +111,13 @@ def tiny_run(tmp_path_factory):
          r"figure_formats = 'png' in \[evaluation\] has type str; expected list\[str\]"),
         ({"rectify": {"phased_space": "x0"}},
          r"unknown \[rectify\] phased_space 'x0'; allowed: endpoint, prediction"),
+        ({"rectify": {"phased_loss": "l1"}},
+         r"unknown \[rectify\] phased_loss 'l1'; allowed: mse, pseudo_huber"),
     ],
     ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
          "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow",
          "velocity-without-output", "unknown-scaling", "figure-format", "figure-format-string",
-         "phased-space"],
+         "phased-space", "phased-loss"],
 )  # fmt: skip
 def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -490,23 +492,27 @@ def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
         tiny(**{"rectify.phases": -1})
 
 
-def test_phased_space_reaches_the_phased_student(tmp_path):
-    """``[rectify] phased_space = "prediction"`` trains the phased student on the prediction's
-    own target (``rectify_phased(space=)``): other weights than the endpoint loss's from the
-    same teacher and couplings, and the setting in the report."""
+def test_phased_space_and_loss_reach_the_phased_student(tmp_path):
+    """``[rectify] phased_space`` and ``phased_loss`` reach ``rectify_phased``: from the same
+    teacher and couplings, the prediction-space pseudo-Huber default, prediction-space MSE and
+    the endpoint MSE train three different students; the report names both settings."""
     changes = {"rectify.phases": 2, "rectify.methods": ["phased"], "grid.forms": ["fm"],
                "grid.predictions": ["v"]}  # fmt: skip
     weights = {}
-    for space in ("endpoint", "prediction"):
-        out = tmp_path / space
-        run_compare(tiny(**changes, **{"rectify.phased_space": space}), out, progress=False)
+    for space, loss in (("prediction", None), ("prediction", "mse"), ("endpoint", "mse")):
+        out = tmp_path / f"{space}-{loss}"
+        setting = {"rectify.phased_space": space} | ({"rectify.phased_loss": loss} if loss else {})
+        run_compare(tiny(**changes, **setting), out, progress=False)
         teacher, _, _ = load_model_dir(out / "models" / "fm_v" / "teacher")
         student, _, _ = load_model_dir(out / "models" / "fm_v" / "phased")
-        weights[space] = (teacher.state_dict(), student.state_dict())
-        assert f"rectify.phased_space | `{space}`" in (out / "report.md").read_text()
-    (teacher_a, student_a), (teacher_b, student_b) = weights.values()
-    assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
-    assert not all(torch.equal(student_a[k], student_b[k]) for k in student_a)
+        weights[space, loss] = (teacher.state_dict(), student.state_dict())
+        report = (out / "report.md").read_text()
+        assert f"rectify.phased_space | `{space}`" in report
+        assert f"rectify.phased_loss | `{loss or 'pseudo_huber'}`" in report
+    pairs = list(weights.values())
+    for (teacher_a, student_a), (teacher_b, student_b) in zip(pairs, pairs[1:], strict=False):
+        assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+        assert not all(torch.equal(student_a[k], student_b[k]) for k in student_a)
 
 
 @pytest.mark.parametrize(

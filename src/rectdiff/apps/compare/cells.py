@@ -375,7 +375,9 @@ def _phased_stage(
     round's budget: its K windows are the K-step evaluation grid (so the K-step solve steps on
     the window edges), each window solved with ``steps / K`` teacher steps, ``K num_pairs``
     windows from the training data, trained for as many steps as the rectified student, with
-    t uniform inside each window and no weighting (the loss is on the window's endpoint).
+    t uniform inside each window and no weighting, on ``[rectify] phased_space`` and
+    ``phased_loss`` (by default the prediction's own target on the window's line, in
+    pseudo-Huber distance).
     Its diagnostics add the mean per-window first-order deviation of the student and of the
     teacher (``diagnostics.window_first_order_deviation`` on 8 DDIM steps per window)."""
     config, form, prediction = task.config, task.form, task.prediction
@@ -389,7 +391,7 @@ def _phased_stage(
     # cell_train_config would give before its equalized sampler and weighting are replaced)
     train_config = dataclasses.replace(
         rc.train, time_sampler="uniform", weighting="none", time_sampler_params={},
-        weighting_params={},
+        weighting_params={}, loss=config.rectify.phased_loss,
     )  # fmt: skip
     _note(
         task,

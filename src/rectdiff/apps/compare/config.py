@@ -55,6 +55,7 @@ from ...models import check_scaling
 from ...rectify.phased import SPACES
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS, check_start
+from ...training.losses import LOSSES
 from ...training.trainer import TrainConfig
 from .tables import (
     METHODS,
@@ -169,6 +170,7 @@ class CompareConfig:
             out["rectify"] |= cfg | {"methods": list(rect.methods), "phases": rect.phases}
             if "phased" in rect.methods:
                 out["rectify"]["phased_space"] = rect.phased_space
+                out["rectify"]["phased_loss"] = rect.phased_loss
             if rect.reference is not None:
                 out["rectify"]["reference"] = dataclasses.asdict(rect.reference)
         return out
@@ -201,7 +203,8 @@ def restrict_form(form: Form, lo: float, hi: float) -> Form:
 # --- parsing ------------------------------------------------------------------------------
 _TOP_KEYS = ("seed", "equal", "workers", "threads", "data", "grid", "network", "train", "reference",
              "rectify", "evaluation")  # fmt: skip
-_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases", "methods", "phased_space")
+_RECTIFY_EXTRA = ("enabled", "reference", "train", "phases", "methods", "phased_space",
+                  "phased_loss")  # fmt: skip
 
 
 def _table(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -229,7 +232,8 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     reject_unknown(values, allowed + list(_RECTIFY_EXTRA), where="in [rectify]")
     enabled = bool(values.pop("enabled", True))
     methods, phases = _methods(values.pop("methods", None), values.pop("phases", None))
-    space = check_choice(values.pop("phased_space", "endpoint"), SPACES, "[rectify] phased_space")
+    space = check_choice(values.pop("phased_space", "prediction"), SPACES, "[rectify] phased_space")
+    loss = check_choice(values.pop("phased_loss", "pseudo_huber"), LOSSES, "[rectify] phased_loss")
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
     if overrides.get("coupling", "independent") != "independent":
@@ -250,7 +254,7 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
         if reference is None
         else from_mapping(ReferenceConfig, dict(reference), where="in [rectify.reference]")
     )
-    return RectifyStage(enabled, config, ref, overrides, phases, methods, space)
+    return RectifyStage(enabled, config, ref, overrides, phases, methods, space, loss)
 
 
 def _methods(methods: Any, phases: Any) -> tuple[list[str], int]:

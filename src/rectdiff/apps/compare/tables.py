@@ -231,8 +231,11 @@ class RectifyStage:
             ``ot_rectified``, ...: reflow rounds from that OT teacher).
         phases: K, the windows of ``"phased"``.
         phased_space: what the phased loss compares (``rectify.phased_loss``'s ``space``):
-            ``"endpoint"`` (Rectified Diffusion's, the default) or ``"prediction"``
-            (PeRFlow's, in the cell's prediction).
+            ``"prediction"`` (PeRFlow's, in the cell's prediction; the default) or
+            ``"endpoint"`` (the DDIM step's landing point, Rectified Diffusion's).
+        phased_loss: the phased student's distance, ``"pseudo_huber"`` (Rectified
+            Diffusion's phased training, ``--loss_type huber``; the default) or ``"mse"``;
+            the reflow students keep the shared ``[train]`` loss.
     """
 
     enabled: bool = True
@@ -241,7 +244,8 @@ class RectifyStage:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     phases: int = 0
     methods: list[str] = field(default_factory=lambda: ["reflow"])
-    phased_space: str = "endpoint"
+    phased_space: str = "prediction"
+    phased_loss: str = "pseudo_huber"
 
 
 #: the few-step methods ``[rectify] methods`` can list
