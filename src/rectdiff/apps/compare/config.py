@@ -20,7 +20,8 @@ hyperparameters, rectifies each, and evaluates everything alike. The file (see
     [rectify]     the rectification stage (RectifyConfig keys, ``enabled``, ``train``
                   overrides of [train], its own ``reference``, ``methods``: the few-step
                   methods "reflow" (``rounds``), "reflow+distill", "phased" (``phases`` = K
-                  windows), each from the same teacher at the same budget per stage)
+                  windows; ``phased_space``, ``phased_loss``), each from the same teacher at
+                  the same budget per stage)
     [evaluation]  solvers, steps, reference_solver, metrics, diagnostics, ...
 
 ``equal = "t"``: every cell trains with the same time sampler and loss weighting in its own
