@@ -113,11 +113,14 @@ def tiny_run(tmp_path_factory):
          r"unknown \[rectify\] phased_space 'x0'; allowed: endpoint, prediction"),
         ({"rectify": {"phased_loss": "l1"}},
          r"unknown \[rectify\] phased_loss 'l1'; allowed: mse, pseudo_huber"),
+        ({"rectify": {"phased_window_time": "sigma"}},
+         r"unknown \[rectify\] phased_window_time 'sigma'; allowed: t, logsnr"),
     ],
     ids=["top", "train", "evaluation", "form", "prediction", "metric", "solver", "pair-solver",
          "diagnostic", "equal", "rectify", "sampler-in-logsnr", "fm-scaling-of-flow",
          "velocity-without-output", "unknown-scaling", "figure-format", "figure-format-string",
-         "phased-space", "phased-loss"],
+         "phased-space", "phased-loss",
+         "phased-window-time"],
 )  # fmt: skip
 def test_config_errors_name_the_value_and_the_allowed_ones(values, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -492,27 +495,32 @@ def test_methods_reflow_distill_and_phased_at_their_budgets(tmp_path):
         tiny(**{"rectify.phases": -1})
 
 
-def test_phased_space_and_loss_reach_the_phased_student(tmp_path):
-    """``[rectify] phased_space`` and ``phased_loss`` reach ``rectify_phased``: from the same
-    teacher and couplings, the prediction-space pseudo-Huber default, prediction-space MSE and
-    the endpoint MSE train three different students; the report names both settings."""
+def test_phased_space_loss_and_window_time_reach_the_phased_student(tmp_path):
+    """``[rectify] phased_space``, ``phased_loss`` and ``phased_window_time`` reach
+    ``rectify_phased``: from the same teacher and couplings, the default (prediction space,
+    pseudo-Huber, even in t), prediction-space MSE, the endpoint MSE and times even in logsnr
+    train four different students; the report names the settings."""
     changes = {"rectify.phases": 2, "rectify.methods": ["phased"], "grid.forms": ["fm"],
                "grid.predictions": ["v"]}  # fmt: skip
-    weights = {}
-    for space, loss in (("prediction", None), ("prediction", "mse"), ("endpoint", "mse")):
-        out = tmp_path / f"{space}-{loss}"
-        setting = {"rectify.phased_space": space} | ({"rectify.phased_loss": loss} if loss else {})
-        run_compare(tiny(**changes, **setting), out, progress=False)
+    settings = [{}, {"phased_loss": "mse"}, {"phased_space": "endpoint", "phased_loss": "mse"},
+                {"phased_window_time": "logsnr"}]  # fmt: skip
+    defaults = {"phased_space": "prediction", "phased_loss": "pseudo_huber",
+                "phased_window_time": "t"}  # fmt: skip
+    weights = []
+    for i, setting in enumerate(settings):
+        out = tmp_path / str(i)
+        run_compare(tiny(**changes, **{f"rectify.{k}": v for k, v in setting.items()}), out,
+                    progress=False)  # fmt: skip
         teacher, _, _ = load_model_dir(out / "models" / "fm_v" / "teacher")
         student, _, _ = load_model_dir(out / "models" / "fm_v" / "phased")
-        weights[space, loss] = (teacher.state_dict(), student.state_dict())
+        weights.append((teacher.state_dict(), student.state_dict()))
         report = (out / "report.md").read_text()
-        assert f"rectify.phased_space | `{space}`" in report
-        assert f"rectify.phased_loss | `{loss or 'pseudo_huber'}`" in report
-    pairs = list(weights.values())
-    for (teacher_a, student_a), (teacher_b, student_b) in zip(pairs, pairs[1:], strict=False):
+        for key, value in (defaults | setting).items():
+            assert f"rectify.{key} | `{value}`" in report
+    for (teacher_a, student_a), (teacher_b, student_b) in zip(weights, weights[1:], strict=False):
         assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
         assert not all(torch.equal(student_a[k], student_b[k]) for k in student_a)
+    assert not all(torch.equal(weights[0][1][k], weights[3][1][k]) for k in weights[0][1])
 
 
 @pytest.mark.parametrize(

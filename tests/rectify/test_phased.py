@@ -124,6 +124,13 @@ def test_phased_loss_vanishes_at_the_phased_oracle(name: str, source: str) -> No
             generator=torch.Generator().manual_seed(2),
         )  # fmt: skip
         assert float(per_sample[inner].max()) < 1e-14, (prediction, float(per_sample.max()))
+        # and at times spread evenly in logsnr
+        _, per_sample = phased_loss(
+            PhasedOracle(teacher, edges, prediction), x0, form=form, prediction=prediction,
+            eps=eps, cond=dict(zip(keys, cond, strict=True)), window_time="logsnr",
+            generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+        assert float(per_sample[inner].max()) < 1e-14, (prediction, float(per_sample.max()))
     plain, _ = phased_loss(teacher, x0, form=form, prediction="eps", eps=eps,
                            cond=dict(zip(keys, cond, strict=True)))  # fmt: skip
     assert float(plain) > 1e-4
@@ -224,6 +231,40 @@ def test_start_mass_puts_that_fraction_of_times_on_the_window_start() -> None:
     assert abs(float(inside.mean()) - 0.5) < 0.01  # uniform in the window: mean 1/2
     with pytest.raises(ValueError, match=r"start_mass must be in \[0, 1\), got 1.0"):
         phased_loss(model, x0, form=form, prediction="eps", eps=eps, cond=cond, start_mass=1.0)
+
+
+@pytest.mark.parametrize("name", ["vp", "fm", "ve"])
+def test_window_time_logsnr_spreads_the_draws_evenly_in_logsnr(name: str) -> None:
+    """window_time="logsnr": the draws not on the window start cover each window uniformly
+    in logsnr (20 000 draws: mean of the logsnr fraction 1/2 +- 0.01, variance 1/12), the
+    start keeps its mass; in VE, whose logsnr is affine in t, the times equal window_time="t"'s
+    to rounding."""
+    form = pick(name)[name]
+    edges, x0, eps, cond = _window_batch(form, 20000)
+    times = {}
+    for window_time in ("t", "logsnr"):
+        model = _TimeRecorder()
+        phased_loss(model, x0, form=form, prediction="eps", eps=eps, cond=cond, start_mass=0.25,
+                    window_time=window_time, generator=torch.Generator().manual_seed(4))  # fmt: skip
+        times[window_time] = form.t_from_model_time(model.times[0])
+    t = times["logsnr"]
+    lo = cond["window_end"].clamp(min=form.t_min)
+    hi = cond["window_start"].clamp(max=form.t_max)
+    at_start = t == hi
+    assert abs(float(at_start.double().mean()) - 0.25) < 0.012
+    frac = (form.logsnr(t) - form.logsnr(lo)) / (form.logsnr(hi) - form.logsnr(lo))
+    frac = frac[~at_start]
+    assert -1e-9 <= float(frac.min()) and float(frac.max()) <= 1.0 + 1e-9
+    assert abs(float(frac.mean()) - 0.5) < 0.01 and abs(float(frac.var()) - 1 / 12) < 0.005
+    assert torch.equal(times["t"] == hi, at_start)  # the same draws land on the start
+    if name == "ve":
+        assert torch.allclose(times["logsnr"], times["t"], rtol=0, atol=1e-12)
+    else:  # towards the high-logsnr end of the last window: more draws near t = 0
+        last = (cond["window_end"] == 0) & ~at_start
+        assert float(times["logsnr"][last].median()) < 0.5 * float(times["t"][last].median())
+    with pytest.raises(ValueError, match=r"unknown phased window_time 'sigma'; allowed: t, logsnr"):
+        phased_loss(model, x0, form=form, prediction="eps", eps=eps, cond=cond,
+                    window_time="sigma")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["ve", "vp"])

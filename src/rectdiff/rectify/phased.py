@@ -47,6 +47,7 @@ from .windows import WindowCouplings, window_couplings
 __all__ = [
     "SPACINGS",
     "SPACES",
+    "WINDOW_TIMES",
     "PhasedResult",
     "phase_edges",
     "window_grid",
@@ -58,6 +59,8 @@ __all__ = [
 SPACINGS = ("t", "logsnr", "timesteps")
 #: what :func:`phased_loss` compares: the DDIM step's endpoint, or the prediction itself
 SPACES = ("endpoint", "prediction")
+#: how :func:`phased_loss` spreads its training times over a window: evenly in t or in logsnr
+WINDOW_TIMES = ("t", "logsnr")
 #: the conditioning keys that carry each coupling's window (popped before the model call)
 WINDOW_KEYS = ("window_start", "window_end")
 
@@ -133,6 +136,7 @@ def phased_loss(
     start_mass: float = 0.0,
     sigma_data: float | None = None,
     space: str = "endpoint",
+    window_time: str = "t",
     rows: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The phased loss on window couplings ``(eps*, x0*)`` (signature of ``diffusion_loss``).
@@ -158,6 +162,12 @@ def phased_loss(
     space it divides each error by the std of the target ``a_t x0 + b_t eps`` for such data,
     ``sqrt(a_t^2 sigma_data^2 + b_t^2)`` (EDM's c_out): a v target in VE grows with sigma_t.
 
+    ``window_time="logsnr"`` maps the draw affinely in logsnr instead of t: uniform draws then
+    cover each window evenly in logsnr, the measure over which the per-window first-order
+    deviation averages, which moves training times towards the ends of the range (the
+    low-noise end of the last window, the high-noise end of the first); in VE, whose logsnr
+    is affine in t, it is the same.
+
     ``rows`` (multi-process training; see ``diffusion_loss``): t is drawn for the whole
     batch, then only these rows are computed.
 
@@ -169,6 +179,7 @@ def phased_loss(
     if not 0.0 <= start_mass < 1.0:
         raise ValueError(f"start_mass must be in [0, 1), got {start_mass!r}.")
     check_choice(space, SPACES, "phased loss space")
+    check_choice(window_time, WINDOW_TIMES, "phased window_time")
     cond = dict(cond or {})
     start, end = (as_time(cond.pop(key)).to(x0.device) for key in WINDOW_KEYS)
     u = sampler_for(time_sampler, form).sample(x0.shape[0], generator, x0.device)
@@ -177,7 +188,12 @@ def phased_loss(
     if start_mass > 0:
         draw = torch.rand(frac.shape, generator=generator, dtype=frac.dtype, device=frac.device)
         frac = torch.where(draw < start_mass, torch.ones_like(frac), frac)
-    t = lo + (hi - lo) * frac
+    if window_time == "t":
+        t = lo + (hi - lo) * frac
+    else:  # the same fraction of the window's logsnr span; its start exactly at frac = 1
+        lam_lo, lam_hi = form.logsnr(lo), form.logsnr(hi)
+        inside = form.t_from_logsnr(lam_lo + (lam_hi - lam_lo) * frac).clamp(lo, hi)
+        t = torch.where(frac >= 1.0, hi, inside)
     if rows is not None:
         x0, eps, t, end, cond = take_rows((x0, eps, t, end, cond), rows, len(frac))
     x_t = form.add_noise(x0, eps, t)
@@ -231,6 +247,7 @@ def rectify_phased(
     start_mass: float = 0.25,
     sigma_data: float | str | None = "auto",
     space: str = "endpoint",
+    window_time: str = "t",
     starts: str = "trajectory",
     seed: int = 0,
     progress: bool = True,
@@ -261,6 +278,8 @@ def rectify_phased(
         space: ``"endpoint"`` (Rectified Diffusion's loss on the DDIM step's endpoint) or
             ``"prediction"`` (the prediction's own target on the window's line; PeRFlow's
             loss in flow matching); see :func:`phased_loss`.
+        window_time: ``"t"`` (training times spread evenly over each window in t) or
+            ``"logsnr"`` (evenly in logsnr); see :func:`phased_loss`.
         starts: with pairs, where each window starts (:func:`window_couplings`):
             ``"trajectory"``, the teacher's own path, or ``"line"``, the pair's own line.
         seed: seeds the couplings' noise.
@@ -280,6 +299,7 @@ def rectify_phased(
     if not 0.0 <= start_mass < 1.0:
         raise ValueError(f"start_mass must be in [0, 1), got {start_mass!r}.")
     check_choice(space, SPACES, "phased loss space")  # before the window solves, not after
+    check_choice(window_time, WINDOW_TIMES, "phased window_time")
     edges = phase_edges(form, phases, spacing) if edges is None else _check_edges(edges, form)
     source, cond = _source(data_or_pairs)
     couplings = window_couplings(
@@ -291,7 +311,7 @@ def rectify_phased(
     if sigma_data == "auto":
         sigma_data = float((source.x0 if isinstance(source, Couplings) else source).double().std())
     loss_fn = functools.partial(phased_loss, start_mass=start_mass, sigma_data=sigma_data,
-                                space=space)  # fmt: skip
+                                space=space, window_time=window_time)  # fmt: skip
     result = train(
         student.train(), data, form=form, prediction=prediction, config=config or TrainConfig(),
         pairs=True, cond_fn=lambda extra: dict(zip(keys, _as_tuple(extra), strict=True)),

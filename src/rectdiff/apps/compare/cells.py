@@ -401,7 +401,8 @@ def _phased_stage(
     fitted = rectify_phased(
         teacher, task.x_train, form=form, prediction=prediction, edges=edges,
         student=copy.deepcopy(teacher), num=num, solver=rc.solver, steps=per_window,
-        config=train_config, seed=config.seed, space=config.rectify.phased_space, progress=False,
+        config=train_config, seed=config.seed, space=config.rectify.phased_space,
+        window_time=config.rectify.phased_window_time, progress=False,
     )  # fmt: skip
     student = fitted.model.eval()
     result.losses["phased"] = fitted.train.losses[-1]

@@ -20,8 +20,8 @@ hyperparameters, rectifies each, and evaluates everything alike. The file (see
     [rectify]     the rectification stage (RectifyConfig keys, ``enabled``, ``train``
                   overrides of [train], its own ``reference``, ``methods``: the few-step
                   methods "reflow" (``rounds``), "reflow+distill", "phased" (``phases`` = K
-                  windows; ``phased_space``, ``phased_loss``), each from the same teacher at
-                  the same budget per stage)
+                  windows; ``phased_space``, ``phased_loss``, ``phased_window_time``), each
+                  from the same teacher at the same budget per stage)
     [evaluation]  solvers, steps, reference_solver, metrics, diagnostics, ...
 
 ``equal = "t"``: every cell trains with the same time sampler and loss weighting in its own
@@ -53,7 +53,7 @@ from ...forms import Form, from_config
 from ...io.configs import check_choice, from_mapping, read_toml, reject_unknown
 from ...io.resources import data_dir
 from ...models import check_scaling
-from ...rectify.phased import SPACES
+from ...rectify.phased import SPACES, WINDOW_TIMES
 from ...rectify.student import RectifyConfig
 from ...samplers import SOLVERS, TIME_GRIDS, check_start
 from ...training.losses import LOSSES
@@ -172,6 +172,7 @@ class CompareConfig:
             if "phased" in rect.methods:
                 out["rectify"]["phased_space"] = rect.phased_space
                 out["rectify"]["phased_loss"] = rect.phased_loss
+                out["rectify"]["phased_window_time"] = rect.phased_window_time
             if rect.reference is not None:
                 out["rectify"]["reference"] = dataclasses.asdict(rect.reference)
         return out
@@ -205,7 +206,7 @@ def restrict_form(form: Form, lo: float, hi: float) -> Form:
 _TOP_KEYS = ("seed", "equal", "workers", "threads", "data", "grid", "network", "train", "reference",
              "rectify", "evaluation")  # fmt: skip
 _RECTIFY_EXTRA = ("enabled", "reference", "train", "phases", "methods", "phased_space",
-                  "phased_loss")  # fmt: skip
+                  "phased_loss", "phased_window_time")  # fmt: skip
 
 
 def _table(values: dict[str, Any], key: str) -> dict[str, Any]:
@@ -235,6 +236,8 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
     methods, phases = _methods(values.pop("methods", None), values.pop("phases", None))
     space = check_choice(values.pop("phased_space", "prediction"), SPACES, "[rectify] phased_space")
     loss = check_choice(values.pop("phased_loss", "pseudo_huber"), LOSSES, "[rectify] phased_loss")
+    window_time = check_choice(values.pop("phased_window_time", "t"), WINDOW_TIMES,
+                               "[rectify] phased_window_time")  # fmt: skip
     reference = values.pop("reference", None)
     overrides = dict(values.pop("train", {}) or {})
     if overrides.get("coupling", "independent") != "independent":
@@ -255,7 +258,7 @@ def _rectify_stage(values: dict[str, Any], shared: dict[str, Any], seed: int) ->
         if reference is None
         else from_mapping(ReferenceConfig, dict(reference), where="in [rectify.reference]")
     )
-    return RectifyStage(enabled, config, ref, overrides, phases, methods, space, loss)
+    return RectifyStage(enabled, config, ref, overrides, phases, methods, space, loss, window_time)
 
 
 def _methods(methods: Any, phases: Any) -> tuple[list[str], int]:

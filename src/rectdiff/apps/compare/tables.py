@@ -236,6 +236,9 @@ class RectifyStage:
         phased_loss: the phased student's distance, ``"pseudo_huber"`` (Rectified
             Diffusion's phased training, ``--loss_type huber``; the default) or ``"mse"``;
             the reflow students keep the shared ``[train]`` loss.
+        phased_window_time: how the phased student's training times spread over each
+            window, ``"t"`` (evenly in t, the default) or ``"logsnr"``
+            (``rectify.phased_loss``'s ``window_time``).
     """
 
     enabled: bool = True
@@ -246,6 +249,7 @@ class RectifyStage:
     methods: list[str] = field(default_factory=lambda: ["reflow"])
     phased_space: str = "prediction"
     phased_loss: str = "pseudo_huber"
+    phased_window_time: str = "t"
 
 
 #: the few-step methods ``[rectify] methods`` can list
