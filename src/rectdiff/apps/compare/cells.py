@@ -375,9 +375,9 @@ def _phased_stage(
     round's budget: its K windows are the K-step evaluation grid (so the K-step solve steps on
     the window edges), each window solved with ``steps / K`` teacher steps, ``K num_pairs``
     windows from the training data, trained for as many steps as the rectified student, with
-    t uniform inside each window and no weighting, on ``[rectify] phased_space`` and
-    ``phased_loss`` (by default the prediction's own target on the window's line, in
-    pseudo-Huber distance).
+    t uniform inside each window (in t, or in logsnr: ``[rectify] phased_window_time``) and no
+    weighting, on ``phased_space`` and ``phased_loss`` (by default the prediction's own target
+    on the window's line, in pseudo-Huber distance).
     Its diagnostics add the mean per-window first-order deviation of the student and of the
     teacher (``diagnostics.window_first_order_deviation`` on 8 DDIM steps per window)."""
     config, form, prediction = task.config, task.form, task.prediction
