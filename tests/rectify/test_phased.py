@@ -116,21 +116,16 @@ def test_phased_loss_vanishes_at_the_phased_oracle(name: str, source: str) -> No
         # the last window's solve ends with the sampler's first-order step from t_min to 0
         # (E[x0 | x_t_min]), the oracle with the exact flow to 0: they differ by O(t_min^2)
         assert float(per_sample[~inner].max()) < 1e-7, (prediction, float(per_sample.max()))
-        # in the prediction's own units (PeRFlow's loss): zero on every inner window too (in
-        # the last, the O(t_min^2) difference in x0 above is divided by sigma(t) -> t_min)
-        _, per_sample = phased_loss(
-            PhasedOracle(teacher, edges, prediction), x0, form=form, prediction=prediction,
-            eps=eps, cond=dict(zip(keys, cond, strict=True)), space="prediction",
-            generator=torch.Generator().manual_seed(2),
-        )  # fmt: skip
-        assert float(per_sample[inner].max()) < 1e-14, (prediction, float(per_sample.max()))
-        # and at times spread evenly in logsnr
-        _, per_sample = phased_loss(
-            PhasedOracle(teacher, edges, prediction), x0, form=form, prediction=prediction,
-            eps=eps, cond=dict(zip(keys, cond, strict=True)), window_time="logsnr",
-            generator=torch.Generator().manual_seed(2),
-        )  # fmt: skip
-        assert float(per_sample[inner].max()) < 1e-14, (prediction, float(per_sample.max()))
+        # in the prediction's own units (PeRFlow's loss), and at times spread evenly in
+        # logsnr: zero on every inner window too (in prediction space the last window's
+        # O(t_min^2) difference in x0 above is divided by sigma(t) -> t_min)
+        for setting in ({"space": "prediction"}, {"window_time": "logsnr"}):
+            _, per_sample = phased_loss(
+                PhasedOracle(teacher, edges, prediction), x0, form=form, prediction=prediction,
+                eps=eps, cond=dict(zip(keys, cond, strict=True)),
+                generator=torch.Generator().manual_seed(2), **setting,
+            )  # fmt: skip
+            assert float(per_sample[inner].max()) < 1e-14, (prediction, setting)
     plain, _ = phased_loss(teacher, x0, form=form, prediction="eps", eps=eps,
                            cond=dict(zip(keys, cond, strict=True)))  # fmt: skip
     assert float(plain) > 1e-4

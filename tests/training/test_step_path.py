@@ -92,7 +92,7 @@ def test_affine_table_only_where_it_is_exact(form):
 
 
 def test_uniform_sample_is_its_inverse_cdf_of_the_same_draws():
-    """Uniform.sample scales its draws in place: the numbers of icdf(u) for the same u."""
+    """The training step's time draw is icdf(u) of float64 uniform draws from the generator."""
     from rectdiff.training import time_sampler
 
     for form in (FlowMatching(), NAMED_FORMS["vp"], NAMED_FORMS["ve"]):

@@ -107,17 +107,6 @@ class Uniform(TimeSampler):
 
     name = "uniform"
 
-    def sample(
-        self,
-        batch: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        """:meth:`icdf` of uniform draws, in place on the draws: the same numbers, one
-        allocation (this sits in every training step)."""
-        u = torch.rand(batch, generator=generator, device=device, dtype=_F64)
-        return u.mul_(self.form.t_max - self.form.t_min).add_(self.form.t_min)
-
     def icdf(self, u: Tensor) -> Tensor:
         return self.form.t_min + u * (self.form.t_max - self.form.t_min)
 
