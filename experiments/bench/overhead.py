@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -111,6 +112,30 @@ def round_robin_times(
             out[name]["wall"].append((time.perf_counter() - start_wall) / block)
             out[name]["cpu"].append((time.thread_time() - start_cpu) / block)
     return out
+
+
+def median_interval_rank(n: int, level: float = 0.95) -> int:
+    """The largest ``k`` for which the sorted sample's ``[x[k], x[n - 1 - k]]`` (0-based)
+    covers the median with probability at least ``level`` for any continuous distribution:
+    the coverage is ``1 - 2 P(B <= k)`` for ``B ~ Binomial(n, 1/2)`` (the sign-test interval;
+    Conover, *Practical Nonparametric Statistics*, 3rd ed., sec. 3.2). 0 when ``n`` is too
+    small for ``level``, which then widens the interval to the whole sample."""
+    if n < 1:
+        raise ValueError(f"need at least one ratio, got n={n}.")
+    tail, k = 0.0, -1
+    while k + 1 < n and 2 * (tail + math.comb(n, k + 1) / 2**n) <= 1 - level:
+        k += 1
+        tail += math.comb(n, k) / 2**n
+    return max(k, 0)
+
+
+def paired_ratio(times: list[float], plain: list[float]) -> tuple[float, float, float]:
+    """The median over rounds of ``times[r] / plain[r]`` (blocks of the same round, timed
+    moments apart, so a slow drift of the shared machine cancels) and its distribution-free
+    95 % confidence interval (:func:`median_interval_rank`)."""
+    ratios = sorted(a / b for a, b in zip(times, plain, strict=True))
+    k = median_interval_rank(len(ratios))
+    return statistics.median(ratios), ratios[k], ratios[len(ratios) - 1 - k]
 
 
 def main() -> None:

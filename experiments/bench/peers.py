@@ -29,7 +29,9 @@ dopri5 at 1e-10 in float64; and the overhead per training step and per Euler ste
 256 against hand-written PyTorch (``overhead.round_robin_times``: blocks of every system
 and of the plain step, round-robin in rotated order; the median and the minimum, least
 disturbed, block in wall-clock time, and the median block in the thread's CPU time, which
-time spent descheduled does not count).
+time spent descheduled does not count; and the median of the per-round ratios of CPU time
+with its 95 % interval, ``overhead.paired_ratio``). Its first row is a control, the plain
+step against itself: what the shared machine's noise alone gives.
 
 rectified-flow-pytorch imports torchvision (``save_image``, ``VGG16_Weights``), which has no
 CPU wheel here; nothing it imports from torchvision runs in this benchmark, so a stub module
@@ -62,9 +64,11 @@ from rectdiff.rectify.coupling import start_noise
 from rectdiff.rectify.online import Diffusion, Reflow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import round_robin_times  # noqa: E402
+from overhead import paired_ratio, round_robin_times  # noqa: E402
 
 BATCH, LR, N_EVAL, TOL = 256, 1e-3, 2000, 1e-5
+#: the overhead table's control row: the plain step again, on its own copy of the network
+CONTROL = "plain PyTorch (control)"
 FM = forms.FlowMatching()
 
 
@@ -483,15 +487,19 @@ class _PeerNet(nn.Module):
 def overhead(
     data: Tensor, rounds: int, block: int, euler_steps: int = 100
 ) -> dict[str, dict[str, tuple[float, ...]]]:
-    """Per system, ``{"train": (median, min, CPU median)[, "euler": ...]}``: ratios to plain
-    PyTorch over blocks of every system and the plain step timed round-robin
+    """Per system, ``{"train": (median, min, CPU median, paired, lo, hi)[, "euler": ...]}``:
+    ratios to plain PyTorch over blocks of every system and the plain step timed round-robin
     (``overhead.round_robin_times``): of the median and of the least disturbed block in
-    wall-clock time, and of the median block in the thread's CPU time."""
+    wall-clock time, of the median block in the thread's CPU time, and the median of the
+    per-round CPU-time ratios with its 95 % interval (``overhead.paired_ratio``). The system
+    "plain PyTorch (control)" is the plain step again, on its own copy of the network: its
+    ratios show what the machine's noise alone gives."""
 
     def ratios(times: dict[str, list[float]], plain: dict[str, list[float]]) -> tuple[float, ...]:
         median = statistics.median
         return (median(times["wall"]) / median(plain["wall"]), min(times["wall"]) /
-                min(plain["wall"]), median(times["cpu"]) / median(plain["cpu"]))  # fmt: skip
+                min(plain["wall"]), median(times["cpu"]) / median(plain["cpu"]),
+                *paired_ratio(times["cpu"], plain["cpu"]))  # fmt: skip
 
     torch.manual_seed(0)
     init = MLP()
@@ -521,12 +529,20 @@ def overhead(
         return (plain_net(x_t, t) - (noise - x0)).square().mean()
 
     plain = stepper(plain_loss, list(plain_net.parameters()))
+    control_net = copy.deepcopy(init)
+
+    def control_loss(x0: Tensor) -> Tensor:  # plain_loss on its own network copy
+        noise, t = torch.randn_like(x0), torch.rand(len(x0))
+        x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+        return (control_net(x_t, t) - (noise - x0)).square().mean()
+
     systems = {name: SYSTEMS[name](copy.deepcopy(init), data) for name in
                ("rectdiff FM", "rectified-flow-pytorch", "flow_matching", "torchcfm I-CFM")}  # fmt: skip
     trainer = ts.Trainer(copy.deepcopy(init), data, form=FM, prediction="flow",
                          config=ts.TrainConfig(steps=10**9, batch_size=BATCH, lr=LR, grad_clip=0.0,
                                                lr_schedule="constant"))  # fmt: skip
-    train_fns = {"rectdiff Trainer": trainer.step}
+    train_fns = {CONTROL: stepper(control_loss, list(control_net.parameters())),
+                 "rectdiff Trainer": trainer.step}  # fmt: skip
     train_fns.update({("rectdiff Diffusion" if n == "rectdiff FM" else n):
                       stepper(s.loss, list(s.net.parameters())) for n, s in systems.items()})  # fmt: skip
     noise = torch.randn(BATCH, 2)
@@ -539,7 +555,15 @@ def overhead(
             x = x + (t_next - t) * plain_net(x, torch.full((BATCH,), t))
         return x
 
+    @torch.no_grad()
+    def control_euler() -> Tensor:
+        x, times = noise, grid_peer.tolist()
+        for t, t_next in zip(times[:-1], times[1:], strict=True):
+            x = x + (t_next - t) * control_net(x, torch.full((BATCH,), t))
+        return x
+
     euler_fns = {
+        CONTROL: control_euler,
         "rectdiff Diffusion": lambda: systems["rectdiff FM"].diffusion.sample(eps=noise, solver="euler", steps=euler_steps),
         "rectified-flow-pytorch": lambda: systems["rectified-flow-pytorch"].sample(noise, euler_steps),
         "flow_matching": lambda: systems["flow_matching"].sample(noise, euler_steps),
@@ -645,12 +669,17 @@ def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
         f"\noverhead per step against hand-written PyTorch at batch {BATCH} "
         f"({args.rounds} round-robin rounds; Euler: 100 steps)\n"
     )
-    print("| system | training step: median / min / CPU | Euler step: median / min / CPU |\n"
-          "|---|---|---|")  # fmt: skip
+    print("| system | training step: median / min / CPU | paired CPU [95 % CI] | "
+          "Euler step: median / min / CPU | paired CPU [95 % CI] |\n|---|---|---|---|---|")  # fmt: skip
     for name, ratios in overhead(data, args.rounds, args.block).items():
-        train = "{:.3f}x / {:.3f}x / {:.3f}x".format(*ratios["train"])
-        euler = "{:.3f}x / {:.3f}x / {:.3f}x".format(*ratios["euler"]) if "euler" in ratios else "–"
-        print(f"| {name} | {train} | {euler} |")
+        cells = []
+        for kind in ("train", "euler"):
+            if kind in ratios:
+                cells += ["{:.3f}x / {:.3f}x / {:.3f}x".format(*ratios[kind][:3]),
+                          "{:.3f}x [{:.3f}, {:.3f}]".format(*ratios[kind][3:])]  # fmt: skip
+            else:
+                cells += ["–", "–"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
