@@ -63,6 +63,46 @@ def test_flow_loss_is_the_general_formula_bit_for_bit(form, dtype):
     assert DiffusionLoss(form, "flow")._unit_flow == (form.shift == 1 and form.sigma_min == 0)
 
 
+def _gradients(objective, batch, dim, per_sample, **kwargs):
+    gen = torch.Generator().manual_seed(5)
+    x0, eps = (torch.randn(batch, dim, generator=gen) for _ in range(2))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(dim, 16), nn.SiLU(), nn.Linear(16, dim))
+    gen.manual_seed(6)
+    loss, rows = objective(lambda x, t: net(x) * (1 + t[:, None]), x0, eps=eps, generator=gen,
+                           per_sample=per_sample, **kwargs)  # fmt: skip
+    loss.backward()
+    return loss, rows, [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("batch, dim", [(256, 2), (64, 3), (100, 2), (128, 3072)])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_mean_only_step_has_the_per_sample_gradients_bit_for_bit(batch, dim, prediction):
+    """A training step asks for the mean alone (``per_sample=False``): an unweighted MSE is one
+    global mean, as hand-written loops compute it. Its gradient (1 / (B D) per element
+    against (1 / B) / D) is the per-sample path's to the bit when B or D is a power of two,
+    and its value agrees to float32 rounding."""
+    form = NAMED_FORMS["vp"] if prediction != "flow" else FlowMatching()
+    objective = DiffusionLoss(form, prediction)
+    loss, rows, fast = _gradients(objective, batch, dim, per_sample=False)
+    want_loss, want_rows, slow = _gradients(objective, batch, dim, per_sample=True)
+    assert rows is None and want_rows.shape == (batch,)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+
+
+def test_mean_only_step_keeps_weighted_and_huber_losses_per_sample():
+    """A weighting or the pseudo-Huber distance needs the per-sample losses: asking for the
+    mean alone changes nothing there, bit for bit."""
+    form = NAMED_FORMS["vp"]
+    for kwargs in ({"weighting": "min_snr"}, {"loss": "pseudo_huber"}):
+        objective = DiffusionLoss(form, "eps", **kwargs)
+        loss, _, fast = _gradients(objective, 100, 3, per_sample=False)
+        want, _, slow = _gradients(objective, 100, 3, per_sample=True)
+        assert torch.equal(loss, want)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
 KERNELS = ("model_time", "alpha", "sigma", "d_alpha", "d_sigma")
 
 

@@ -96,7 +96,9 @@ class Diffusion(nn.Module):
         """The mean diffusion loss of the batch ``x0`` (``eps`` and ``t`` drawn unless given)."""
         if self.sample_shape is None:
             self.sample_shape = tuple(x0.shape[1:])
-        mean, _ = self.objective(self.net, x0, eps=eps, t=t, cond=cond, generator=generator)
+        mean, _ = self.objective(
+            self.net, x0, eps=eps, t=t, cond=cond, generator=generator, per_sample=False
+        )
         return mean
 
     @torch.no_grad()

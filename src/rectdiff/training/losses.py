@@ -89,6 +89,8 @@ class DiffusionLoss:
         self._ot = coupling == "ot"
         self.time_sampler = sampler_for(time_sampler, form)
         self.weighting = loss_weighting(weighting)
+        #: an unweighted MSE, whose mean alone (``per_sample=False``) is one global mean
+        self._plain_mean = loss == "mse" and self.weighting.identity
         names = ("model_time", "alpha", "sigma")
         flow = self.prediction == "flow"
         # flow matching's straight path (shift 1, sigma_min 0) has alpha' = -1, sigma' = 1:
@@ -139,9 +141,17 @@ class DiffusionLoss:
         cond: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
         rows: slice | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        per_sample: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
         """``(mean_loss, per_sample_loss)`` of ``model`` on the batch ``x0`` (see
-        :func:`diffusion_loss`)."""
+        :func:`diffusion_loss`).
+
+        ``per_sample=False`` (a training step, which needs only the mean): an unweighted MSE
+        is then one mean over all elements, ``((out - target)^2).mean()``, as hand-written
+        loops compute it, and the second value is None. Its gradient, ``1 / (B D)`` per
+        element against the per-sample path's ``(1 / B) / D``, is the same to the bit when
+        the batch B or the features D are a power of two (tested); otherwise the two may
+        differ in the last bit. Weighted or pseudo-Huber losses keep the per-sample path."""
         form, batch = self.form, x0.shape[0]
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -179,6 +189,8 @@ class DiffusionLoss:
             diff = out - (eps - x0)
         else:  # flow u = alpha' x0 + sigma' eps
             diff = out - (ab[0] * x0 + ab[1] * eps)
+        if not per_sample and self._plain_mean:
+            return diff.square().mean(), None
         per_sample = distance(diff, self.loss, self.huber_c)
         if not self.weighting.identity:
             weight = self.weighting(t, form=form, prediction=self.prediction)
