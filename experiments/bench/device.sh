@@ -12,9 +12,10 @@
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 POT==0.9.7.post1
 #
-# (39 MB, checked: diffusers 0.42.1 needs nothing else the image lacks; with the 4 MB tree well
-# under the 64 MiB a run carries), then run `bash experiments/bench/device.sh` there. `--tiny` runs both harnesses on tiny
-# networks on this machine's CPU (a check of the script, not a measurement).
+# (39 MB, checked: diffusers 0.42.1 needs nothing else the image lacks, and with the 4 MB
+# tree it stays under the 64 MiB a run carries), then run `bash experiments/bench/device.sh`
+# there. `--tiny` runs both harnesses on tiny networks on this machine's CPU (a check of the
+# script, not a measurement).
 set -o pipefail
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
