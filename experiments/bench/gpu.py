@@ -80,7 +80,7 @@ def plain_loss(
         t = FORM.t_min + (FORM.t_max - FORM.t_min) * torch.rand(len(x0), device=x0.device)
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * eps
-    with torch.autocast(x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast(x0.device, dtype):
         out = net(x_t, t)
     return (out.float() - (eps - x0)).square().mean()
 
@@ -139,23 +139,13 @@ def table(times: dict[str, dict[str, list[float]]], batch: int, memory: dict) ->
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--block", type=int, default=5)
-    parser.add_argument("--euler-steps", type=int, default=20)
-    parser.add_argument(
-        "--pairs", type=int, default=1024, help="pairs generated for the throughput"
-    )
-    parser.add_argument("--tiny", action="store_true", help="a 2-level 8x8 UNet (a CPU check)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
-    init = ddpm_cifar10_unet(args.tiny)
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def training_table(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                   init: UNet) -> nn.Module:  # fmt: skip
+    """Print the training-step table; return the hand-written step's trained network."""
     side = init.sample_shape[-1]
     data = torch.randn(4096, 3, side, side, device=device)
     gen = torch.Generator(device).manual_seed(0)
@@ -163,19 +153,18 @@ def main() -> None:
     def batch() -> Tensor:
         return data[torch.randint(len(data), (args.batch,), device=device, generator=gen)]
 
-    nets = {
-        name: copy.deepcopy(init).to(device).train() for name in ("plain", "control", "diffusion")
-    }
+    nets = {name: copy.deepcopy(init).to(device).train()
+            for name in ("plain", "control", "diffusion")}  # fmt: skip
     diffusion = Diffusion(nets["diffusion"], form=FORM, prediction="flow")
 
     def diffusion_loss() -> Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             return diffusion(batch())
 
+    precision = {"bf16": "bf16", "fp32": "no"}[args.dtype]
     trainer = Trainer(copy.deepcopy(init), data, form=FORM, prediction="flow",
                       config=TrainConfig(steps=10**9, batch_size=args.batch, lr=LR, grad_clip=0.0,
-                                         lr_schedule="constant",
-                                         mixed_precision={"bf16": "bf16", "fp32": "no"}[args.dtype]))  # fmt: skip
+                                         lr_schedule="constant", mixed_precision=precision))  # fmt: skip
     fns = synchronized(device, {
         "plain": stepper(lambda: plain_loss(nets["plain"], batch(), dtype), nets["plain"]),
         "plain PyTorch (control)": stepper(lambda: plain_loss(nets["control"], batch(), dtype),
@@ -187,56 +176,84 @@ def main() -> None:
         for _ in range(3):
             fn()
     memory = {name: peak_memory(device, fn) for name, fn in fns.items()}
-    train = round_robin_times(fns, args.rounds, args.block)
+    times = round_robin_times(fns, args.rounds, args.block)
     print(f"{args.device}, {'tiny 8x8' if args.tiny else 'DDPM CIFAR-10'} UNet "
           f"({sum(p.numel() for p in init.parameters()) / 1e6:.1f} M parameters), batch "
           f"{args.batch}, {args.dtype}, {args.rounds} rounds of {args.block} steps\n")  # fmt: skip
     print("| training step | ms | median ratio | paired [95 % CI] | images/s | peak GiB |\n"
           "|---|---|---|---|---|---|")  # fmt: skip
-    print("\n".join(table(train, args.batch, memory)))
+    print("\n".join(table(times, args.batch, memory)))
+    return nets["plain"].eval()
 
-    model = nets["plain"].eval()
-    noise = torch.randn(args.batch, *init.sample_shape, device=device)
+
+def euler_table(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                model: nn.Module, shape: tuple[int, ...]) -> None:  # fmt: skip
+    """Print the Euler-step table: ``samplers.sample`` against a hand-written loop."""
+    noise = torch.randn(args.batch, *shape, device=device)
     grid = samplers.time_grid(FORM, args.euler_steps, "uniform").tolist()
 
     @torch.no_grad()
     def plain_euler() -> Tensor:
-        x = grid[0] * noise  # FM: x_1 = eps at t_max ~ 1; rectdiff starts at sigma(t_max) eps
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        x = grid[0] * noise  # rectdiff starts at sigma(t_max) eps = t_max eps too
+        with autocast(device, dtype):
             for t, t_next in zip(grid[:-1], grid[1:], strict=True):
                 x = x + (t_next - t) * model(x, torch.full((len(x),), t, device=device)).float()
         return x
 
     @torch.no_grad()
     def rectdiff_euler() -> Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             return samplers.sample(model, noise, form=FORM, prediction="flow", solver="euler",
                                    steps=args.euler_steps)  # fmt: skip
 
-    euler_fns = synchronized(device, {"plain": plain_euler, "rectdiff Euler": rectdiff_euler})
+    fns = synchronized(device, {"plain": plain_euler, "rectdiff Euler": rectdiff_euler})
     gap = float((rectdiff_euler().float() - plain_euler().float()).abs().max())
-    euler = round_robin_times(euler_fns, max(5, args.rounds // 3), 1)
+    times = round_robin_times(fns, max(5, args.rounds // 3), 1)
     print(f"\n| {args.euler_steps} Euler steps | ms | median ratio | paired [95 % CI] | images/s | "
           "peak GiB |\n|---|---|---|---|---|---|")  # fmt: skip
-    print("\n".join(table(euler, args.batch, {})))
+    print("\n".join(table(times, args.batch, {})))
     print(f"\nthe two Euler samples differ by at most {gap:.2e} (the same work)")
 
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        pair_noise = torch.randn(args.pairs, *init.sample_shape, device=device)
-        for _ in range(2):  # the second run is timed
+
+def pair_rate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+              model: nn.Module, shape: tuple[int, ...]) -> None:  # fmt: skip
+    """Print the pairs/s of ``dpmpp_2m`` at 32 steps (the second of two runs)."""
+    chunk_size = args.batch * 4
+    with torch.no_grad(), autocast(device, dtype):
+        noise = torch.randn(args.pairs, *shape, device=device)
+        for _ in range(2):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            for chunk in pair_noise.split(args.batch * 4):
+            for chunk in noise.split(chunk_size):
                 samplers.sample(model, chunk, form=FORM, prediction="flow", solver="dpmpp_2m",
                                 steps=32)  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-    print(
-        f"\npair generation (dpmpp_2m, 32 steps, batch {args.batch * 4}): "
-        f"{args.pairs / seconds:.0f} pairs/s ({args.pairs} pairs in {seconds:.2f} s)"
-    )
+    print(f"\npair generation (dpmpp_2m, 32 steps, batch {chunk_size}): "
+          f"{args.pairs / seconds:.0f} pairs/s ({args.pairs} pairs in {seconds:.2f} s)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--block", type=int, default=5)
+    parser.add_argument("--euler-steps", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=1024,
+                        help="pairs generated for the throughput")  # fmt: skip
+    parser.add_argument("--tiny", action="store_true", help="a 2-level 8x8 UNet (a CPU check)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    init = ddpm_cifar10_unet(args.tiny)
+    model = training_table(args, device, dtype, init)
+    euler_table(args, device, dtype, model, init.sample_shape)
+    pair_rate(args, device, dtype, model, init.sample_shape)
 
 
 if __name__ == "__main__":
