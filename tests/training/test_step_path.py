@@ -91,6 +91,28 @@ def test_mean_only_step_has_the_per_sample_gradients_bit_for_bit(batch, dim, pre
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_drawn_noise_and_times_are_torch_randn_and_the_samplers(seeded):
+    """Without ``eps`` and ``t`` the loss draws ``torch.randn(x0.shape)`` and then the time
+    sampler's draw, from ``generator`` or torch's global generator: the same numbers as
+    passing those draws in."""
+    objective = DiffusionLoss(NAMED_FORMS["vp"], "eps", time_sampler="logit_normal")
+    x0 = torch.randn(64, 2, 3)
+
+    def model(x_t, model_time):
+        return x_t * model_time[:, None, None]
+
+    gen = torch.Generator().manual_seed(7) if seeded else None
+    torch.manual_seed(7)
+    drawn, _ = objective(model, x0, generator=gen)
+    gen = torch.Generator().manual_seed(7) if seeded else None
+    torch.manual_seed(7)
+    eps = torch.randn(x0.shape, generator=gen)
+    t = objective.time_sampler.sample(len(x0), gen)
+    given, _ = objective(model, x0, eps=eps, t=t)
+    assert torch.equal(drawn, given)
+
+
 def test_mean_only_step_keeps_weighted_and_huber_losses_per_sample():
     """A weighting or the pseudo-Huber distance needs the per-sample losses: asking for the
     mean alone changes nothing there, bit for bit."""

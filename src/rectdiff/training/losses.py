@@ -153,8 +153,9 @@ class DiffusionLoss:
         the batch B or the features D are a power of two (tested); otherwise the two may
         differ in the last bit. Weighted or pseudo-Huber losses keep the per-sample path."""
         form, batch = self.form, x0.shape[0]
-        if eps is None:
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if eps is None:  # randn_like: torch.randn's numbers, dispatched faster
+            eps = (torch.randn_like(x0) if generator is None else
+                   torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))  # fmt: skip
             if self._ot:
                 eps = ot_coupled_noise(x0, eps)
         elif eps.shape != x0.shape:
