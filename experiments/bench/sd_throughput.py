@@ -90,6 +90,7 @@ class PeakMemory:
     def __init__(self) -> None:
         self.peak: float | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -110,6 +111,8 @@ class PeakMemory:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def timed(command: list[str]) -> tuple[float, float | None]:
