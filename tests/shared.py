@@ -1,4 +1,5 @@
-"""What many test files share, defined once: float64, the named test forms, Gaussian data.
+"""What many test files share, defined once: float64, the named test forms, Gaussian data,
+the README's snippets, a rectdiff process, an experiment script as a module.
 
 Importable from every test folder (``pythonpath = ["tests"]`` in pyproject.toml);
 ``conftest.py`` turns the same objects into fixtures.
@@ -65,3 +66,16 @@ def start_rectdiff(argv: list[str], cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([*command, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
+
+
+def load_script(path):
+    """The experiment script at ``path`` as a module named after its file, registered in
+    ``sys.modules`` before it runs (dataclasses look their module up while being built)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

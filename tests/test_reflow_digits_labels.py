@@ -4,13 +4,12 @@ were asked for, as often as the teacher's converged solve's are."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from shared import load_script
 
 from rectdiff.metrics import digits_classifier
 from rectdiff.rectify import load_manifest, load_pairs
@@ -18,17 +17,9 @@ from rectdiff.rectify import load_manifest, load_pairs
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reflow_digits_labels.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reflow_digits_labels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    script = load_script()
+    script = load_script(SCRIPT)
     out = tmp_path_factory.mktemp("reflow_digits_labels")
     torch.set_num_threads(1)
     results = script.main(["--quick", "--out", str(out), "--threads", "1", "--no-progress"])

@@ -521,47 +521,35 @@ def overhead(
 
         return step
 
-    plain_net = copy.deepcopy(init)
+    def hand_written(net: nn.Module) -> tuple[Callable[[], None], Callable[[], Tensor]]:
+        """The hand-written training step and Euler loop on ``net``."""
 
-    def plain_loss(x0: Tensor) -> Tensor:
-        noise, t = torch.randn_like(x0), torch.rand(len(x0))
-        x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
-        return (plain_net(x_t, t) - (noise - x0)).square().mean()
+        def loss(x0: Tensor) -> Tensor:
+            noise, t = torch.randn_like(x0), torch.rand(len(x0))
+            x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+            return (net(x_t, t) - (noise - x0)).square().mean()
 
-    plain = stepper(plain_loss, list(plain_net.parameters()))
-    control_net = copy.deepcopy(init)
+        @torch.no_grad()
+        def euler() -> Tensor:
+            x, times = noise, grid_peer.tolist()
+            for t, t_next in zip(times[:-1], times[1:], strict=True):
+                x = x + (t_next - t) * net(x, torch.full((BATCH,), t))
+            return x
 
-    def control_loss(x0: Tensor) -> Tensor:  # plain_loss on its own network copy
-        noise, t = torch.randn_like(x0), torch.rand(len(x0))
-        x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
-        return (control_net(x_t, t) - (noise - x0)).square().mean()
+        return stepper(loss, list(net.parameters())), euler
 
+    noise = torch.randn(BATCH, 2)
+    grid_peer = torch.linspace(0, 1, euler_steps + 1)
+    plain, plain_euler = hand_written(copy.deepcopy(init))
+    control, control_euler = hand_written(copy.deepcopy(init))  # the same, its own network
     systems = {name: SYSTEMS[name](copy.deepcopy(init), data) for name in
                ("rectdiff FM", "rectified-flow-pytorch", "flow_matching", "torchcfm I-CFM")}  # fmt: skip
     trainer = ts.Trainer(copy.deepcopy(init), data, form=FM, prediction="flow",
                          config=ts.TrainConfig(steps=10**9, batch_size=BATCH, lr=LR, grad_clip=0.0,
                                                lr_schedule="constant"))  # fmt: skip
-    train_fns = {CONTROL: stepper(control_loss, list(control_net.parameters())),
-                 "rectdiff Trainer": trainer.step}  # fmt: skip
+    train_fns = {CONTROL: control, "rectdiff Trainer": trainer.step}
     train_fns.update({("rectdiff Diffusion" if n == "rectdiff FM" else n):
                       stepper(s.loss, list(s.net.parameters())) for n, s in systems.items()})  # fmt: skip
-    noise = torch.randn(BATCH, 2)
-    grid_peer = torch.linspace(0, 1, euler_steps + 1)
-
-    @torch.no_grad()
-    def plain_euler() -> Tensor:
-        x, times = noise, grid_peer.tolist()
-        for t, t_next in zip(times[:-1], times[1:], strict=True):
-            x = x + (t_next - t) * plain_net(x, torch.full((BATCH,), t))
-        return x
-
-    @torch.no_grad()
-    def control_euler() -> Tensor:
-        x, times = noise, grid_peer.tolist()
-        for t, t_next in zip(times[:-1], times[1:], strict=True):
-            x = x + (t_next - t) * control_net(x, torch.full((BATCH,), t))
-        return x
-
     euler_fns = {
         CONTROL: control_euler,
         "rectdiff Diffusion": lambda: systems["rectdiff FM"].diffusion.sample(eps=noise, solver="euler", steps=euler_steps),

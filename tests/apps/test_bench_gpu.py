@@ -4,12 +4,11 @@ loss on the same draws."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from shared import load_script
 
 from rectdiff.rectify.online import Diffusion
 
@@ -18,12 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench"
 
 @pytest.fixture(scope="module")
 def gpu():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCH))
+    return load_script(BENCH / "gpu.py")  # gpu.py puts its folder on sys.path for overhead.py
 
 
 def test_the_network_is_ddpm_cifar10(gpu):

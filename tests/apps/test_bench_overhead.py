@@ -4,25 +4,19 @@ ratios is what it says."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
 from scipy.stats import binom
+from shared import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "overhead.py"
 
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return load_script(SCRIPT)
 
 
 @pytest.mark.parametrize("n", [6, 10, 20, 30, 60, 100, 201])

@@ -4,21 +4,18 @@ device: no memory, no weights)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from shared import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "bench" / "sd_throughput.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sd_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_parts_have_sd15s_parameter_counts(bench, tmp_path):

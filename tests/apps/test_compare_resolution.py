@@ -3,11 +3,10 @@ report's own numbers, and the other streams and held-out sets are other draws.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from shared import load_script
 
 from rectdiff.apps.compare.config import load_config
 from rectdiff.apps.compare.run import run_compare
@@ -46,19 +45,11 @@ figures = false
 """
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_resolution", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_stream_0_and_set_0_are_the_reports_numbers(tmp_path, capsys):
     path = tmp_path / "tiny.toml"
     path.write_text(TOML)
     results = run_compare(load_config(path), tmp_path / "out", progress=False)
-    scores = load_script().main(["--out", str(tmp_path / "out"), "--config", str(path),
+    scores = load_script(SCRIPT).main(["--out", str(tmp_path / "out"), "--config", str(path),
                                  "--stages", "rectified", "rectified", "--steps", "2",
                                  "--streams", "2", "--references", "2"])  # fmt: skip
 
@@ -74,4 +65,4 @@ def test_stream_0_and_set_0_are_the_reports_numbers(tmp_path, capsys):
     ratio = student / teacher
     assert f"| fm v | {ratio:.2f} |" in printed
     with pytest.raises(SystemExit):
-        load_script().main(["--out", str(tmp_path), "--config", str(path), "--streams", "0"])
+        load_script(SCRIPT).main(["--out", str(tmp_path), "--config", str(path), "--streams", "0"])

@@ -154,8 +154,9 @@ class DiffusionLoss:
         differ in the last bit. Weighted or pseudo-Huber losses keep the per-sample path."""
         form, batch = self.form, x0.shape[0]
         if eps is None:  # randn_like: torch.randn's numbers, dispatched faster
-            eps = (torch.randn_like(x0) if generator is None else
-                   torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))  # fmt: skip
+            eps = torch.randn_like(x0) if generator is None else torch.randn(
+                x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
+            )  # fmt: skip
             if self._ot:
                 eps = ot_coupled_noise(x0, eps)
         elif eps.shape != x0.shape:
@@ -192,13 +193,13 @@ class DiffusionLoss:
             diff = out - (ab[0] * x0 + ab[1] * eps)
         if not per_sample and self._plain_mean:
             return diff.square().mean(), None
-        per_sample = distance(diff, self.loss, self.huber_c)
+        losses = distance(diff, self.loss, self.huber_c)  # one per sample
         if not self.weighting.identity:
             weight = self.weighting(t, form=form, prediction=self.prediction)
-            per_sample = per_sample * weight.to(per_sample)
+            losses = losses * weight.to(losses)
             if self.track_ess:
                 self.last_ess = effective_sample_size(self.weighting.network_weight(t, weight))
-        return per_sample.mean(), per_sample
+        return losses.mean(), losses
 
     def __repr__(self) -> str:
         return (

@@ -231,14 +231,9 @@ class Trainer:
         rows = process_rows(len(x0), self.accelerator)
         if self._objective is not None:
             loss, _ = self._objective(
-                self.model,
-                x0,
-                eps=eps,
-                cond=cond,
-                generator=self.noise_generator,
-                rows=rows,
+                self.model, x0, eps=eps, cond=cond, generator=self.noise_generator, rows=rows,
                 per_sample=False,
-            )
+            )  # fmt: skip
             return loss
         config, rows = self.config, {} if rows is None else {"rows": rows}
         if self._own_draws:
