@@ -655,3 +655,14 @@ def test_the_compare_app_imports_no_diffusers_pot_or_sklearn():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=True)  # fmt: skip
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_velocity_variant_of_the_demo_changes_only_the_network_scaling_and_time():
+    """``experiments/compare_forms_velocity.toml`` is the default comparison laid under two
+    keys (``base``): every other setting is the default's."""
+    default = load_config()
+    variant = load_config(DEFAULT_CONFIG.parent / "compare_forms_velocity.toml")
+    assert (variant.network.scaling, variant.network.time_input) == ("velocity", "fm")
+    assert (default.network.scaling, default.network.time_input) == ("edm", "t")
+    network = dataclasses.replace(default.network, scaling="velocity", time_input="fm")
+    assert dataclasses.replace(default, network=network, source=variant.source) == variant

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rectdiff.io.configs import check_types
+from rectdiff.io.configs import check_types, merge_tables, read_layered_toml
 from rectdiff.rectify.student import RectifyConfig
 from rectdiff.training import TrainConfig
 
@@ -30,3 +30,34 @@ def test_right_types_pass_and_unchecked_annotations_are_left_alone():
     check_types(RectifyConfig, {"train": TrainConfig(), "num_pairs": 4})  # an object field
     with pytest.raises(ValueError, match=r"num_pairs = 4.0 has type float; expected int"):
         RectifyConfig.from_dict({"num_pairs": 4.0})
+
+
+def test_a_layered_toml_is_its_base_with_the_named_keys_replaced(tmp_path):
+    """``base = "..."``: tables merge key by key through a chain of bases, every other value
+    is replaced, and the paths are relative to the file that names the base."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.toml").write_text(
+        'seed = 1\n[train]\nsteps = 10\nlr = 0.5\n[data]\nname = "x"\n'
+    )
+    (tmp_path / "sub" / "b.toml").write_text('base = "../a.toml"\n[train]\nlr = 0.25\n')
+    (tmp_path / "c.toml").write_text('base = "sub/b.toml"\nseed = 2\n[train]\nextra = [1]\n')
+    assert read_layered_toml(tmp_path / "c.toml") == {
+        "seed": 2, "train": {"steps": 10, "lr": 0.25, "extra": [1]}, "data": {"name": "x"},
+    }  # fmt: skip
+    assert merge_tables({"t": {"a": 1}}, {"t": 3}) == {"t": 3}  # a table replaced by a value
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ('base = "self.toml"\n', r"base 'self.toml' makes a cycle \(.*self.toml -> .*self.toml\)"),
+        ('base = "loop.toml"\n', r"base 'self.toml' makes a cycle"),
+        ('base = "nope.toml"\n', r"base 'nope.toml' does not exist \(looked for .*nope.toml\)"),
+        ("base = 3\n", r"base must be a file name \(a string\), got 3"),
+    ],
+)
+def test_a_bad_base_is_refused_by_name(tmp_path, text, pattern):
+    (tmp_path / "self.toml").write_text(text)
+    (tmp_path / "loop.toml").write_text('base = "self.toml"\n')
+    with pytest.raises(ValueError, match=pattern):
+        read_layered_toml(tmp_path / "self.toml")

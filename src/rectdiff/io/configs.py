@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping",
-    "read_toml", "read_toml_table", "check_types", "check_argument_types",
+    "read_toml", "read_toml_table", "read_layered_toml", "merge_tables", "check_types", "check_argument_types",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -164,3 +164,43 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             f"{path}: not valid TOML (not UTF-8 text: byte {err.object[err.start]:#04x} at "
             f"offset {err.start}); save it as UTF-8 text."
         ) from err
+
+
+def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: tables merge key by key (recursively), any
+    other value of ``override`` replaces ``base``'s. Neither input is changed."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_tables(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_layered_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file as a dict, laid over the file its top-level ``base = "other.toml"`` names
+    (relative to this file; bases may have bases): a variant of an experiment states only
+    what it changes (:func:`merge_tables`).
+
+    Raises:
+        ValueError: for a base that is not a string, does not exist, or names a file that is
+            already in the chain.
+    """
+    path = Path(path).resolve()
+    values = read_toml(path)
+    if "base" not in values:
+        return values
+    base = values.pop("base")
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: base must be a file name (a string), got {base!r}.")
+    base_path = (path.parent / base).resolve()
+    if base_path in (*_seen, path):
+        chain = " -> ".join(str(p) for p in (*_seen, path, base_path))
+        raise ValueError(f"{path}: base {base!r} makes a cycle ({chain}).")
+    if not base_path.is_file():
+        raise ValueError(
+            f"{path}: base {base!r} does not exist (looked for {base_path}); base is relative "
+            "to the file that names it."
+        )
+    return merge_tables(read_layered_toml(base_path, (*_seen, path)), values)

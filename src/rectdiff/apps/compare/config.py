@@ -50,7 +50,7 @@ import torch
 
 from ... import training as timesteps
 from ...forms import Form, from_config
-from ...io.configs import check_choice, from_mapping, read_toml, reject_unknown
+from ...io.configs import check_choice, from_mapping, read_layered_toml, reject_unknown
 from ...io.resources import data_dir
 from ...models import check_scaling
 from ...rectify.phased import SPACES, WINDOW_TIMES
@@ -342,7 +342,9 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> CompareC
 
 
 def load_config(path: str | Path | None = None) -> CompareConfig:
-    """Read a comparison config (``experiments/compare_forms.toml`` when None).
+    """Read a comparison config (``experiments/compare_forms.toml`` when None); a top-level
+    ``base = "other.toml"`` reads that file first and lays this one over it
+    (``io.configs.read_layered_toml``).
 
     Raises:
         ValueError: for a missing file, invalid TOML or any invalid setting.
@@ -350,7 +352,7 @@ def load_config(path: str | Path | None = None) -> CompareConfig:
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist.")
-    values = read_toml(path)
+    values = read_layered_toml(path)
     try:
         return config_from_dict(values, source=str(path))
     except ValueError as err:
