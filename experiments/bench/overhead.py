@@ -24,7 +24,7 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -92,20 +92,26 @@ def interleaved_times(
 
 
 def round_robin_times(
-    fns: dict[str, Callable[[], object]], rounds: int, block: int
+    fns: dict[str, Callable[[], object] | Sequence[Callable[[], object]]], rounds: int, block: int
 ) -> dict[str, dict[str, list[float]]]:
     """Per name, ``{"wall": [...], "cpu": [...]}``: seconds per call in each of ``rounds``
     blocks of ``block`` calls, on two clocks read around the same blocks: ``time.perf_counter``
     and ``time.thread_time`` (the calling thread's CPU time: with torch on one thread every
     operation runs there, and time spent descheduled is not counted). Every round times one
     block of each function, the order rotated by one each round, so all of them run under
-    the same conditions of a shared machine and each takes every place in the order alike."""
+    the same conditions of a shared machine and each takes every place in the order alike.
+
+    A name may give a sequence of functions, instances of the same step on their own copies
+    of the network and state: round r times instance ``r % len``, so that where each copy
+    happens to sit in memory (identical steps on different copies differ by a few per cent
+    on a CPU) is averaged over rather than charged to one system."""
     names = list(fns)
+    instances = {n: list(f) if isinstance(f, Sequence) else [f] for n, f in fns.items()}
     out: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            fn = fns[name]
+            fn = instances[name][r % len(instances[name])]
             start_wall, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(block):
                 fn()

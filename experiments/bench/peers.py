@@ -485,7 +485,7 @@ class _PeerNet(nn.Module):
 
 # --- overhead per step -----------------------------------------------------------------------
 def overhead(
-    data: Tensor, rounds: int, block: int, euler_steps: int = 100
+    data: Tensor, rounds: int, block: int, euler_steps: int = 100, instances: int = 1
 ) -> dict[str, dict[str, tuple[float, ...]]]:
     """Per system, ``{"train": (median, min, CPU median, paired, lo, hi)[, "euler": ...]}``:
     ratios to plain PyTorch over blocks of every system and the plain step timed round-robin
@@ -493,7 +493,10 @@ def overhead(
     wall-clock time, of the median block in the thread's CPU time, and the median of the
     per-round CPU-time ratios with its 95 % interval (``overhead.paired_ratio``). The system
     "plain PyTorch (control)" is the plain step again, on its own copy of the network: its
-    ratios show what the machine's noise alone gives."""
+    ratios show what the machine's noise alone gives. With ``instances`` > 1 every system,
+    the plain step included, is built that many times on fresh copies of the network, and
+    round r times copy ``r % instances`` of each: the copies' placement in memory moves
+    identical steps by a few per cent, which the rotation averages over."""
 
     def ratios(times: dict[str, list[float]], plain: dict[str, list[float]]) -> tuple[float, ...]:
         median = statistics.median
@@ -540,32 +543,41 @@ def overhead(
 
     noise = torch.randn(BATCH, 2)
     grid_peer = torch.linspace(0, 1, euler_steps + 1)
-    plain, plain_euler = hand_written(copy.deepcopy(init))
-    control, control_euler = hand_written(copy.deepcopy(init))  # the same, its own network
-    systems = {name: SYSTEMS[name](copy.deepcopy(init), data) for name in
-               ("rectdiff FM", "rectified-flow-pytorch", "flow_matching", "torchcfm I-CFM")}  # fmt: skip
-    trainer = ts.Trainer(copy.deepcopy(init), data, form=FM, prediction="flow",
-                         config=ts.TrainConfig(steps=10**9, batch_size=BATCH, lr=LR, grad_clip=0.0,
-                                               lr_schedule="constant"))  # fmt: skip
-    train_fns = {CONTROL: control, "rectdiff Trainer": trainer.step}
-    train_fns.update({("rectdiff Diffusion" if n == "rectdiff FM" else n):
-                      stepper(s.loss, list(s.net.parameters())) for n, s in systems.items()})  # fmt: skip
-    euler_fns = {
-        CONTROL: control_euler,
-        "rectdiff Diffusion": lambda: systems["rectdiff FM"].diffusion.sample(eps=noise, solver="euler", steps=euler_steps),
-        "rectified-flow-pytorch": lambda: systems["rectified-flow-pytorch"].sample(noise, euler_steps),
-        "flow_matching": lambda: systems["flow_matching"].sample(noise, euler_steps),
-        "torchcfm I-CFM": lambda: systems["torchcfm I-CFM"].sample(noise, euler_steps),
-    }  # fmt: skip
-    for fn in [plain, *train_fns.values()]:  # warm-up
-        for _ in range(20):
-            fn()
-    train = round_robin_times({"plain": plain, **train_fns}, rounds, block)
+
+    def one_set() -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+        """Every system's training and Euler step, each on its own copy of the network."""
+        plain, plain_euler = hand_written(copy.deepcopy(init))
+        control, control_euler = hand_written(copy.deepcopy(init))  # the same, its own network
+        systems = {name: SYSTEMS[name](copy.deepcopy(init), data) for name in
+                   ("rectdiff FM", "rectified-flow-pytorch", "flow_matching", "torchcfm I-CFM")}  # fmt: skip
+        trainer = ts.Trainer(copy.deepcopy(init), data, form=FM, prediction="flow",
+                             config=ts.TrainConfig(steps=10**9, batch_size=BATCH, lr=LR,
+                                                   grad_clip=0.0, lr_schedule="constant"))  # fmt: skip
+        train_fns = {"plain": plain, CONTROL: control, "rectdiff Trainer": trainer.step}
+        train_fns.update({("rectdiff Diffusion" if n == "rectdiff FM" else n):
+                          stepper(s.loss, list(s.net.parameters())) for n, s in systems.items()})  # fmt: skip
+        euler_fns = {
+            "plain": plain_euler,
+            CONTROL: control_euler,
+            "rectdiff Diffusion": lambda: systems["rectdiff FM"].diffusion.sample(eps=noise, solver="euler", steps=euler_steps),
+            "rectified-flow-pytorch": lambda: systems["rectified-flow-pytorch"].sample(noise, euler_steps),
+            "flow_matching": lambda: systems["flow_matching"].sample(noise, euler_steps),
+            "torchcfm I-CFM": lambda: systems["torchcfm I-CFM"].sample(noise, euler_steps),
+        }  # fmt: skip
+        return train_fns, euler_fns
+
+    sets = [one_set() for _ in range(instances)]
+    train_fns = {name: [s[0][name] for s in sets] for name in sets[0][0]}
+    euler_fns = {name: [s[1][name] for s in sets] for name in sets[0][1]}
+    for fns in train_fns.values():  # warm-up
+        for fn in fns:
+            for _ in range(20):
+                fn()
+    train = round_robin_times(train_fns, rounds, block)
     with torch.no_grad():
-        euler = round_robin_times({"plain": plain_euler, **euler_fns}, max(5, rounds // 3),
-                                  max(1, block // 10))  # fmt: skip
+        euler = round_robin_times(euler_fns, max(5, rounds // 3), max(1, block // 10))
     out: dict[str, dict[str, tuple[float, ...]]] = {}
-    for name in train_fns:
+    for name in list(train_fns)[1:]:
         out[name] = {"train": ratios(train[name], train["plain"])}
         if name in euler:
             out[name]["euler"] = ratios(euler[name], euler["plain"])
@@ -587,6 +599,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block", type=int, default=20)
+    parser.add_argument("--instances", type=int, default=3,
+                        help="overhead: copies of every system, rotated over the rounds")  # fmt: skip
     parser.add_argument("--systems", default=";".join(SYSTEMS),
                         help="the systems to run, separated by ';' (names hold commas)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
@@ -596,6 +610,8 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the per-step overhead table (for a quiet machine)")  # fmt: skip
     args = parser.parse_args()
+    if args.instances < 1:
+        parser.error(f"--instances must be >= 1 (copies of each system), got {args.instances}.")
     if args.overhead_only:
         torch.set_num_threads(1)
         print_overhead(load_data("8gaussians", 100_000, seed=0), args)
@@ -655,11 +671,12 @@ def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
     """The overhead table: each system's training and Euler step against plain PyTorch."""
     print(
         f"\noverhead per step against hand-written PyTorch at batch {BATCH} "
-        f"({args.rounds} round-robin rounds; Euler: 100 steps)\n"
+        f"({args.rounds} round-robin rounds over {args.instances} copies of each system; "
+        "Euler: 100 steps)\n"
     )
     print("| system | training step: median / min / CPU | paired CPU [95 % CI] | "
           "Euler step: median / min / CPU | paired CPU [95 % CI] |\n|---|---|---|---|---|")  # fmt: skip
-    for name, ratios in overhead(data, args.rounds, args.block).items():
+    for name, ratios in overhead(data, args.rounds, args.block, instances=args.instances).items():
         cells = []
         for kind in ("train", "euler"):
             if kind in ratios:

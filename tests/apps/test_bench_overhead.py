@@ -47,3 +47,28 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(overhead):
 def test_paired_ratio_needs_ratios(overhead):
     with pytest.raises(ValueError, match="n=0"):
         overhead.paired_ratio([], [])
+
+
+def test_round_robin_rotates_the_order_and_the_instances(overhead):
+    """Every round times one block of each name; the order rotates by one a round, and a name
+    with several instances uses instance ``r % len`` in round r."""
+    calls: list[tuple[str, int]] = []
+
+    def fn(name, i):
+        return lambda: calls.append((name, i))
+
+    fns = {
+        "a": fn("a", 0),
+        "b": [fn("b", 0), fn("b", 1), fn("b", 2)],
+        "c": [fn("c", 0), fn("c", 1)],
+    }
+    times = overhead.round_robin_times(fns, rounds=4, block=2)
+    assert {n: len(t["cpu"]) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    blocks = calls[::2]
+    assert calls[1::2] == blocks  # each block calls one function twice
+    assert blocks == [
+        ("a", 0), ("b", 0), ("c", 0),  # round 0
+        ("b", 1), ("c", 1), ("a", 0),  # round 1: rotated, the next instances
+        ("c", 0), ("a", 0), ("b", 2),  # round 2
+        ("a", 0), ("b", 0), ("c", 1),  # round 3
+    ]  # fmt: skip
