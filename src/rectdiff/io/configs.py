@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 __all__ = [
     "reject_unknown", "check_choice", "field_names", "parameter_names", "from_mapping",
-    "read_toml", "read_toml_table", "read_layered_toml", "merge_tables", "check_types", "check_argument_types",
+    "read_toml", "read_toml_table", "read_layered_toml", "merge_tables", "check_types",
+    "check_argument_types",
 ]  # fmt: skip
 
 T = TypeVar("T")
