@@ -577,7 +577,7 @@ def overhead(
     with torch.no_grad():
         euler = round_robin_times(euler_fns, max(5, rounds // 3), max(1, block // 10))
     out: dict[str, dict[str, tuple[float, ...]]] = {}
-    for name in list(train_fns)[1:]:
+    for name in (n for n in train_fns if n != "plain"):
         out[name] = {"train": ratios(train[name], train["plain"])}
         if name in euler:
             out[name]["euler"] = ratios(euler[name], euler["plain"])

@@ -1,7 +1,8 @@
 """The training step's fast path gives the numbers of the plain path, bit for bit: the loss's
 stacked float64 kernels against the forms' public methods, the Trainer's multi-tensor AdamW
 against torch's per-parameter loop, and its directly stepped learning-rate scheduler against
-a scheduler stepped as diffusers documents it."""
+a scheduler stepped as diffusers documents it; and the step's dispatched tensor operations,
+counted against a hand-written step."""
 
 import collections
 
@@ -315,11 +316,11 @@ def _dispatched(step) -> collections.Counter[str]:
 
 def test_a_training_step_dispatches_what_a_hand_written_one_does():
     """The step path's tensor operations, counted (not timed): flow matching's loss forward and
-    backward dispatches the hand-written loop's 73 aten operations plus 4 (the float64 draw's
+    backward dispatches the hand-written loop's aten operations plus 4 (the float64 draw's
     coefficient table, cast and split: addcmul, one cast, unbind, and 2 views, less the
     hand-written ``1 - t`` and 2 of its ``t[:, None]``; one more mul and add than written
-    there: the ``0 + u (1 - 0)`` of the draw), and a ``Trainer`` step one more than that
-    loss and the same optimizer step by hand: the detached loss it returns."""
+    there: the draw's affine map onto [t_min, t_max]), and a ``Trainer`` step one more than
+    that loss and the same optimizer step by hand: the detached loss it returns."""
     torch.manual_seed(0)
     net, x0 = MLP(dim=2, hidden=16, depth=2), torch.randn(256, 2)
 
