@@ -11,7 +11,8 @@ where the library has it, online reflow (pairs drawn from the frozen teacher eve
 
 rectdiff runs flow matching (flow prediction, uniform t: the peers' objective) and VP,
 sub-VP and VE with v-prediction, ``training.equalize``-d to that objective (importance
-sampling in logsnr), their networks wrapped in ``models.Preconditioned`` (c_in, c_out; time
+sampling in logsnr, its draws t-quantiles of the same uniform numbers as rectdiff FM's:
+common random numbers), their networks wrapped in ``models.Preconditioned`` (c_in, c_out; time
 input t). Its first-order sampler is DDIM (= Euler in t for flow matching) on the flow-matching
 uniform grid mapped through logsnr, so every form takes the same steps in y = x / alpha.
 The "OT" rows train rectdiff FM and VP v eq. with ``coupling="ot"`` (each batch's noise
@@ -232,8 +233,10 @@ class RectdiffEqualized(RectdiffFM):
         )  # fmt: skip
         lo_hi = ts.common_logsnr_range(form, FM)
         output_scale = None if scaling == "edm" else wrapped.c_out
+        # quantile="t": each step's times are the same quantiles of the same uniform numbers
+        # as rectdiff FM's (common random numbers; "logsnr" would mirror them)
         sampler, weighting = ts.equalize(form, "v", reference, logsnr_range=lo_hi,
-                                         output_scale=output_scale)  # fmt: skip
+                                         output_scale=output_scale, quantile="t")  # fmt: skip
         self.net = wrapped
         self.diffusion = Diffusion(wrapped, form=form, prediction="v", time_sampler=sampler,
                                    weighting=weighting, coupling=coupling,
@@ -598,6 +601,8 @@ def mean_spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first-seed .. first-seed + seeds - 1")  # fmt: skip
     parser.add_argument("--teacher-steps", type=int, default=3000)
     parser.add_argument("--reflow-steps", type=int, default=3000)
     parser.add_argument("--online-steps", type=int, default=1000)
@@ -636,7 +641,7 @@ def main() -> None:
         print_dopri5(data, args)
         return
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in names:
             rows[name].append(quality(name, seed, args, data, test))
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name][-1].items()),

@@ -20,7 +20,7 @@ trainer         Trainer and train(): accelerate, EMA, LR schedule, checkpoints, 
 from __future__ import annotations
 
 from .config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
-from .equalization import Equalized, EqualizedWeighting, equalize
+from .equalization import QUANTILES, Equalized, EqualizedWeighting, equalize
 from .losses import LOSSES, DiffusionLoss, default_huber_c, diffusion_loss
 from .minibatch_ot import COUPLINGS, ot_assignment, ot_coupled_noise
 from .time_samplers import (
@@ -58,6 +58,6 @@ __all__ = [
     "TimeSampler", "Uniform", "UniformLogSNR", "UShaped", "dlogsnr_dt", "time_sampler",
     "NonFiniteLossError", "Trainer", "TrainResult", "train", "WEIGHTINGS",
     "InverseFactorWeighting", "MinSNRWeighting", "NoWeighting", "SNRWeighting", "Weighting", "X0Weighting",
-    "EqualizedWeighting", "common_logsnr_range", "effective_sample_size", "equalize",
+    "EqualizedWeighting", "QUANTILES", "common_logsnr_range", "effective_sample_size", "equalize",
     "implied_weighting", "loss_weighting", "prediction_factor", "weighting_ess",
 ]  # fmt: skip

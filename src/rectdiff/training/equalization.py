@@ -25,6 +25,8 @@ from .weightings import Weighting, prediction_factor
 __all__ = ["Equalized", "EqualizedWeighting", "equalize"]
 
 _F64 = torch.float64
+#: what an equalized sampler's uniform draw is the quantile of
+QUANTILES = ("logsnr", "t")
 
 
 class Equalized(TimeSampler):
@@ -48,6 +50,14 @@ class Equalized(TimeSampler):
     network's own output (the loss's weight ``w_ref / (c_pred^2 q)`` is ``1 / c_out^2`` up to
     a constant). Without it a VE network with c_out ~ sigma gets per-sample gradient weights
     spread over sigma_max^2.
+
+    ``quantile`` says what the uniform number ``u`` of each draw is the quantile of:
+    ``"logsnr"`` (the default, rectdiff's draw since 0.1: logsnr at quantile u, so t runs
+    against u) or ``"t"`` (t at quantile u, as every other sampler draws, :meth:`icdf`).
+    With ``"t"``, samplers fed the same random numbers draw their times in the same order:
+    common random numbers, so that a comparison against flow matching's uniform t is not
+    also a comparison of two noise streams (an equalized flow-matching sampler whose
+    proposal is uniform in t then draws uniform's times to the interpolation error).
     """
 
     name = "equalized"
@@ -61,9 +71,16 @@ class Equalized(TimeSampler):
         grid_size: int = 4097,
         prediction: str = "eps",
         output_scale: Callable[[Tensor], Tensor] | None = None,
+        quantile: str = "logsnr",
     ) -> None:
         super().__init__(form)
+        if quantile not in QUANTILES:
+            raise ValueError(
+                f"unknown quantile {quantile!r}; allowed: {', '.join(QUANTILES)} (what each "
+                "uniform draw is the quantile of)."
+            )
         self.lo, self.hi, self.prediction = float(lo), float(hi), prediction
+        self.quantile = quantile
         self.output_scale = output_scale
         self.logsnr_nodes = torch.linspace(self.lo, self.hi, grid_size, dtype=_F64)
         weights = torch.as_tensor(reference_weight(self.logsnr_nodes), dtype=_F64)
@@ -138,7 +155,25 @@ class Equalized(TimeSampler):
         ratio = self._interpolate(self.weights, cell) / (c2 * q).clamp(min=1e-300)
         return torch.where(q > 0, ratio, torch.zeros_like(ratio))
 
+    def sample(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """``batch`` times, float64: logsnr at quantile u (``quantile="logsnr"``) or t at
+        quantile u (``"t"``) of float64 uniform draws ``u``."""
+        u = torch.rand(batch, generator=generator, device=device, dtype=_F64)
+        return self._t(self.logsnr_at(u)) if self.quantile == "logsnr" else self.icdf(u)
+
     def icdf(self, u: Tensor) -> Tensor:
+        """The time at quantile ``u`` of the truncated distribution in t: logsnr at quantile
+        ``1 - u`` (logsnr falls as t grows), mapped to t."""
+        return self._t(self.logsnr_at(1 - u))
+
+    def logsnr_at(self, u: Tensor) -> Tensor:
+        """The logsnr at quantile ``u`` of the proposal ``q`` (its piecewise-quadratic CDF
+        inverted exactly)."""
         cum, nodes = self._cum.to(u.device), self.proposal.to(u.device)
         mass = u * self.proposal_total
         k = (torch.searchsorted(cum, mass.contiguous()) - 1).clamp(0, len(nodes) - 2)
@@ -146,8 +181,7 @@ class Equalized(TimeSampler):
         q0, slope = nodes[k], nodes[k + 1] - nodes[k]
         root = torch.sqrt((q0**2 + 2 * slope * rest).clamp(min=0))
         frac = torch.where(root + q0 > 0, 2 * rest / (q0 + root).clamp(min=1e-300), 0.5)
-        lam = self.lo + (k + frac.clamp(0, 1)) * self._h
-        return self._t(lam)
+        return self.lo + (k + frac.clamp(0, 1)) * self._h
 
     def density(self, t: Any) -> Tensor:
         t64 = as_time(t)
@@ -157,7 +191,7 @@ class Equalized(TimeSampler):
     def params(self) -> dict[str, Any]:
         return {
             "lo": self.lo, "hi": self.hi, "grid_size": len(self.weights),
-            "prediction": self.prediction,
+            "prediction": self.prediction, "quantile": self.quantile,
         }  # fmt: skip
 
 
@@ -197,6 +231,7 @@ def equalize(
     logsnr_range: tuple[float, float] | None = None,
     grid_size: int = 4097,
     output_scale: Callable[[Tensor], Tensor] | None = None,
+    quantile: str = "logsnr",
 ) -> tuple[Equalized, EqualizedWeighting]:
     """The time sampler and weighting that give ``form``/``prediction`` a reference w(lambda).
 
@@ -223,6 +258,8 @@ def equalize(
             With ``Preconditioned(scaling="fm", time_input="fm")`` in every form, every form
             then draws the same logsnr and puts the same weight on the same network error:
             the training is flow matching's, whatever the form.
+        quantile: ``"logsnr"`` or ``"t"``: what each uniform draw is the quantile of
+            (:class:`Equalized`); ``"t"`` gives common random numbers with the other samplers.
 
     Raises:
         ValueError: if the range leaves the form's range or the weight is invalid.
@@ -236,5 +273,5 @@ def equalize(
             f"({range_lo:.6g}, {range_hi:.6g}) of {form!r}; use common_logsnr_range(*forms)."
         )
     sampler = Equalized(form, reference_weight, lo, hi, grid_size, prediction=prediction,
-                        output_scale=output_scale)  # fmt: skip
+                        output_scale=output_scale, quantile=quantile)  # fmt: skip
     return sampler, EqualizedWeighting(sampler)
