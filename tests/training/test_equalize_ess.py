@@ -248,7 +248,9 @@ def test_quantile_orders_the_draws_and_logsnr_keeps_the_old_ones(form_name):
     t_q = by_t.icdf(quantiles)
     assert bool((t_q.diff() > 0).all())
     grid = torch.linspace(form.t_min, form.t_max, 400_001, dtype=F64)
-    cdf = torch.cat([torch.zeros(1, dtype=F64), torch.cumulative_trapezoid(by_t.density(grid), grid)])
+    cdf = torch.cat(
+        [torch.zeros(1, dtype=F64), torch.cumulative_trapezoid(by_t.density(grid), grid)]
+    )
     cdf_at = torch.from_numpy(np.interp(t_q.numpy(), grid.numpy(), cdf.numpy()))
     torch.testing.assert_close(cdf_at, quantiles, rtol=0, atol=1e-4)
 
