@@ -15,6 +15,7 @@ one registry line.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,10 +145,11 @@ def sample(
     t = time_grid(form, steps, t_grid, t_start=t_start, t_end=t_end)
     check_start(form, prediction, float(t[0]) if t_start is not None else None)
     recorder = _Recorder() if return_trajectory else None
-    with torch.no_grad(), tqdm(disable=not progress, desc=solver, unit="eval") as bar:
+    # no bar object at all without progress: a disabled tqdm still costs ~15 us a call
+    with torch.no_grad(), tqdm(desc=solver, unit="eval") if progress else nullcontext() as bar:
         denoise = Denoiser(
             model, form, prediction, cond=cond, guidance=guidance, uncond=uncond,
-            batch_size=eps.shape[0], on_evaluation=bar.update,
+            batch_size=eps.shape[0], on_evaluation=bar.update if progress else None,
         )  # fmt: skip
         denoise.precompute(t, eps)
         x_start = denoise.coefficients(t[0]).sigma * eps
