@@ -1,11 +1,13 @@
 """Samplers against closed forms and diffusers: exact ODE endpoints, orders, first-order exactness."""
 
+import collections
 import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from shared import F64, MEAN, STD, pick
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rectdiff import forms, predictions, samplers
 from rectdiff.oracles import CouplingOracle, GaussianOracle
@@ -281,6 +283,41 @@ def test_trajectory_record_and_nfe():
         )
         torch.testing.assert_close(plain, traj.sample, rtol=0, atol=0)
         assert (traj.form, traj.prediction, traj.solver) == (form, "eps", solver)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("name", "prediction", "solver", "per_step"),
+    [("fm", "flow", "euler", {"aten.add.Tensor": 1}),  # x + h out
+     ("vp", "v", "euler", {"aten.add.Tensor": 1}),  # a = 1 + h d(alpha^2 + sigma^2)/2 = 1
+     ("vp", "eps", "ddim", {"aten.mul.Tensor": 1, "aten.add.Tensor": 1})],  # a x + b out
+)  # fmt: skip
+def test_a_sampling_step_dispatches_only_its_update(name, prediction, solver, per_step):
+    """Besides the model, a fixed-step sampler's step is its update ``a x + b out`` and nothing
+    else: coefficients, model times and their (B,) inputs are made for the whole grid at the
+    start of the call (a constant number of operations), none per step. Counted over 10 and
+    20 steps of a model that dispatches nothing."""
+    form, eps = FORMS[name], noise()
+    counts = {}
+    for steps in (10, 20):
+        with _CountOps() as counter:
+            samplers.sample(lambda x, t: x, eps, form=form, prediction=prediction, solver=solver,
+                            steps=steps)  # fmt: skip
+        counts[steps] = counter.ops
+    assert counts[20] - counts[10] == collections.Counter(
+        {op: 10 * n for op, n in per_step.items()}
+    )
 
 
 def test_progress_bar_counts_every_evaluation_and_changes_nothing(capsys):

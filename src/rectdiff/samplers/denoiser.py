@@ -89,36 +89,51 @@ class Denoiser:
         self._batched = None
         if self.guidance is not None and batch_size is not None:
             self._batched = _concat_kwargs(self.uncond, self.cond, batch_size)
-        self._points: dict[float, tuple[Tensor, Coefficients[float]]] = {}
+        # by t: Coefficients (plain float tuples until first used) and 0-d model times (their
+        # index into the precomputed grid's until first used); see precompute
+        self._coefficients: dict[float, Any] = {}
+        self._model_time: dict[float, Any] = {}
+        self._model_times: Tensor | None = None  # of the precomputed grid
         self._inputs: dict[float, Tensor] = {}  # model time per batch, by clamped t
         self._weights: dict[float, tuple[float, float, float, float]] = {}
         self.nfe = 0
 
     def coefficients(self, t: Tensor | float) -> Coefficients[float]:
         """``(alpha, sigma, d_alpha, d_sigma)`` at ``t`` as float64 Python numbers (cached)."""
-        return self._point(float(t))[1]
+        return self._coefficients_at(float(t))
 
     def precompute(self, t: Tensor, like: Tensor) -> None:
         """Cache coefficients and model times of the grid ``t`` (and of its times clamped into
-        the safe range) in one vectorized call, the model times in ``like``'s dtype and device."""
+        the safe range) in one vectorized call, the model times in ``like``'s dtype and device,
+        each also as the ``(B,)`` input of a batch like ``like``: a constant number of tensor
+        operations per sampling call (two ``unbind``), none per step."""
         times = torch.cat([t, t.clamp(self.form.t_min, self.form.t_max)]).unique()
         model_times = self.form.model_time(times).to(device=like.device, dtype=like.dtype)
-        alpha, sigma, d_alpha, d_sigma = (c.tolist() for c in self.form.coefficients(times))
-        for i, key in enumerate(times.tolist()):
-            self._points[key] = (
-                model_times[i],
-                Coefficients(alpha[i], sigma[i], d_alpha[i], d_sigma[i]),
-            )
+        self._model_times = model_times
+        batched = model_times[:, None].expand(-1, like.shape[0]).unbind(0)
+        # plain floats and an index here, made Coefficients and 0-d tensors on first use: a
+        # 100-step Euler call on a flow model uses two of each
+        rows = zip(*(c.tolist() for c in self.form.coefficients(times)), strict=True)
+        for i, (key, batch, row) in enumerate(zip(times.tolist(), batched, rows, strict=True)):
+            self._coefficients[key], self._model_time[key], self._inputs[key] = row, i, batch
 
-    def _point(self, key: float) -> tuple[Tensor, Coefficients[float]]:
-        if key not in self._points:
+    def _coefficients_at(self, key: float) -> Coefficients[float]:
+        found = self._coefficients.get(key)
+        if found is None:
             t64 = as_time(key)
-            alpha, sigma, d_alpha, d_sigma = (float(c) for c in self.form.coefficients(t64))
-            self._points[key] = (
-                self.form.model_time(t64),
-                Coefficients(alpha, sigma, d_alpha, d_sigma),
-            )
-        return self._points[key]
+            found = Coefficients(*(float(c) for c in self.form.coefficients(t64)))
+            self._coefficients[key] = found
+        elif not isinstance(found, Coefficients):  # precomputed plain floats
+            found = self._coefficients[key] = Coefficients(*found)
+        return found
+
+    def _model_time_at(self, key: float) -> Tensor:
+        found = self._model_time.get(key)
+        if found is None:
+            found = self._model_time[key] = self.form.model_time(as_time(key))
+        elif isinstance(found, int):  # precomputed: its index into the grid's model times
+            found = self._model_time[key] = self._model_times[found]  # type: ignore[index]
+        return found
 
     def weights(self, t: Tensor | float) -> tuple[float, float, float, float]:
         """``(p, q, r, s)`` with ``x0_pred = p x + q out`` and ``eps_pred = r x + s out`` for the
@@ -127,7 +142,7 @@ class Denoiser:
         key = clamp_time(self.form, t)
         found = self._weights.get(key)
         if found is None:
-            found = x0_eps_weights(self.prediction, tuple(self._point(key)[1]))
+            found = x0_eps_weights(self.prediction, tuple(self._coefficients_at(key)))
             self._weights[key] = found
         return found
 
@@ -136,7 +151,7 @@ class Denoiser:
         key = clamp_time(self.form, t)
         model_time = self._inputs.get(key)
         if model_time is None or model_time.shape[0] != x.shape[0] or model_time.dtype != x.dtype:
-            model_time = self._point(key)[0].to(device=x.device, dtype=x.dtype)
+            model_time = self._model_time_at(key).to(device=x.device, dtype=x.dtype)
             model_time = self._inputs[key] = model_time.expand(x.shape[0])
         out = self._evaluate(x, model_time)
         if count:
@@ -148,7 +163,7 @@ class Denoiser:
     def convert(self, out: Tensor, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """``(x0_pred, eps_pred)`` of the native output ``out`` at ``(x, t)``."""
         key = clamp_time(self.form, t)
-        return to_x0_eps(out, self.prediction, x, key, self.form, coefficients=self._point(key)[1])
+        return to_x0_eps(out, self.prediction, x, key, self.form, coefficients=self._coefficients_at(key))
 
     def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
         """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
