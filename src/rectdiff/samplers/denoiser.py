@@ -163,7 +163,9 @@ class Denoiser:
     def convert(self, out: Tensor, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """``(x0_pred, eps_pred)`` of the native output ``out`` at ``(x, t)``."""
         key = clamp_time(self.form, t)
-        return to_x0_eps(out, self.prediction, x, key, self.form, coefficients=self._coefficients_at(key))
+        return to_x0_eps(
+            out, self.prediction, x, key, self.form, coefficients=self._coefficients_at(key)
+        )
 
     def __call__(self, x: Tensor, t: Tensor | float, count: bool = True) -> tuple[Tensor, Tensor]:
         """``(x0_pred, eps_pred)`` at state ``x`` and time ``t``."""
