@@ -106,7 +106,7 @@ class Denoiser:
         """Cache coefficients and model times of the grid ``t`` (and of its times clamped into
         the safe range) in one vectorized call, the model times in ``like``'s dtype and device,
         each also as the ``(B,)`` input of a batch like ``like``: a constant number of tensor
-        operations per sampling call (two ``unbind``), none per step."""
+        operations per sampling call (the batch inputs in one ``unbind``), none per step."""
         times = torch.cat([t, t.clamp(self.form.t_min, self.form.t_max)]).unique()
         model_times = self.form.model_time(times).to(device=like.device, dtype=like.dtype)
         self._model_times = model_times
