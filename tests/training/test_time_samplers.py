@@ -22,9 +22,9 @@ def t_grid(form, n=200_001):
 
 @pytest.mark.parametrize("form_name", FORMS)
 def test_uniform_draw_is_icdf_of_rand_to_the_bit(form_name):
-    """Uniform.sample (uniform_(0, w) then + t_min, two operations) returns the numbers of
+    """Uniform.sample (uniform_(0, w) then + t_min in place) returns the numbers of
     t_min + torch.rand(float64) * w, and leaves the generator where torch.rand does: every
-    trained number stays what the three-operation draw gave."""
+    trained number stays what the earlier draw gave."""
     form = FORMS[form_name]
     sampler = ts.time_sampler("uniform", form)
     for seed in range(20):

@@ -113,9 +113,9 @@ class Uniform(TimeSampler):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """:meth:`icdf` of ``torch.rand``'s float64 draw, the same numbers to the bit, in two
-        operations instead of three: ``uniform_(0, w)`` computes ``u w`` from the same
-        53-bit ``u`` (its ``u w + 0``, fused or not, rounds once), then ``+ t_min``."""
+        """:meth:`icdf` of ``torch.rand``'s float64 draw, the same numbers to the bit, without
+        its temporaries: ``uniform_(0, w)`` computes ``u w`` from the same 53-bit ``u`` (its
+        ``u w + 0``, fused or not, rounds once), then ``+ t_min`` in place."""
         t = torch.empty(batch, device=device, dtype=_F64)
         t.uniform_(0.0, self.form.t_max - self.form.t_min, generator=generator)
         return t.add_(self.form.t_min)
