@@ -1,5 +1,6 @@
 """What many test files share, defined once: float64, the named test forms, Gaussian data,
-the README's snippets, a rectdiff process, an experiment script as a module.
+the README's snippets, a rectdiff process, an experiment script as a module, a counter of
+dispatched tensor operations.
 
 Importable from every test folder (``pythonpath = ["tests"]`` in pyproject.toml);
 ``conftest.py`` turns the same objects into fixtures.
@@ -7,7 +8,11 @@ Importable from every test folder (``pythonpath = ["tests"]`` in pyproject.toml)
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rectdiff import forms
 
@@ -79,3 +84,24 @@ def load_script(path):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it, by name (``ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched(step: Callable[[], object]) -> collections.Counter[str]:
+    """The aten operations one call of ``step`` dispatches, after one uncounted call (so that
+    lazily built state is not counted)."""
+    step()
+    with CountOps() as counter:
+        step()
+    return counter.ops

@@ -1,13 +1,13 @@
 """Samplers against closed forms and diffusers: exact ODE endpoints, orders, first-order exactness."""
 
 import collections
+import functools
 import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-from shared import F64, MEAN, STD, pick
-from torch.utils._python_dispatch import TorchDispatchMode
+from shared import F64, MEAN, STD, dispatched, pick
 
 from rectdiff import forms, predictions, samplers
 from rectdiff.oracles import CouplingOracle, GaussianOracle
@@ -285,18 +285,6 @@ def test_trajectory_record_and_nfe():
         assert (traj.form, traj.prediction, traj.solver) == (form, "eps", solver)
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the aten operations dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     ("name", "prediction", "solver", "per_step"),
     [("fm", "flow", "euler", {"aten.add.Tensor": 1}),  # x + h out
@@ -309,12 +297,9 @@ def test_a_sampling_step_dispatches_only_its_update(name, prediction, solver, pe
     start of the call (a constant number of operations), none per step. Counted over 10 and
     20 steps of a model that dispatches nothing."""
     form, eps = FORMS[name], noise()
-    counts = {}
-    for steps in (10, 20):
-        with _CountOps() as counter:
-            samplers.sample(lambda x, t: x, eps, form=form, prediction=prediction, solver=solver,
-                            steps=steps)  # fmt: skip
-        counts[steps] = counter.ops
+    run = functools.partial(samplers.sample, lambda x, t: x, eps, form=form,
+                            prediction=prediction, solver=solver)  # fmt: skip
+    counts = {steps: dispatched(functools.partial(run, steps=steps)) for steps in (10, 20)}
     assert counts[20] - counts[10] == collections.Counter(
         {op: 10 * n for op, n in per_step.items()}
     )

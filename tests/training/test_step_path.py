@@ -4,14 +4,11 @@ against torch's per-parameter loop, and its directly stepped learning-rate sched
 a scheduler stepped as diffusers documents it; and the step's dispatched tensor operations,
 counted against a hand-written step."""
 
-import collections
-
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
-from shared import NAMED_FORMS
+from shared import NAMED_FORMS, dispatched
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rectdiff.data import load_data
 from rectdiff.forms import FlowMatching
@@ -295,31 +292,13 @@ def test_direct_gradient_clipping_is_accelerates():
     assert direct_norms == wrapped_norms and direct_norms[2] > 0.05  # clipped
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the aten operations dispatched inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _dispatched(step) -> collections.Counter[str]:
-    step()  # warm: lazily built state is not counted
-    with _CountOps() as counter:
-        step()
-    return counter.ops
-
-
 def test_a_training_step_dispatches_what_a_hand_written_one_does():
     """The step path's tensor operations, counted (not timed): flow matching's loss forward and
     backward dispatches the hand-written loop's aten operations plus 4 (the float64 draw's
     coefficient table, cast and split: addcmul, one cast, unbind, and 2 views, less the
-    hand-written ``1 - t`` and 2 of its ``t[:, None]``; one more mul and add than written
-    there: the draw's affine map onto [t_min, t_max]), and a ``Trainer`` step one more than
+    hand-written ``1 - t`` and 2 of its ``t[:, None]``; and the draw itself, ``empty``,
+    ``uniform_`` and an in-place add against one ``rand``: its affine map onto
+    [t_min, t_max]), and a ``Trainer`` step one more than
     that loss and the same optimizer step by hand: the detached loss it returns."""
     torch.manual_seed(0)
     net, x0 = MLP(dim=2, hidden=16, depth=2), torch.randn(256, 2)
@@ -331,8 +310,8 @@ def test_a_training_step_dispatches_what_a_hand_written_one_does():
 
     loss = DiffusionLoss(FlowMatching(), "flow")
     plain, ours = (
-        _dispatched(hand_written),
-        _dispatched(lambda: loss(net, x0, per_sample=False)[0].backward()),
+        dispatched(hand_written),
+        dispatched(lambda: loss(net, x0, per_sample=False)[0].backward()),
     )
     assert sum(ours.values()) - sum(plain.values()) == 4, (plain, ours)
     assert ours["aten._to_copy.default"] == 1  # one cast: of the whole table
@@ -348,8 +327,8 @@ def test_a_training_step_dispatches_what_a_hand_written_one_does():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step = _dispatched(trainer.step)
-    by_hand = _dispatched(loss_and_adamw)
+    step = dispatched(trainer.step)
+    by_hand = dispatched(loss_and_adamw)
     extra = step - by_hand
     # the batch: a slice of the permutation instead of randint; the noise: seeded randn
     # instead of randn_like; and the detached loss the step returns
