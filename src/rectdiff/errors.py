@@ -25,9 +25,12 @@ This module imports nothing heavy: the command line uses it before torch is load
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 __all__ = [
     "RectdiffError", "ConfigError", "DataError", "StoreError", "SolveError", "EXIT_ERROR",
@@ -106,6 +109,32 @@ def _clear_progress_bars() -> None:
             pass
 
 
+@contextmanager
+def _sigint_watch() -> Iterator[list[int]]:
+    """Note each Ctrl-C while raising ``KeyboardInterrupt`` as Python's own handler does.
+
+    Python raises ``KeyboardInterrupt`` at the next bytecode, which can be inside a C
+    extension's callback: torch, asked for a tensor from a sequence whose item lookup was
+    interrupted, turns it into ``ValueError: could not determine the shape of object type
+    ...``. The list this yields says that a Ctrl-C came, whatever the exception says. Only
+    Python's default handler in the main thread is replaced (and restored after)."""
+    received: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # fmt: skip
+        yield received
+        return
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_command(
     command: Callable[[], int | None],
     prog: str,
@@ -119,24 +148,34 @@ def run_command(
     prints ``{prog}: interrupted; {interrupted}`` (what was kept, how to resume; a callable is
     asked then, so it can look at what is on disk; a ``KeyboardInterrupt`` raised with a
     message, as a library function re-raises it once it knows what it kept, says it instead)
-    and returns 130; anything else propagates
-    with its traceback. ``debug`` prints the traceback of expected errors and interrupts too
-    (before the line).
+    and returns 130, also when a library turned the ``KeyboardInterrupt`` into another
+    exception on its way out; anything else propagates with its traceback. ``debug`` prints
+    the traceback of expected errors and interrupts too (before the line).
     """
-    try:
-        return int(command() or 0)
-    except KeyboardInterrupt as stop:
-        _clear_progress_bars()
-        if debug:
-            traceback.print_exc()
-        hint = str(stop) or (interrupted() if callable(interrupted) else interrupted)
-        print(f"{prog}: interrupted; {hint or 'nothing to resume.'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as err:
-        if not is_expected(err):
-            raise
-        _clear_progress_bars()
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_ERROR
+    with _sigint_watch() as sigints:
+        try:
+            return int(command() or 0)
+        except KeyboardInterrupt as stop:
+            return _report_interrupt(prog, str(stop), interrupted, debug)
+        except Exception as err:
+            if sigints:
+                return _report_interrupt(prog, "", interrupted, debug)
+            if not is_expected(err):
+                raise
+            _clear_progress_bars()
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_ERROR
+
+
+def _report_interrupt(
+    prog: str, said: str, interrupted: str | Callable[[], str], debug: bool
+) -> int:
+    """Print the interrupt's one line (``said``, else the caller's hint) and give 130."""
+    _clear_progress_bars()
+    if debug:
+        traceback.print_exc()
+    hint = said or (interrupted() if callable(interrupted) else interrupted)
+    print(f"{prog}: interrupted; {hint or 'nothing to resume.'}", file=sys.stderr)
+    return EXIT_INTERRUPTED
