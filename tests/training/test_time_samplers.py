@@ -20,12 +20,18 @@ def t_grid(form, n=200_001):
     return torch.linspace(form.t_min, form.t_max, n, dtype=F64)
 
 
-@pytest.mark.parametrize("form_name", FORMS)
+#: besides the named forms: flow matching on [0, 1] (the draw is torch.rand itself) and on
+#: [0, 1/2] (t_min = 0: no add)
+EDGE_FORMS = {"fm[0,1]": forms.FlowMatching(t_min=0.0, t_max=1.0),
+              "fm[0,1/2]": forms.FlowMatching(t_min=0.0, t_max=0.5)}  # fmt: skip
+
+
+@pytest.mark.parametrize("form_name", [*FORMS, *EDGE_FORMS])
 def test_uniform_draw_is_icdf_of_rand_to_the_bit(form_name):
     """Uniform.sample (uniform_(0, w) then + t_min in place) returns the numbers of
     t_min + torch.rand(float64) * w, and leaves the generator where torch.rand does: every
     trained number stays what the earlier draw gave."""
-    form = FORMS[form_name]
+    form = {**FORMS, **EDGE_FORMS}[form_name]
     sampler = ts.time_sampler("uniform", form)
     for seed in range(20):
         fast, plain = (torch.Generator().manual_seed(seed) for _ in range(2))

@@ -125,11 +125,11 @@ class DiffusionLoss:
             if c.device != t.device:
                 self._affine = c, s = c.to(t.device), s.to(t.device)
             table = torch.addcmul(c, s, t)
-        table = table.to(like.dtype)
-        model_time, *rows = table.view(len(table), len(like), *([1] * (like.ndim - 1))).unbind(0)
+        batch = like.shape[0]  # not len(): Tensor.__len__ is Python
+        rows = table.to(like.dtype).view(table.shape[0], batch, *(1,) * (like.ndim - 1)).unbind(0)
         if self.prediction == "v":  # v = alpha eps - sigma x0
-            rows += rows
-        return (model_time.view(len(like)), *rows)
+            return rows[0].view(batch), rows[1], rows[2], rows[1], rows[2]
+        return rows[0].view(batch), *rows[1:]
 
     def __call__(
         self,

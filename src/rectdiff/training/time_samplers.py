@@ -115,10 +115,14 @@ class Uniform(TimeSampler):
     ) -> Tensor:
         """:meth:`icdf` of ``torch.rand``'s float64 draw, the same numbers to the bit, without
         its temporaries: ``uniform_(0, w)`` computes ``u w`` from the same 53-bit ``u`` (its
-        ``u w + 0``, fused or not, rounds once), then ``+ t_min`` in place."""
+        ``u w + 0``, fused or not, rounds once), then ``+ t_min`` in place; on ``[0, 1]``
+        (flow matching) that is ``torch.rand`` itself, one call."""
+        t_min, width = self.form.t_min, self.form.t_max - self.form.t_min
+        if t_min == 0.0 and width == 1.0:
+            return torch.rand(batch, generator=generator, device=device, dtype=_F64)
         t = torch.empty(batch, device=device, dtype=_F64)
-        t.uniform_(0.0, self.form.t_max - self.form.t_min, generator=generator)
-        return t.add_(self.form.t_min)
+        t.uniform_(0.0, width, generator=generator)
+        return t.add_(t_min) if t_min != 0.0 else t
 
     def icdf(self, u: Tensor) -> Tensor:
         return self.form.t_min + u * (self.form.t_max - self.form.t_min)
