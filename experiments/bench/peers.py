@@ -209,7 +209,7 @@ class RectdiffEqualized(RectdiffFM):
 
     def __init__(
         self, net: nn.Module, data: Tensor, form: forms.Form, label: str,
-        coupling: str = "independent", scaling: str = "fm",
+        coupling: str = "independent", scaling: str = "fm", times: str = "equalized",
     ) -> None:  # fmt: skip
         System.__init__(self, net, data)
         self.name, self.form = f"rectdiff {label} v eq.{' OT' if coupling == 'ot' else ''}", form
@@ -227,12 +227,20 @@ class RectdiffEqualized(RectdiffFM):
         # benchmark ran before)
         if scaling == "velocity":
             self.name += ", FM velocity"
+        if times == "fm":
+            self.name += ", FM times"
         wrapped = models.Preconditioned(
             net, form, sigma_data=float(data.std()), output_prediction="v",
             time_input="t" if scaling == "edm" else "fm", scaling=scaling,
         )  # fmt: skip
         lo_hi = ts.common_logsnr_range(form, FM)
         output_scale = None if scaling == "edm" else wrapped.c_out
+        if times == "fm":  # times drawn as flow matching draws them (uniform t at equal
+            # logsnr): the velocity preconditioning's equalized sampler, whose weights are
+            # then constant on a velocity output and vary on this network's own output
+            output_scale = models.Preconditioned(
+                net, form, output_prediction="v", time_input="fm", scaling="velocity"
+            ).c_out
         # quantile="t": each step's times are the same quantiles of the same uniform numbers
         # as rectdiff FM's (common random numbers; "logsnr" would mirror them)
         sampler, weighting = ts.equalize(form, "v", reference, logsnr_range=lo_hi,
@@ -376,6 +384,16 @@ SYSTEMS: dict[str, Callable[[nn.Module, Tensor], System]] = {
     "rectdiff FM v eq., FM velocity": lambda n, d: RectdiffEqualized(
         n, d, FM, "FM", scaling="velocity"
     ),
+    "rectdiff VP v eq., FM times": lambda n, d: RectdiffEqualized(
+        n, d, forms.VP(), "VP", times="fm"
+    ),
+    "rectdiff sub-VP v eq., FM times": lambda n, d: RectdiffEqualized(
+        n, d, forms.SubVP(), "sub-VP", times="fm"
+    ),
+    "rectdiff VE v eq., FM times": lambda n, d: RectdiffEqualized(
+        n, d, forms.VE(), "VE", times="fm"
+    ),
+    "rectdiff FM v eq., FM times": lambda n, d: RectdiffEqualized(n, d, FM, "FM", times="fm"),
     "rectdiff VP v eq., EDM scaling": lambda n, d: RectdiffEqualized(
         n, d, forms.VP(), "VP", scaling="edm"
     ),
@@ -389,6 +407,10 @@ SYSTEMS: dict[str, Callable[[nn.Module, Tensor], System]] = {
     "torchcfm I-CFM": TorchCFM,
     "torchcfm OT-CFM": lambda n, d: TorchCFM(n, d, ot=True),
 }
+
+
+#: the peers' flow matching, in the overhead table
+PEERS = ("rectified-flow-pytorch", "flow_matching", "torchcfm I-CFM")
 
 
 # --- quality -------------------------------------------------------------------------------
@@ -557,7 +579,7 @@ def overhead(
         plain, plain_euler = hand_written(copy.deepcopy(init))
         control, control_euler = hand_written(copy.deepcopy(init))  # the same, its own network
         systems = {name: SYSTEMS[name](copy.deepcopy(init), data) for name in
-                   ("rectdiff FM", "rectified-flow-pytorch", "flow_matching", "torchcfm I-CFM")}  # fmt: skip
+                   ("rectdiff FM", *PEERS)}  # fmt: skip
         trainer = ts.Trainer(copy.deepcopy(init), data, form=FM, prediction="flow",
                              config=ts.TrainConfig(steps=10**9, batch_size=BATCH, lr=LR,
                                                    grad_clip=0.0, lr_schedule="constant"))  # fmt: skip
@@ -589,6 +611,14 @@ def overhead(
         out[name] = {"train": ratios(train[name], train["plain"])}
         if name in euler:
             out[name]["euler"] = ratios(euler[name], euler["plain"])
+    for kind, times in (("train", train), ("euler", euler)):
+        # the Done-when's "no more than the fastest peer + 0.02", measured directly: each
+        # round's rectdiff block against the same round's block of the fastest peer
+        fastest = min(PEERS, key=lambda peer: out[peer][kind][3])
+        for name in (n for n in times if n.startswith("rectdiff")):
+            out[name][f"{kind} vs fastest peer"] = (
+                fastest, *paired_ratio(times[name]["cpu"], times[fastest]["cpu"])
+            )
     return out
 
 
@@ -667,6 +697,14 @@ def main() -> None:
             mean_spread([r[c] for r in rows[name]]) if c in rows[name][0] else "–" for c in cols
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nrectdiff against the fastest peer (by its paired CPU ratio above), paired CPU "
+          "time per round [95 % CI]:")
+    for name, ratios in table.items():
+        for kind, label in (("train", "training step"), ("euler", "Euler step")):
+            if f"{kind} vs fastest peer" in ratios:
+                peer, *paired = ratios[f"{kind} vs fastest peer"]
+                print(f"  {name}, {label}: " + "{:.3f}x [{:.3f}, {:.3f}]".format(*paired)
+                      + f" of {peer}'s")
     if args.table_only:
         return
     print_dopri5(data, args)
@@ -696,7 +734,8 @@ def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
     )
     print("| system | training step: median / min / CPU | paired CPU [95 % CI] | "
           "Euler step: median / min / CPU | paired CPU [95 % CI] |\n|---|---|---|---|---|")  # fmt: skip
-    for name, ratios in overhead(data, args.rounds, args.block, instances=args.instances).items():
+    table = overhead(data, args.rounds, args.block, instances=args.instances)
+    for name, ratios in table.items():
         cells = []
         for kind in ("train", "euler"):
             if kind in ratios:
@@ -705,6 +744,14 @@ def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
             else:
                 cells += ["–", "–"]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nrectdiff against the fastest peer (by its paired CPU ratio above), paired CPU "
+          "time per round [95 % CI]:")
+    for name, ratios in table.items():
+        for kind, label in (("train", "training step"), ("euler", "Euler step")):
+            if f"{kind} vs fastest peer" in ratios:
+                peer, *paired = ratios[f"{kind} vs fastest peer"]
+                print(f"  {name}, {label}: " + "{:.3f}x [{:.3f}, {:.3f}]".format(*paired)
+                      + f" of {peer}'s")
 
 
 if __name__ == "__main__":
