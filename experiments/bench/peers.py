@@ -617,7 +617,8 @@ def overhead(
         fastest = min(PEERS, key=lambda peer: out[peer][kind][3])
         for name in (n for n in times if n.startswith("rectdiff")):
             out[name][f"{kind} vs fastest peer"] = (
-                fastest, *paired_ratio(times[name]["cpu"], times[fastest]["cpu"])
+                fastest,
+                *paired_ratio(times[name]["cpu"], times[fastest]["cpu"]),
             )
     return out
 
@@ -697,14 +698,6 @@ def main() -> None:
             mean_spread([r[c] for r in rows[name]]) if c in rows[name][0] else "–" for c in cols
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nrectdiff against the fastest peer (by its paired CPU ratio above), paired CPU "
-          "time per round [95 % CI]:")
-    for name, ratios in table.items():
-        for kind, label in (("train", "training step"), ("euler", "Euler step")):
-            if f"{kind} vs fastest peer" in ratios:
-                peer, *paired = ratios[f"{kind} vs fastest peer"]
-                print(f"  {name}, {label}: " + "{:.3f}x [{:.3f}, {:.3f}]".format(*paired)
-                      + f" of {peer}'s")
     if args.table_only:
         return
     print_dopri5(data, args)
@@ -744,14 +737,19 @@ def print_overhead(data: Tensor, args: argparse.Namespace) -> None:
             else:
                 cells += ["–", "–"]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nrectdiff against the fastest peer (by its paired CPU ratio above), paired CPU "
-          "time per round [95 % CI]:")
+    print(
+        "\nrectdiff against the fastest peer (by its paired CPU ratio above), paired CPU "
+        "time per round [95 % CI]:"
+    )
     for name, ratios in table.items():
         for kind, label in (("train", "training step"), ("euler", "Euler step")):
             if f"{kind} vs fastest peer" in ratios:
                 peer, *paired = ratios[f"{kind} vs fastest peer"]
-                print(f"  {name}, {label}: " + "{:.3f}x [{:.3f}, {:.3f}]".format(*paired)
-                      + f" of {peer}'s")
+                print(
+                    f"  {name}, {label}: "
+                    + "{:.3f}x [{:.3f}, {:.3f}]".format(*paired)
+                    + f" of {peer}'s"
+                )
 
 
 if __name__ == "__main__":
