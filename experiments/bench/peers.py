@@ -13,7 +13,10 @@ rectdiff runs flow matching (flow prediction, uniform t: the peers' objective) a
 sub-VP and VE with v-prediction, ``training.equalize``-d to that objective (importance
 sampling in logsnr, its draws t-quantiles of the same uniform numbers as rectdiff FM's:
 common random numbers), their networks wrapped in ``models.Preconditioned`` (c_in, c_out; time
-input t). Its first-order sampler is DDIM (= Euler in t for flow matching) on the flow-matching
+input t): predicting flow matching's v (rows without a suffix), or its velocity turned into v
+by a skip connection ("FM velocity"), or predicting v but drawing flow matching's times
+("FM times": the velocity rows' sampler and weights, which then vary on the network's own
+output). Its first-order sampler is DDIM (= Euler in t for flow matching) on the flow-matching
 uniform grid mapped through logsnr, so every form takes the same steps in y = x / alpha.
 The "OT" rows train rectdiff FM and VP v eq. with ``coupling="ot"`` (each batch's noise
 re-paired with its data by the exact minibatch OT assignment, ``training.minibatch_ot``; the
@@ -33,7 +36,8 @@ and of the plain step, round-robin in rotated order; the median and the minimum,
 disturbed, block in wall-clock time, and the median block in the thread's CPU time, which
 time spent descheduled does not count; and the median of the per-round ratios of CPU time
 with its 95 % interval, ``overhead.paired_ratio``). Its first row is a control, the plain
-step against itself: what the shared machine's noise alone gives.
+step against itself: what the shared machine's noise alone gives. Below it, each rectdiff
+step against the fastest peer's, paired per round the same way.
 
 rectified-flow-pytorch imports torchvision (``save_image``, ``VGG16_Weights``), which has no
 CPU wheel here; nothing it imports from torchvision runs in this benchmark, so a stub module
