@@ -616,7 +616,7 @@ def overhead(
         if name in euler:
             out[name]["euler"] = ratios(euler[name], euler["plain"])
     for kind, times in (("train", train), ("euler", euler)):
-        # the Done-when's "no more than the fastest peer + 0.02", measured directly: each
+        # the gap to the fastest peer, measured directly: each
         # round's rectdiff block against the same round's block of the fastest peer
         fastest = min(PEERS, key=lambda peer: out[peer][kind][3])
         for name in (n for n in times if n.startswith("rectdiff")):
