@@ -21,7 +21,7 @@ uniform grid mapped through logsnr, so every form takes the same steps in y = x 
 The "OT" rows train rectdiff FM and VP v eq. with ``coupling="ot"`` (each batch's noise
 re-paired with its data by the exact minibatch OT assignment, ``training.minibatch_ot``; the
 generalisation of torchcfm's OT-CFM, which draws its pairs from the same plan with
-replacement); their reflow columns are OT coupling followed by reflow (the pairs are then
+replacement: the row "rectdiff FM OT, with replacement" draws as it does); their reflow columns are OT coupling followed by reflow (the pairs are then
 used as given, like every system's).
 
 Columns: energy distance (V-statistic, ``metrics.energy_distance``) of N_EVAL = 10 000
@@ -68,6 +68,7 @@ from rectdiff.data import load_data
 from rectdiff.metrics.distances import energy_distance
 from rectdiff.rectify.coupling import start_noise
 from rectdiff.rectify.online import Diffusion, Reflow
+from rectdiff.training.minibatch_ot import ot_assignment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import paired_ratio, round_robin_times  # noqa: E402
@@ -204,6 +205,23 @@ class RectdiffFM(System):
             loss.backward()
             optimizer.step()
         return reflow.student
+
+
+class RectdiffFMReplace(RectdiffFM):
+    """rectdiff FM OT with torchcfm's draw: B pairs from the exact assignment, with
+    replacement (torch's generator, seeded, where torchcfm uses numpy's global state)."""
+
+    def __init__(self, net: nn.Module, data: Tensor) -> None:
+        super().__init__(net, data)
+        self.name, self.online = "rectdiff FM OT, with replacement", False
+
+    def loss(self, x0: Tensor, noise: Tensor | None = None) -> Tensor:
+        if noise is not None:  # fixed couplings (reflow pairs) are used as given
+            return super().loss(x0, noise)
+        eps = torch.randn_like(x0)
+        paired = eps[ot_assignment(x0, eps)]
+        rows = torch.randint(len(x0), (len(x0),))
+        return self.diffusion(x0[rows], eps=paired[rows])
 
 
 class RectdiffEqualized(RectdiffFM):
@@ -405,6 +423,7 @@ SYSTEMS: dict[str, Callable[[nn.Module, Tensor], System]] = {
         n, d, forms.VE(), "VE", scaling="edm"
     ),
     "rectdiff FM OT": lambda n, d: RectdiffFM(n, d, coupling="ot"),
+    "rectdiff FM OT, with replacement": RectdiffFMReplace,
     "rectdiff VP v eq. OT": lambda n, d: RectdiffEqualized(n, d, forms.VP(), "VP", coupling="ot"),
     "rectified-flow-pytorch": LucidrainsRF,
     "flow_matching": FlowMatchingLib,
