@@ -21,8 +21,9 @@ uniform grid mapped through logsnr, so every form takes the same steps in y = x 
 The "OT" rows train rectdiff FM and VP v eq. with ``coupling="ot"`` (each batch's noise
 re-paired with its data by the exact minibatch OT assignment, ``training.minibatch_ot``; the
 generalisation of torchcfm's OT-CFM, which draws its pairs from the same plan with
-replacement: the row "rectdiff FM OT, with replacement" draws as it does); their reflow columns are OT coupling followed by reflow (the pairs are then
-used as given, like every system's).
+replacement: the row "rectdiff FM OT, with replacement" draws as it does); their reflow
+columns are OT coupling followed by reflow (the pairs are then used as given, like every
+system's).
 
 Columns: energy distance (V-statistic, ``metrics.energy_distance``) of N_EVAL = 10 000
 samples against 10 000 held-out data points (the same points for every system and seed) for
