@@ -248,8 +248,8 @@ class RectdiffEqualized(RectdiffFM):
         # every form. "edm": EDM's c_in and c_out for data of the data's std, the form's own
         # t as time input, and the weight constant on the loss in form units (what this
         # benchmark ran before)
-        if scaling == "velocity":
-            self.name += ", FM velocity"
+        if scaling in ("velocity", "edm"):
+            self.name += ", FM velocity" if scaling == "velocity" else ", EDM scaling"
         if times == "fm":
             self.name += ", FM times"
         wrapped = models.Preconditioned(
@@ -389,43 +389,27 @@ class LucidrainsRF(System):
         return reflow.model
 
 
+def _equalized(form: Callable[[], forms.Form], label: str, **options: str) -> Callable[..., System]:
+    """A ``SYSTEMS`` entry: ``RectdiffEqualized`` on a fresh ``form()`` with ``options``."""
+    return lambda n, d: RectdiffEqualized(n, d, form(), label, **options)
+
+
+#: the equalized forms and, per row suffix, the options that make the row
+_EQ_FORMS = {"VP": forms.VP, "sub-VP": forms.SubVP, "VE": forms.VE, "FM": lambda: FM}
+_EQ_VARIANTS = {"": {}, ", FM velocity": {"scaling": "velocity"}, ", FM times": {"times": "fm"}}
+
 SYSTEMS: dict[str, Callable[[nn.Module, Tensor], System]] = {
     "rectdiff FM": RectdiffFM,
-    "rectdiff VP v eq.": lambda n, d: RectdiffEqualized(n, d, forms.VP(), "VP"),
-    "rectdiff sub-VP v eq.": lambda n, d: RectdiffEqualized(n, d, forms.SubVP(), "sub-VP"),
-    "rectdiff VE v eq.": lambda n, d: RectdiffEqualized(n, d, forms.VE(), "VE"),
-    "rectdiff FM v eq.": lambda n, d: RectdiffEqualized(n, d, FM, "FM"),
-    "rectdiff VP v eq., FM velocity": lambda n, d: RectdiffEqualized(
-        n, d, forms.VP(), "VP", scaling="velocity"
-    ),
-    "rectdiff sub-VP v eq., FM velocity": lambda n, d: RectdiffEqualized(
-        n, d, forms.SubVP(), "sub-VP", scaling="velocity"
-    ),
-    "rectdiff VE v eq., FM velocity": lambda n, d: RectdiffEqualized(
-        n, d, forms.VE(), "VE", scaling="velocity"
-    ),
-    "rectdiff FM v eq., FM velocity": lambda n, d: RectdiffEqualized(
-        n, d, FM, "FM", scaling="velocity"
-    ),
-    "rectdiff VP v eq., FM times": lambda n, d: RectdiffEqualized(
-        n, d, forms.VP(), "VP", times="fm"
-    ),
-    "rectdiff sub-VP v eq., FM times": lambda n, d: RectdiffEqualized(
-        n, d, forms.SubVP(), "sub-VP", times="fm"
-    ),
-    "rectdiff VE v eq., FM times": lambda n, d: RectdiffEqualized(
-        n, d, forms.VE(), "VE", times="fm"
-    ),
-    "rectdiff FM v eq., FM times": lambda n, d: RectdiffEqualized(n, d, FM, "FM", times="fm"),
-    "rectdiff VP v eq., EDM scaling": lambda n, d: RectdiffEqualized(
-        n, d, forms.VP(), "VP", scaling="edm"
-    ),
-    "rectdiff VE v eq., EDM scaling": lambda n, d: RectdiffEqualized(
-        n, d, forms.VE(), "VE", scaling="edm"
-    ),
+    **{
+        f"rectdiff {label} v eq.{suffix}": _equalized(form, label, **options)
+        for suffix, options in _EQ_VARIANTS.items()
+        for label, form in _EQ_FORMS.items()
+    },
+    "rectdiff VP v eq., EDM scaling": _equalized(forms.VP, "VP", scaling="edm"),
+    "rectdiff VE v eq., EDM scaling": _equalized(forms.VE, "VE", scaling="edm"),
     "rectdiff FM OT": lambda n, d: RectdiffFM(n, d, coupling="ot"),
     "rectdiff FM OT, with replacement": RectdiffFMReplace,
-    "rectdiff VP v eq. OT": lambda n, d: RectdiffEqualized(n, d, forms.VP(), "VP", coupling="ot"),
+    "rectdiff VP v eq. OT": _equalized(forms.VP, "VP", coupling="ot"),
     "rectified-flow-pytorch": LucidrainsRF,
     "flow_matching": FlowMatchingLib,
     "torchcfm I-CFM": TorchCFM,
