@@ -97,17 +97,19 @@ def test_rectify_stops_keeps_a_checkpoint_and_resumes_to_the_same_weights(teache
     # 2000 steps (~3 s) with a checkpoint every 100: the signal after the first one lands
     # mid-run even when this process is descheduled for a while (a 200-step run once finished
     # first on a busy CI machine)
+    # ready once `latest` names a checkpoint: the folder step_100 appears (renamed into place)
+    # a moment before `latest` is written, and a signal between the two once left none named
     out = tmp_path / "student"
-    step_100 = tmp_path / "student.train" / "checkpoints" / "step_100"
-    code, err, seconds = interrupt(argv(out), lambda _: step_100.exists(), tmp_path)
+    checkpoints = tmp_path / "student.train" / "checkpoints"
+    code, err, seconds = interrupt(argv(out), lambda _: (checkpoints / "latest").exists(), tmp_path)
     assert code == 130 and seconds < STOP_WITHIN, (code, seconds, err)
     assert "Traceback" not in err, err
-    kept = (tmp_path / "student.train" / "checkpoints" / "latest").read_text().strip()
+    kept = (checkpoints / "latest").read_text().strip()
     assert (
         err.strip()
         .splitlines()[-1]
         .endswith(
-            f"rectdiff rectify: interrupted; the latest checkpoint, {step_100.parent / kept}, is "
+            f"rectdiff rectify: interrupted; the latest checkpoint, {checkpoints / kept}, is "
             "kept; rerun the same command to resume."
         )
     )
